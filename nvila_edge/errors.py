@@ -1,0 +1,65 @@
+"""Typed errors. Every failure the user can cause raises one of these with what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class NVILAEdgeError(Exception):
+    """Base class of every error nvila-edge raises on purpose."""
+
+
+class ConfigError(NVILAEdgeError, ValueError):
+    """A configuration or preset is invalid or unknown."""
+
+
+class MediaError(NVILAEdgeError, ValueError):
+    """An image or video could not be read, decoded or used."""
+
+
+class CheckpointError(NVILAEdgeError):
+    """A checkpoint directory is missing files, has an unknown layout, or its weights do not fit the model."""
+
+
+class ContextOverflowError(NVILAEdgeError):
+    """The prompt (text + visual tokens) does not fit the model's context."""
+
+    def __init__(self, num_tokens: int, limit: int, detail: str = ""):
+        self.num_tokens = num_tokens
+        self.limit = limit
+        msg = f"input needs {num_tokens} tokens but the context limit is {limit}"
+        if detail:
+            msg += f" ({detail})"
+        msg += "; use fewer or smaller images / video frames, a shorter prompt, or a model with a longer context"
+        super().__init__(msg)
+
+
+class BackendUnavailable(NVILAEdgeError, ImportError):
+    """An optional backend library is not installed."""
+
+    def __init__(self, module: str, extra: str, purpose: str = ""):
+        self.module = module
+        self.extra = extra
+        what = f" (needed for {purpose})" if purpose else ""
+        super().__init__(
+            f"the optional dependency '{module}' is not installed{what}; "
+            f"install it with: pip install 'nvila-edge[{extra}]'"
+        )
+
+
+class TokenizerError(NVILAEdgeError):
+    """A tokenizer is missing, malformed or lacks the special tokens NVILA needs."""
+
+
+class GenerationError(NVILAEdgeError, ValueError):
+    """Invalid generation arguments (sampling parameters, stop strings, prompt)."""
+
+
+__all__ = [
+    "NVILAEdgeError",
+    "ConfigError",
+    "MediaError",
+    "CheckpointError",
+    "ContextOverflowError",
+    "BackendUnavailable",
+    "TokenizerError",
+    "GenerationError",
+]

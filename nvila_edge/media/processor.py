@@ -1,0 +1,234 @@
+"""NVILAProcessor: conversation + images / videos → token ids, tile pixels and media plans (numpy only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from ..chat import Message, apply_chat_template, normalize_conversation
+from ..config import NVILAConfig
+from ..errors import ConfigError, ContextOverflowError, MediaError
+from ..tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, NVILATokenizer
+from .image import ImageInput, crop_grid, load_image, resize, to_pixel_values
+from .tiling import ImagePlan, plan_image
+from .video import VideoClip, VideoPlan, load_video, plan_video
+
+VideoInput = Union[str, os.PathLike, Sequence[ImageInput], VideoClip]
+_MEDIA_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+
+@dataclass
+class MediaItem:
+    """One image or video of the prompt: its plan and which rows of ``pixel_values`` are its tiles."""
+
+    kind: str  # "image" | "video"
+    plan: ImagePlan | VideoPlan
+    tile_start: int
+    num_tiles: int
+    clip: VideoClip | None = None  # videos: sampled frame indices and timestamps
+
+    @property
+    def num_tokens(self) -> int:
+        return self.plan.num_tokens
+
+    @property
+    def num_placeholders(self) -> int:
+        return self.plan.num_placeholders if isinstance(self.plan, ImagePlan) else 1
+
+
+@dataclass
+class ProcessedInputs:
+    """What the model (or a runtime backend) consumes."""
+
+    input_ids: np.ndarray  # (1, L) int64; one placeholder id per media chunk
+    pixel_values: np.ndarray | None  # (num_tiles, 3, S, S) float32
+    media: list[MediaItem] = field(default_factory=list)
+    prompt: str = ""
+    num_tokens: int = 0  # sequence length once the placeholders are replaced by media embeddings
+
+    @property
+    def num_text_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    # Mapping protocol, so ``model.stream(**inputs)`` works like with HF processors.
+    def keys(self):
+        return ("input_ids", "pixel_values", "media", "prompt", "num_tokens")
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+class NVILAProcessor:
+    """Preprocessing shared by every backend: chat template, Dynamic-S2 / dynamic tiling, video sampling."""
+
+    def __init__(self, config: NVILAConfig, tokenizer: NVILATokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        ids = {"image_token_id": tokenizer.image_token_id, "video_token_id": tokenizer.video_token_id}
+        for key, tok_id in ids.items():
+            if getattr(config, key) != tok_id:
+                raise ConfigError(
+                    f"config.{key} is {getattr(config, key)} but the tokenizer maps it to {tok_id}; "
+                    f"build the config with NVILAConfig.replace({key}={tok_id})"
+                )
+        if tuple(config.end_token_ids) != tokenizer.newline_ids:
+            raise ConfigError(
+                f"config.end_token_ids {tuple(config.end_token_ids)} differ from the tokenizer's \"\\n\" ids "
+                f"{tokenizer.newline_ids}"
+            )
+
+    # ---- files ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "NVILAProcessor":
+        """Tokenizer from ``llm/`` (or the folder itself) + preprocessing settings from ``config.json``."""
+        from ..checkpoint import read_config
+
+        config, _ = read_config(path)
+        return cls(config, NVILATokenizer.from_pretrained(path))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Tokenizer files into ``path/llm/``; ``config.json`` too when the folder has none yet."""
+        from ..io import atomic_write_text
+
+        path = Path(path)
+        self.tokenizer.save_pretrained(path / "llm")
+        if not (path / "config.json").exists():
+            atomic_write_text(path / "config.json", json.dumps(self.config.to_vila_dict(), indent=2))
+
+    # ---- plans ---------------------------------------------------------------------------------------
+    def plan_image(self, size: tuple[int, int], multi: bool = False) -> ImagePlan:
+        """Tiling plan and token count of an image of ``size`` = (width, height), without pixels."""
+        return plan_image(size, self.config, multi=multi)
+
+    def plan_video(self, num_frames: int | None = None) -> VideoPlan:
+        return plan_video(num_frames or self.config.video.num_frames, self.config)
+
+    # ---- pixels --------------------------------------------------------------------------------------
+    def image_tiles(self, image: Image.Image, plan: ImagePlan) -> np.ndarray:
+        """Crop the plan's tiles (reference order: scales small → large, row-major, thumbnail last)."""
+        tiles: list[Image.Image] = []
+        for g in plan.grids:
+            tiles.extend(crop_grid(image, g.cols, g.rows, g.tile))
+        if plan.thumbnail:
+            t = self.config.vision.image_size
+            tiles.append(resize(image, (t, t)))
+        p = self.config.preprocessing
+        return to_pixel_values(tiles, p.image_mean, p.image_std)
+
+    def video_tiles(self, clip: VideoClip) -> np.ndarray:
+        t = self.config.vision.image_size
+        p = self.config.preprocessing
+        return to_pixel_values([resize(Image.fromarray(f), (t, t)) for f in clip.frames], p.image_mean, p.image_std)
+
+    def load_video(self, video: VideoInput, num_frames: int | None = None) -> VideoClip:
+        if isinstance(video, VideoClip):
+            return video
+        return load_video(video, num_frames or self.config.video.num_frames)
+
+    # ---- prompt --------------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, system: str | None = None) -> str:
+        return apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, system=system)
+
+    def __call__(
+        self,
+        conversation: str | Sequence[Mapping | Message],
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        videos: Sequence[VideoInput] | None = None,
+        system: str | None = None,
+        add_generation_prompt: bool = True,
+        check_context: bool = True,
+    ) -> ProcessedInputs:
+        """Build model inputs. Media without placeholders in the text go first in the last user turn
+        (reference order: media, then text); explicit ``<image>`` / ``<vila/video>`` placeholders are
+        filled in order."""
+        images = _as_list(images)
+        videos = list(videos) if videos is not None else []
+        messages = _place_media(normalize_conversation(conversation), len(images), len(videos))
+        loaded = [load_image(im, self.config.preprocessing.max_image_pixels) for im in images]
+        multi = len(loaded) != 1
+        image_plans = [self.plan_image(im.size, multi=multi) for im in loaded]
+        clips = [self.load_video(v) for v in videos]
+        video_plans = [self.plan_video(len(c.frames)) for c in clips]
+
+        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt, system=system)
+        if len(image_plans) == 1 and image_plans[0].num_placeholders > 1:
+            # NVILA-Lite: one "<image>\n" per tile (thumbnail included)
+            plan = image_plans[0]
+            prompt = prompt.replace(IMAGE_TOKEN, (IMAGE_TOKEN + plan.extra_text) * plan.num_placeholders, 1)
+        ids = self.tokenizer.encode(prompt)
+
+        media_tokens = sum(p.num_tokens for p in image_plans) + sum(p.num_tokens for p in video_plans)
+        placeholders = sum(p.num_placeholders for p in image_plans) + len(video_plans)
+        num_tokens = len(ids) - placeholders + media_tokens
+        limit = self.config.llm.context_length
+        if check_context and num_tokens >= limit:
+            raise ContextOverflowError(
+                num_tokens, limit,
+                f"{len(ids) - placeholders} text tokens + {media_tokens} visual tokens; room is also needed for the answer",
+            )
+
+        media: list[MediaItem] = []
+        pixels: list[np.ndarray] = []
+        start = 0
+        img_iter = iter(zip(loaded, image_plans))
+        vid_iter = iter(zip(clips, video_plans))
+        for tok in _MEDIA_RE.findall(prompt):
+            if tok == IMAGE_TOKEN:
+                nxt = next(img_iter, None)
+                if nxt is None:  # remaining Lite tile placeholders of the one image
+                    continue
+                im, plan = nxt
+                px = self.image_tiles(im, plan)
+                media.append(MediaItem("image", plan, start, px.shape[0]))
+            else:
+                clip, plan = next(vid_iter)
+                px = self.video_tiles(clip)
+                media.append(MediaItem("video", plan, start, px.shape[0], clip))
+            pixels.append(px)
+            start += px.shape[0]
+        return ProcessedInputs(
+            input_ids=np.asarray([ids], dtype=np.int64),
+            pixel_values=np.concatenate(pixels) if pixels else None,
+            media=media,
+            prompt=prompt,
+            num_tokens=num_tokens,
+        )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _place_media(messages: list[Message], n_images: int, n_videos: int) -> list[Message]:
+    """Check placeholder counts; put missing placeholders at the start of the last user turn."""
+    text = "".join(m.content for m in messages)
+    have_i, have_v = text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN)
+    for kind, have, want in (("image", have_i, n_images), ("video", have_v, n_videos)):
+        if have and have != want:
+            raise MediaError(f"the prompt has {have} {kind} placeholder(s) but {want} {kind}(s) were given")
+    prefix = ("" if have_i else IMAGE_TOKEN * n_images) + ("" if have_v else VIDEO_TOKEN * n_videos)
+    if not prefix:
+        return messages
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        raise MediaError("media need a user turn to go in")
+    out = list(messages)
+    last = users[-1]
+    out[last] = Message("user", prefix + out[last].content)
+    return out

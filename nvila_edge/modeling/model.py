@@ -1,0 +1,254 @@
+"""NVILAModel: SigLIP vision tower → multimodal projector → Qwen2 LLM, exactly as the reference.
+
+Attribute names (``vision_tower``, ``mm_projector``, ``llm``) are the reference ones, so our state-dict
+keys are the ``-hf`` layout's keys (see ``nvila_edge.checkpoint`` for the one weight-name map).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from ..config import NVILAConfig
+from ..errors import ContextOverflowError, GenerationError, MediaError
+from ..events import FinishEvent, GenerationResult, StreamEvent, Timings
+from ..media.processor import MediaItem, ProcessedInputs
+from ..media.tiling import ImagePlan
+from ..media.video import VideoPlan
+from ..sampling import SamplingParams
+from .generate import stream_tokens
+from .projector import MultimodalProjector
+
+
+class NVILAModel(nn.Module):
+    def __init__(self, config: NVILAConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        vcfg = SiglipVisionConfig(**config.vision_hf_config())
+        vcfg._attn_implementation = attn_implementation
+        lcfg = Qwen2Config(**config.llm_hf_config())
+        lcfg._attn_implementation = attn_implementation
+        self.vision_tower = SiglipVisionModel(vcfg)
+        self.mm_projector = MultimodalProjector(config)
+        self.llm = Qwen2ForCausalLM(lcfg)
+        self.tokenizer = None  # attached by from_pretrained when the checkpoint has one
+        self.tile_batch_size = 8  # tiles per vision forward: bounds activation memory
+
+    # ---- checkpoint I/O (implemented in nvila_edge.checkpoint) -------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+                        device: str | torch.device = "cpu") -> "NVILAModel":
+        """Load a VILA-layout or ``-hf``-layout checkpoint directory (safetensors only)."""
+        from ..checkpoint import load_model
+
+        return load_model(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike, layout: str = "vila", tokenizer=None) -> None:
+        """Write the checkpoint atomically; ``layout`` is "vila" (directory layout) or "hf"."""
+        from ..checkpoint import save_model
+
+        save_model(self, path, layout=layout, tokenizer=tokenizer or self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ---- vision --------------------------------------------------------------------------------------
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP features of 448 tiles: (N, 3, S, S) → (N, grid*grid, C), ``hidden_states[select_layer]``."""
+        outs = []
+        for chunk in pixel_values.split(self.tile_batch_size):
+            out = self.vision_tower(chunk.to(self.device, self.dtype), output_hidden_states=True)
+            outs.append(out.hidden_states[self.config.vision.select_layer])
+        return torch.cat(outs)
+
+    def _repeat_scales(self, feats: torch.Tensor) -> torch.Tensor:
+        # Dynamic-S2 models see single tiles (several images, video frames) with the feature repeated
+        # once per scale along channels, to match the projector's input width.
+        return feats.repeat(1, 1, self.config.num_scales) if self.config.num_scales > 1 else feats
+
+    def _end_embeds(self) -> torch.Tensor:
+        ids = torch.tensor(self.config.end_token_ids, device=self.device)
+        return self.llm.get_input_embeddings()(ids)
+
+    def merge_dynamic_s2(self, feats: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
+        """Per-scale stitch → area resize to the largest → channel concat → 32x32 blocks (row-major).
+
+        ``feats``: (num_tiles, g*g, C) in the plan's tile order. Returns (rows*cols, g*g, scales*C).
+        """
+        g = self.config.vision.grid
+        c = feats.shape[-1]
+        maps, start = [], 0
+        for grid in plan.grids:
+            n = grid.num_tiles
+            tiles = feats[start:start + n].reshape(grid.rows, grid.cols, g, g, c)
+            maps.append(tiles.permute(4, 0, 2, 1, 3).reshape(1, c, grid.rows * g, grid.cols * g))
+            start += n
+        size = maps[-1].shape[-2:]
+        merged = torch.cat(
+            [F.interpolate(m.float(), size=size, mode="area").to(m.dtype) for m in maps], dim=1
+        )  # (1, S*C, rows*g, cols*g)
+        rows, cols = plan.block_size
+        blocks = merged.reshape(merged.shape[1], rows, g, cols, g).permute(1, 3, 2, 4, 0)
+        return blocks.reshape(rows * cols, g * g, merged.shape[1])
+
+    def embed_image(self, feats: torch.Tensor, plan: ImagePlan) -> list[torch.Tensor]:
+        """Projected embeddings of one image, one chunk per ``<image>`` placeholder, each ending with
+        the "\\n" end embedding."""
+        end = self._end_embeds()
+        if plan.mode == "dynamic_s2":
+            blocks = self.mm_projector(self.merge_dynamic_s2(feats, plan))  # (R*C, t*t, H)
+            rows, cols = plan.block_size
+            t = math.isqrt(blocks.shape[1])
+            tokens = blocks.reshape(rows, cols, t, t, -1).permute(0, 2, 1, 3, 4).reshape(rows * t * cols * t, -1)
+            return [torch.cat([tokens, end])]
+        proj = self.mm_projector(self._repeat_scales(feats))  # (tiles, t*t, H)
+        return [torch.cat([p, end]) for p in proj]
+
+    def embed_video(self, feats: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+        """Per-frame projection, then temporal pooling (TSP) by (t, h, w) windows; "\\n" after each group."""
+        proj = self.mm_projector(self._repeat_scales(feats))  # (frames, s*s, H)
+        nt, ns, hdim = proj.shape
+        side = math.isqrt(ns)
+        end = self._end_embeds()
+        out = []
+        for t, h, w in plan.pool_sizes:
+            x = proj.reshape(nt // t, t, side // h, h, side // w, w, hdim).mean(dim=(1, 3, 5))
+            x = x.reshape(nt // t, -1, hdim)
+            x = torch.cat([x, end.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+            out.append(x.reshape(-1, hdim))
+        return torch.cat(out)
+
+    def embed_media(self, pixel_values: torch.Tensor | np.ndarray | None, media: Sequence[MediaItem]) -> list[torch.Tensor]:
+        """All media of a prompt → embedding chunks in placeholder order."""
+        if not media:
+            return []
+        if pixel_values is None:
+            raise MediaError("media items were given without pixel_values")
+        px = torch.as_tensor(pixel_values)
+        feats = self.encode_tiles(px)
+        chunks: list[torch.Tensor] = []
+        for item in media:
+            f = feats[item.tile_start:item.tile_start + item.num_tiles]
+            if item.kind == "video":
+                chunks.append(self.embed_video(f, item.plan))
+            else:
+                chunks.extend(self.embed_image(f, item.plan))
+        return chunks
+
+    # ---- text + media → embeddings -------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor | np.ndarray, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Replace each ``<image>`` / ``<vila/video>`` id (in order) by its media chunk. (1, L) → (1, L', H)."""
+        ids = torch.as_tensor(input_ids, device=self.device).reshape(-1)
+        is_media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+        n_media = int(is_media.sum())
+        if n_media != len(chunks):
+            raise MediaError(f"the prompt has {n_media} media placeholders but {len(chunks)} media embeddings were made")
+        # media ids may lie outside the embedding table (real checkpoints): never look them up
+        text = self.llm.get_input_embeddings()(torch.where(is_media, torch.zeros_like(ids), ids))
+        pieces, pos, it = [], 0, iter(chunks)
+        for p in torch.nonzero(is_media).flatten().tolist():
+            pieces.append(text[pos:p])
+            pieces.append(next(it).to(text.dtype))
+            pos = p + 1
+        pieces.append(text[pos:])
+        return torch.cat(pieces).unsqueeze(0)
+
+    def build_inputs_embeds(self, inputs: ProcessedInputs | None = None, *, input_ids=None, pixel_values=None,
+                            media=None) -> torch.Tensor:
+        if inputs is not None:
+            input_ids, pixel_values, media = inputs.input_ids, inputs.pixel_values, inputs.media
+        return self.embed_inputs(input_ids, self.embed_media(pixel_values, media or []))
+
+    def forward(self, input_ids=None, pixel_values=None, media=None, inputs_embeds=None, labels=None, **kwargs):
+        """Training / scoring forward: LLM outputs over the media-expanded sequence (batch of one)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.build_inputs_embeds(input_ids=input_ids, pixel_values=pixel_values, media=media)
+        return self.llm(inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    # ---- generation ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, inputs_embeds: torch.Tensor):
+        """Run the prompt; return (last-position logits as float32 numpy, KV cache)."""
+        out = self.llm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float().cpu().numpy(), out.cache
+
+    @torch.inference_mode()
+    def decode_step(self, token_id: int, cache):
+        """Feed one token with the cache; return (logits numpy, cache)."""
+        ids = torch.tensor([[token_id]], device=self.device)
+        out = self.llm(input_ids=ids, cache=cache, use_cache=True)
+        return out.logits[0, -1].float().cpu().numpy(), out.cache
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        media=None,
+        prompt: str | None = None,
+        num_tokens: int | None = None,
+        *,
+        tokenizer=None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+    ) -> Iterator[StreamEvent]:
+        """Generate from processor outputs (``model.stream(**inputs, ...)``), yielding ``TokenEvent``s and
+        a final ``FinishEvent``. Greedy when ``temperature == 0``."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise GenerationError("no tokenizer: pass tokenizer=processor.tokenizer or load a checkpoint that has one")
+        if input_ids is None:
+            raise GenerationError("input_ids are required; build them with NVILAProcessor")
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                                (stop,) if isinstance(stop, str) else tuple(stop))
+        media = list(media or [])
+        ids = np.asarray(input_ids).reshape(-1)
+        n_placeholders = sum(m.num_placeholders for m in media)
+        visual = sum(m.num_tokens for m in media)
+        length = num_tokens if num_tokens is not None else len(ids) - n_placeholders + visual
+        limit = self.config.llm.context_length
+        if length >= limit:  # before any vision / LLM compute
+            raise ContextOverflowError(length, limit)
+        timings = Timings()
+        t0 = time.perf_counter()
+        chunks = self.embed_media(pixel_values, media)
+        timings.vision_ms = (time.perf_counter() - t0) * 1000
+        embeds = self.embed_inputs(ids[None], chunks)
+        state = {}
+
+        def prefill():
+            logits, state["cache"] = self.prefill(embeds)
+            return logits
+
+        def decode(tok: int):
+            logits, state["cache"] = self.decode_step(tok, state["cache"])
+            return logits
+
+        yield from stream_tokens(prefill, decode, tokenizer, params, tokenizer.eos_token_ids, int(embeds.shape[1]),
+                                 visual, limit, timings)
+
+    def generate(self, *args, **kwargs) -> GenerationResult:
+        """Like ``stream`` but returns the final ``GenerationResult``."""
+        final = None
+        for ev in self.stream(*args, **kwargs):
+            if isinstance(ev, FinishEvent):
+                final = ev
+        return GenerationResult.from_finish(final)
