@@ -65,7 +65,8 @@ class VisionConfig:
         kw = {k: d[k] for k in known & d.keys() if k not in ("extra", "use_head", "select_layer")}
         if "vision_use_head" in d:
             kw["use_head"] = bool(d["vision_use_head"])
-        extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING and k != "vision_use_head"}
+        skip = _HF_BOOKKEEPING | {"vision_use_head", "num_channels"}
+        extra = {k: v for k, v in d.items() if k not in known and k not in skip}
         return cls(**kw, extra=extra)
 
 

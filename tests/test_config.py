@@ -1,0 +1,64 @@
+"""Config presets (real sizes on the meta device only), serialisation and validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvila_edge import ConfigError, NVILAConfig
+
+
+def _meta_params(name: str) -> int:
+    from nvila_edge import NVILAModel
+
+    with torch.device("meta"):
+        model = NVILAModel(NVILAConfig.from_preset(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,low,high", [("nvila-lite-2b", 1.9e9, 2.2e9), ("nvila-8b", 8.0e9, 8.6e9), ("nvila-lite-8b", 8.0e9, 8.6e9)])
+def test_real_presets_parameter_count_on_meta(name, low, high):
+    n = _meta_params(name)
+    assert low < n < high, n
+
+
+def test_real_preset_sizes_match_reference():
+    c = NVILAConfig.from_preset("nvila-8b")
+    assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.image_size, c.vision.patch_size) == (1152, 27, 448, 14)
+    assert c.mm_hidden_size == 3456 and c.tokens_per_tile == 256
+    assert (c.llm.hidden_size, c.llm.num_hidden_layers, c.llm.num_attention_heads, c.llm.num_key_value_heads) == (3584, 28, 28, 4)
+    assert c.llm.intermediate_size == 18944 and c.llm.rope_theta == 1e6
+    assert c.preprocessing.s2_scales == (448, 896, 1344) and c.preprocessing.image_aspect_ratio == "dynamic_s2"
+    lite = NVILAConfig.from_preset("nvila-lite-2b")
+    assert lite.mm_hidden_size == 1152 and lite.tokens_per_tile == 121 and lite.llm.tie_word_embeddings
+    assert (lite.image_token_id, lite.video_token_id) == (151649, 151650)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-lite"])
+def test_tiny_hidden_sizes_are_multiples_of_128(name):
+    c = NVILAConfig.from_preset(name)
+    for v in (c.vision.hidden_size, c.vision.intermediate_size, c.llm.hidden_size, c.llm.intermediate_size):
+        assert v % 128 == 0
+
+
+@pytest.mark.parametrize("name", ["nvila-8b", "nvila-lite-2b", "tiny", "tiny-lite"])
+def test_dict_and_vila_round_trip(name):
+    c = NVILAConfig.from_preset(name)
+    assert NVILAConfig.from_dict(c.to_dict()) == c
+    v = c.to_vila_dict()
+    assert v["model_type"] == "llava_llama" and v["mm_projector_cfg"]["model_type"] == "v2l_projector"
+    back = NVILAConfig.from_vila_dict(v)
+    assert back == c
+
+
+def test_overrides_and_errors():
+    c = NVILAConfig.from_preset("tiny", llm={"context_length": 300})
+    assert c.llm.context_length == 300 and c.llm.hidden_size == 128
+    with pytest.raises(ConfigError, match="unknown preset"):
+        NVILAConfig.from_preset("nvila-70b")
+    with pytest.raises(ConfigError, match="projector"):
+        NVILAConfig.from_preset("tiny", projector={"type": "mlp_downsample_4x4"})
+    with pytest.raises(ConfigError, match="multiple"):
+        NVILAConfig.from_preset("tiny", video={"num_frames": 7})
+    with pytest.raises(ConfigError):
+        NVILAConfig.from_dict({"vision": {"no_such_field": 1}})

@@ -1,0 +1,126 @@
+"""Reference generation: greedy parity with transformers generate, typed stream events, stops, overflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nvila_edge import (ContextOverflowError, FinishEvent, GenerationError, GenerationResult, NVILAConfig,
+                        NVILAProcessor, SamplingParams, TokenEvent)
+from nvila_edge.sampling import Sampler
+
+from conftest import make_model, random_image
+
+
+def _hf_greedy(model, embeds, eos, n):
+    out = model.llm.generate(inputs_embeds=embeds, max_new_tokens=n, do_sample=False, eos_token_id=list(eos),
+                             pad_token_id=eos[0], attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("which", ["tiny", "lite"])
+@torch.no_grad()
+def test_greedy_equals_transformers_generate(which, tiny_model, lite_model, tiny_processor, lite_processor, tokenizer):
+    model, proc = (tiny_model, tiny_processor) if which == "tiny" else (lite_model, lite_processor)
+    prompts = [("what color is the circle?", [random_image(640, 480)]), ("how many shapes?", None),
+               ("left or right?", [random_image(300, 900, seed=3)])]
+    for text, images in prompts:
+        inputs = proc(text, images=images)
+        ours = model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=12)
+        embeds = model.build_inputs_embeds(inputs)
+        hf = _hf_greedy(model, embeds, tokenizer.eos_token_ids, 12)
+        assert ours.token_ids == hf[:len(ours.token_ids)]
+        if ours.finish_reason == "stop":
+            assert hf[len(ours.token_ids)] in tokenizer.eos_token_ids
+        else:
+            assert len(ours.token_ids) == 12
+        assert len(set(hf)) > 1  # a degenerate constant output would prove little
+
+
+@torch.no_grad()
+def test_stream_events_are_well_formed(tiny_model, tiny_processor, tokenizer):
+    inputs = tiny_processor("what color is the square?", images=[random_image(500, 500)])
+    events = list(tiny_model.stream(**inputs, tokenizer=tokenizer, max_new_tokens=8))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and all(isinstance(e, TokenEvent) for e in events[:-1])
+    assert finish.reason in ("stop", "length")
+    assert "".join(e.text for e in tokens) == finish.text == tokenizer.decode(finish.token_ids)
+    assert [e.token_id for e in tokens][:len(finish.token_ids)] == finish.token_ids
+    assert finish.usage.prompt_tokens == inputs.num_tokens
+    assert finish.usage.visual_tokens == inputs.media[0].num_tokens
+    assert finish.usage.completion_tokens == len(finish.token_ids)
+    t = finish.timings
+    assert t.vision_ms > 0 and t.prefill_ms > 0 and len(t.per_token_ms) == max(len(finish.token_ids) - 1, 0)
+    assert t.ttft_ms >= t.prefill_ms
+
+
+@torch.no_grad()
+def test_stop_string_truncates_answer(tiny_model, tiny_processor, tokenizer):
+    inputs = tiny_processor("how many shapes?")
+    full = tiny_model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=16)
+    assert len(full.text) >= 4, full.text
+    stop = full.text[2:4]
+    cut = full.text.find(stop)
+    res = tiny_model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=16, stop=[stop])
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[:cut]
+    streamed = "".join(e.text for e in tiny_model.stream(**inputs, tokenizer=tokenizer, max_new_tokens=16, stop=stop)
+                       if isinstance(e, TokenEvent))
+    assert streamed == res.text and stop not in streamed
+
+
+@torch.no_grad()
+def test_length_finish_and_result_type(tiny_model, tiny_processor, tokenizer):
+    res = tiny_model.generate(**tiny_processor("what?"), tokenizer=tokenizer, max_new_tokens=1)
+    assert isinstance(res, GenerationResult)
+    assert len(res.token_ids) <= 1
+    if res.token_ids:
+        assert res.finish_reason == "length"
+
+
+def test_context_overflow_raised_before_compute(tokenizer, monkeypatch):
+    cfg = NVILAConfig.from_preset("tiny", llm={"context_length": 300})
+    model = make_model(cfg)
+    proc = NVILAProcessor(cfg, tokenizer)
+    with pytest.raises(ContextOverflowError) as e:
+        proc("what?", images=[random_image(900, 600)])
+    assert e.value.num_tokens > 300 and e.value.limit == 300 and "300" in str(e.value)
+    inputs = proc("what?", images=[random_image(900, 600)], check_context=False)
+
+    def boom(*a, **k):
+        raise AssertionError("vision ran before the overflow check")
+
+    monkeypatch.setattr(model, "encode_tiles", boom)
+    with pytest.raises(ContextOverflowError):
+        next(model.stream(**inputs, tokenizer=tokenizer))
+
+
+@torch.no_grad()
+def test_sampling_is_seeded_and_validated(tiny_model, tiny_processor, tokenizer):
+    inputs = tiny_processor("what color?")
+    kw = dict(tokenizer=tokenizer, max_new_tokens=8, temperature=1.5, top_k=50, top_p=0.9, seed=7)
+    a = tiny_model.generate(**inputs, **kw)
+    b = tiny_model.generate(**inputs, **kw)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(GenerationError):
+        tiny_model.generate(**inputs, tokenizer=tokenizer, top_p=0.0)
+    with pytest.raises(GenerationError):
+        tiny_model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=0)
+    assert tiny_model.tokenizer is None  # built in code, not loaded: no tokenizer attached
+    with pytest.raises(GenerationError, match="tokenizer"):
+        next(tiny_model.stream(**inputs))
+
+
+def test_sampler_filters():
+    logits = np.array([0.0, 5.0, 4.0, -1.0], dtype=np.float32)
+    assert Sampler(SamplingParams())(logits) == 1
+    # top_k = 1 always picks the argmax whatever the temperature
+    s = Sampler(SamplingParams(temperature=5.0, top_k=1, seed=0))
+    assert {s(logits) for _ in range(50)} == {1}
+    # top_p small keeps only the most likely token
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.1, seed=0))
+    assert {s(logits) for _ in range(50)} == {1}
+    # repetition penalty demotes a seen token
+    assert Sampler(SamplingParams(repetition_penalty=10.0))(logits, previous=[1]) == 2
