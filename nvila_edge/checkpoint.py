@@ -207,8 +207,12 @@ def _maybe_tokenizer(path: Path):
 
 
 # ---- save ------------------------------------------------------------------------------------------------
-def save_model(model, path: str | os.PathLike, layout: str = "vila", tokenizer=None) -> None:
-    """Write ``model`` in the VILA directory layout (default) or the ``-hf`` layout, atomically."""
+def save_model(model, path: str | os.PathLike, layout: str = "vila", tokenizer=None,
+               extra_files: dict[str, str] | None = None) -> None:
+    """Write ``model`` in the VILA directory layout (default) or the ``-hf`` layout, atomically.
+
+    ``extra_files`` ({relative name: text}, e.g. the training recipe and metrics) land in the same
+    atomic write."""
     from safetensors.torch import save_file
 
     if layout not in ("vila", "hf"):
@@ -239,6 +243,9 @@ def save_model(model, path: str | os.PathLike, layout: str = "vila", tokenizer=N
             save_file(groups[""], str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
 
 
 def _write_json(path: Path, obj: dict) -> None:

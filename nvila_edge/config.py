@@ -474,6 +474,19 @@ PRESETS: dict[str, NVILAConfig] = {
         preprocessing=_S2, video=VideoConfig(num_frames=8, pool_sizes=((2, 1, 1),)), model_dtype="float32",
         image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7,
     ),
+    # the embedded demo model (`nvila-edge demo`): NVILA-8B's structure (Dynamic-S2, 2x2 projector, TSP) at
+    # 112-pixel tiles and two scales (5-7 tiles an image) so it trains on 2 CPU cores in minutes
+    "demo": NVILAConfig(
+        name="demo",
+        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                            image_size=112),
+        projector=ProjectorConfig("mlp_downsample_2x2_fix"),
+        llm=LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, context_length=2048),
+        preprocessing=PreprocessingConfig(s2_scales=(112, 224), max_tiles=6),
+        video=VideoConfig(num_frames=8, pool_sizes=((2, 1, 1),), num_time_tokens=8),
+        image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7, model_dtype="float32",
+    ),
     "tiny-lite": NVILAConfig(
         name="tiny-lite", vision=_TINY_VISION, projector=ProjectorConfig("mlp_downsample_3x3_fix"), llm=_TINY_LLM,
         preprocessing=_LITE, model_dtype="float32",

@@ -138,3 +138,44 @@ def test_placeholder_count_mismatch_raises(tiny_model):
     ids = np.array([[1, 2, tiny_model.config.image_token_id, 3]])
     with pytest.raises(MediaError, match="placeholders"):
         tiny_model.embed_inputs(ids, [])
+
+
+@torch.no_grad()
+def test_labels_mask_everything_but_answers(tiny_processor, tokenizer):
+    conv = [{"from": "human", "value": "what color is the circle?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "and the square?"}, {"from": "gpt", "value": "blue"}]
+    out = tiny_processor(conv, images=[random_image(300, 200)], add_generation_prompt=False, return_labels=True)
+    ids, labels = out.input_ids[0], out.labels[0]
+    assert ids.tolist() == tokenizer.encode(out.prompt)  # turn-wise encoding equals whole-text encoding
+    supervised = [int(t) for t, l in zip(ids, labels) if l != -100]
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert supervised == tokenizer.encode("red") + [im_end] + tokenizer.encode("blue") + [im_end]
+
+
+@torch.no_grad()
+def test_batched_forward_equals_single_examples(tiny_model, tiny_processor):
+    exs = [tiny_processor([{"role": "user", "content": q}, {"role": "assistant", "content": a}], images=ims,
+                          add_generation_prompt=False, return_labels=True)
+           for q, a, ims in [("what color?", "red", [random_image(300, 200)]), ("how many shapes?", "two three", None),
+                             ("left?", "yes", [random_image(200, 300, seed=2), random_image(100, 100, seed=4)])]]
+    # collate: concatenate tiles and shift tile_start
+    import dataclasses
+    pixels, media, start = [], [], 0
+    for e in exs:
+        items = []
+        for m in e.media:
+            items.append(dataclasses.replace(m, tile_start=m.tile_start + start))
+        if e.pixel_values is not None:
+            pixels.append(e.pixel_values)
+            start += e.pixel_values.shape[0]
+        media.append(items)
+    out = tiny_model(input_ids=[e.input_ids[0] for e in exs], pixel_values=np.concatenate(pixels), media=media,
+                     labels=[e.labels[0] for e in exs])
+    singles = [tiny_model(input_ids=e.input_ids, pixel_values=e.pixel_values, media=e.media, labels=e.labels[0]) for e in exs]
+    for b, (e, s) in enumerate(zip(exs, singles)):
+        n = e.num_tokens
+        torch.testing.assert_close(out.logits[b, :n], s.logits[0], atol=2e-4, rtol=1e-4)
+    # padded batch loss equals the token-weighted mean of the single losses
+    counts = [int((e.labels != -100).sum()) for e in exs]
+    expected = sum(float(s.loss) * c for s, c in zip(singles, counts)) / sum(counts)
+    assert abs(float(out.loss) - expected) < 1e-4

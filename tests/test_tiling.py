@@ -67,6 +67,7 @@ def test_candidate_grids_in_bounds_and_sorted_by_area():
         ((896, 448), 1, 12, (2, 1)),  # 4x2 ties but the area is not above half of it
         ((1800, 900), 1, 12, (4, 2)),  # 4x2 tie wins
         ((500, 2000), 1, 12, (1, 4)),
+        ((120, 90), 1, 12, (4, 3)),  # size does not matter, only the aspect ratio (and ties)
         ((1, 5000), 1, 12, (1, 12)),
         ((5000, 1), 1, 12, (12, 1)),
         ((1920, 1080), 9, 12, (4, 3)),

@@ -23,6 +23,10 @@ def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
     palette, CMYK and 16-bit images are converted to 8-bit RGB. Unreadable input raises ``MediaError``.
     """
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2 and image.shape[0] * image.shape[1] > max_pixels:
+            raise MediaError(
+                f"image array has {image.shape[0] * image.shape[1]} pixels, above the limit of {max_pixels}; downscale it first"
+            )
         return _from_array(image)
     if isinstance(image, Image.Image):
         img = image

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..chat import Message, apply_chat_template, normalize_conversation
+from ..chat import DEFAULT_SYSTEM, Message, apply_chat_template, normalize_conversation
 from ..config import NVILAConfig
 from ..errors import ConfigError, ContextOverflowError, MediaError
 from ..tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, NVILATokenizer
@@ -21,6 +21,7 @@ from .tiling import ImagePlan, plan_image
 from .video import VideoClip, VideoPlan, load_video, plan_video
 
 VideoInput = Union[str, os.PathLike, Sequence[ImageInput], VideoClip]
+IGNORE_INDEX = -100
 _MEDIA_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
 
@@ -52,6 +53,7 @@ class ProcessedInputs:
     media: list[MediaItem] = field(default_factory=list)
     prompt: str = ""
     num_tokens: int = 0  # sequence length once the placeholders are replaced by media embeddings
+    labels: np.ndarray | None = None  # (1, L) int64 with -100 outside assistant answers (return_labels=True)
 
     @property
     def num_text_tokens(self) -> int:
@@ -91,8 +93,16 @@ class NVILAProcessor:
     def from_pretrained(cls, path: str | os.PathLike) -> "NVILAProcessor":
         """Tokenizer from ``llm/`` (or the folder itself) + preprocessing settings from ``config.json``."""
         from ..checkpoint import read_config
+        from ..errors import CheckpointError
 
-        config, _ = read_config(path)
+        try:
+            config, _ = read_config(path)
+        except CheckpointError as err:
+            # a processor-only folder (save_pretrained): config.json with inline sub-configs + llm/, no weights
+            try:
+                config = NVILAConfig.from_vila_dict(json.loads((Path(path) / "config.json").read_text()))
+            except (OSError, ValueError, TypeError, KeyError):
+                raise err from None
         return cls(config, NVILATokenizer.from_pretrained(path))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -146,10 +156,14 @@ class NVILAProcessor:
         system: str | None = None,
         add_generation_prompt: bool = True,
         check_context: bool = True,
+        return_labels: bool = False,
     ) -> ProcessedInputs:
         """Build model inputs. Media without placeholders in the text go first in the last user turn
         (reference order: media, then text); explicit ``<image>`` / ``<vila/video>`` placeholders are
-        filled in order."""
+        filled in order.
+
+        ``return_labels=True`` (training) also returns ``labels``: the assistant answers and their
+        ``<|im_end|>`` are supervised, everything else is -100 (the reference masking)."""
         images = _as_list(images)
         videos = list(videos) if videos is not None else []
         messages = _place_media(normalize_conversation(conversation), len(images), len(videos))
@@ -159,12 +173,17 @@ class NVILAProcessor:
         clips = [self.load_video(v) for v in videos]
         video_plans = [self.plan_video(len(c.frames)) for c in clips]
 
-        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt, system=system)
         if len(image_plans) == 1 and image_plans[0].num_placeholders > 1:
             # NVILA-Lite: one "<image>\n" per tile (thumbnail included)
-            plan = image_plans[0]
-            prompt = prompt.replace(IMAGE_TOKEN, (IMAGE_TOKEN + plan.extra_text) * plan.num_placeholders, 1)
-        ids = self.tokenizer.encode(prompt)
+            messages = _expand_tiles(messages, image_plans[0])
+        if messages[0].role != "system":
+            messages = [Message("system", DEFAULT_SYSTEM if system is None else system)] + messages
+        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        labels = None
+        if return_labels:
+            ids, labels = self._encode_with_labels(messages, add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(prompt)
 
         media_tokens = sum(p.num_tokens for p in image_plans) + sum(p.num_tokens for p in video_plans)
         placeholders = sum(p.num_placeholders for p in image_plans) + len(video_plans)
@@ -201,10 +220,39 @@ class NVILAProcessor:
             media=media,
             prompt=prompt,
             num_tokens=num_tokens,
+            labels=None if labels is None else np.asarray([labels], dtype=np.int64),
         )
+
+    def _encode_with_labels(self, messages: list[Message], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        # Turn by turn: the special tokens at every boundary make this equal to encoding the whole text.
+        enc = self.tokenizer.encode
+        ids: list[int] = []
+        labels: list[int] = []
+        for m in messages:
+            head, body, tail, nl = enc(f"<|im_start|>{m.role}\n"), enc(m.content), enc("<|im_end|>"), enc("\n")
+            ids += head + body + tail + nl
+            if m.role == "assistant":
+                labels += [IGNORE_INDEX] * len(head) + body + tail + [IGNORE_INDEX] * len(nl)
+            else:
+                labels += [IGNORE_INDEX] * (len(head) + len(body) + len(tail) + len(nl))
+        if add_generation_prompt:
+            gen = enc("<|im_start|>assistant\n")
+            ids += gen
+            labels += [IGNORE_INDEX] * len(gen)
+        return ids, labels
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _expand_tiles(messages: list[Message], plan: ImagePlan) -> list[Message]:
+    out, done = [], False
+    for m in messages:
+        if not done and IMAGE_TOKEN in m.content:
+            m = Message(m.role, m.content.replace(IMAGE_TOKEN, (IMAGE_TOKEN + plan.extra_text) * plan.num_placeholders, 1))
+            done = True
+        out.append(m)
+    return out
 
 
 def _as_list(images) -> list:

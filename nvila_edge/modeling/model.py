@@ -51,11 +51,12 @@ class NVILAModel(nn.Module):
 
         return load_model(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | os.PathLike, layout: str = "vila", tokenizer=None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, layout: str = "vila", tokenizer=None,
+                        extra_files: dict[str, str] | None = None) -> None:
         """Write the checkpoint atomically; ``layout`` is "vila" (directory layout) or "hf"."""
         from ..checkpoint import save_model
 
-        save_model(self, path, layout=layout, tokenizer=tokenizer or self.tokenizer)
+        save_model(self, path, layout=layout, tokenizer=tokenizer or self.tokenizer, extra_files=extra_files)
 
     @property
     def device(self) -> torch.device:
@@ -68,10 +69,17 @@ class NVILAModel(nn.Module):
     # ---- vision --------------------------------------------------------------------------------------
     def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """SigLIP features of 448 tiles: (N, 3, S, S) → (N, grid*grid, C), ``hidden_states[select_layer]``."""
+        vt = self.vision_tower
+        layers = vt.encoder.layers
+        # hidden_states[k] is the output after k layers: run only those (NVILA never uses the last layer)
+        keep = self.config.vision.select_layer % (len(layers) + 1)
         outs = []
         for chunk in pixel_values.split(self.tile_batch_size):
-            out = self.vision_tower(chunk.to(self.device, self.dtype), output_hidden_states=True)
-            outs.append(out.hidden_states[self.config.vision.select_layer])
+            h = vt.embeddings(chunk.to(self.device, self.dtype))
+            for layer in layers[:keep]:
+                h = layer(h, None)
+                h = h[0] if isinstance(h, tuple) else h
+            outs.append(h)
         return torch.cat(outs)
 
     def _repeat_scales(self, feats: torch.Tensor) -> torch.Tensor:
@@ -172,11 +180,56 @@ class NVILAModel(nn.Module):
             input_ids, pixel_values, media = inputs.input_ids, inputs.pixel_values, inputs.media
         return self.embed_inputs(input_ids, self.embed_media(pixel_values, media or []))
 
-    def forward(self, input_ids=None, pixel_values=None, media=None, inputs_embeds=None, labels=None, **kwargs):
-        """Training / scoring forward: LLM outputs over the media-expanded sequence (batch of one)."""
+    def embed_batch(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
+                    labels: Sequence | None = None, ignore_index: int = -100):
+        """A batch of prompts → right-padded (inputs_embeds, attention_mask, labels).
+
+        ``input_ids`` / ``labels``: one 1-D sequence per example; ``media``: per example, its items with
+        ``tile_start`` indexing the shared ``pixel_values`` (one vision pass for the whole batch).
+        Media positions get label ``ignore_index``."""
+        flat = [m for items in media for m in items]
+        chunks = iter(self.embed_media(pixel_values, flat))
+        rows, labs = [], []
+        for b, ids in enumerate(input_ids):
+            ids_t = torch.as_tensor(np.asarray(ids).reshape(-1), device=self.device)
+            own = [next(chunks) for m in media[b] for _ in range(m.num_placeholders)]
+            rows.append(self.embed_inputs(ids_t[None], own)[0])
+            if labels is not None:
+                lab = torch.as_tensor(np.asarray(labels[b]).reshape(-1), device=self.device)
+                is_media = (ids_t == self.config.image_token_id) | (ids_t == self.config.video_token_id)
+                pieces, pos, it = [], 0, iter(own)
+                for p in torch.nonzero(is_media).flatten().tolist():
+                    pieces += [lab[pos:p], torch.full((next(it).shape[0],), ignore_index, device=self.device)]
+                    pos = p + 1
+                pieces.append(lab[pos:])
+                labs.append(torch.cat(pieces))
+        length = max(r.shape[0] for r in rows)
+        hdim = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), length, hdim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        out_labels = torch.full((len(rows), length), ignore_index, dtype=torch.long, device=self.device) if labels is not None else None
+        for b, r in enumerate(rows):
+            embeds[b, :r.shape[0]] = r
+            mask[b, :r.shape[0]] = 1
+            if out_labels is not None:
+                out_labels[b, :r.shape[0]] = labs[b]
+        return embeds, mask, out_labels
+
+    def forward(self, input_ids=None, pixel_values=None, media=None, inputs_embeds=None, labels=None,
+                attention_mask=None, **kwargs):
+        """Training / scoring forward over the media-expanded sequences.
+
+        ``input_ids`` as a list of sequences with ``media`` as a list of per-example item lists is a
+        batch (see ``embed_batch``); a (1, L) array with a flat ``media`` list is a single prompt."""
         if inputs_embeds is None:
-            inputs_embeds = self.build_inputs_embeds(input_ids=input_ids, pixel_values=pixel_values, media=media)
-        return self.llm(inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+            batched = media is not None and len(media) and isinstance(media[0], (list, tuple))
+            if not batched and labels is None:
+                inputs_embeds = self.build_inputs_embeds(input_ids=input_ids, pixel_values=pixel_values, media=media)
+            else:
+                if not batched:  # one prompt with labels: a batch of one
+                    input_ids, media, labels = [np.asarray(input_ids).reshape(-1)], [list(media or [])], [labels]
+                inputs_embeds, attention_mask, labels = self.embed_batch(input_ids, pixel_values, media, labels)
+        return self.llm(inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask, **kwargs)
 
     # ---- generation ----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,190 @@
+"""LLaVA/VILA-style JSONL data: loading with reported (file, line) issues, and the batch collator.
+
+One record per line::
+
+    {"id": ..., "image": "rel/path.png" | "images": [...] | "video": "rel/clip.mp4",
+     "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}
+
+Media paths are relative to the JSONL file. Bad lines (malformed JSON, wrong schema, missing or
+undecodable media) are reported with file and line, then skipped (``on_error="skip"``, default) or fail
+the run (``on_error="raise"``) — never silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nvila_edge.errors import MediaError, NVILAEdgeError
+from nvila_edge.media.processor import NVILAProcessor, ProcessedInputs
+
+log = logging.getLogger("nvila_edge.training")
+
+
+class DataError(NVILAEdgeError, ValueError):
+    """A training data file or record is unusable."""
+
+
+@dataclass
+class DataIssue:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class Record:
+    """One validated conversation with absolute media paths."""
+
+    id: str
+    conversations: list[dict]
+    images: list[Path]
+    video: Path | None
+    source: str
+    line: int
+    task: str = ""
+
+    @property
+    def question(self) -> list[dict]:
+        """The conversation up to (not including) the last answer: the evaluation prompt."""
+        return self.conversations[:-1]
+
+    @property
+    def answer(self) -> str:
+        return self.conversations[-1]["value"]
+
+
+def _check_media(path: Path, kind: str) -> str | None:
+    if not path.is_file():
+        return f"missing {kind} file {path}"
+    if path.stat().st_size == 0:
+        return f"empty {kind} file {path}"
+    if kind == "image":
+        try:
+            with Image.open(path) as im:
+                im.verify()  # header + structure check, no full decode
+        except Exception as e:  # PIL raises many types for broken files
+            return f"undecodable image {path}: {e}"
+    else:
+        import cv2
+
+        cap = cv2.VideoCapture(str(path))
+        ok = cap.isOpened() and cap.grab()
+        cap.release()
+        if not ok:
+            return f"undecodable video {path}"
+    return None
+
+
+def read_jsonl(paths: str | Path | Sequence[str | Path], on_error: str = "skip",
+               issues: list[DataIssue] | None = None, tasks: Iterable[str] | None = None) -> list[Record]:
+    """Parse and validate JSONL files. ``issues`` (if given) collects every skipped line."""
+    if on_error not in ("skip", "raise"):
+        raise DataError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    tasks = set(tasks) if tasks is not None else None
+    found = issues if issues is not None else []
+    out: list[Record] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec, reason = _parse(line, path, lineno)
+                if reason is not None:
+                    issue = DataIssue(str(path), lineno, reason)
+                    if on_error == "raise":
+                        raise DataError(str(issue))
+                    log.warning("skipping %s", issue)
+                    found.append(issue)
+                    continue
+                if tasks is None or rec.task in tasks:
+                    out.append(rec)
+    if not out:
+        raise DataError(f"no usable records in {[str(p) for p in paths]}" + (f" ({len(found)} skipped)" if found else ""))
+    return out
+
+
+def _parse(line: str, path: Path, lineno: int) -> tuple[Record | None, str | None]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, "a record must be a JSON object"
+    conv = obj.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(
+        isinstance(t, dict) and t.get("from") in ("human", "gpt", "system") and isinstance(t.get("value"), str) for t in conv
+    ):
+        return None, "'conversations' must be a list of {'from': 'human'|'gpt', 'value': str} with at least one exchange"
+    if conv[-1]["from"] != "gpt":
+        return None, "the last turn must be an answer ('from': 'gpt')"
+    root = path.parent
+    images = obj.get("images", [obj["image"]] if "image" in obj else [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        return None, "'image' / 'images' must be a path or a list of paths"
+    video = obj.get("video")
+    if video is not None and not isinstance(video, str):
+        return None, "'video' must be a path"
+    image_paths = [root / i for i in images]
+    video_path = root / video if video else None
+    for p in image_paths:
+        if (reason := _check_media(p, "image")) is not None:
+            return None, reason
+    if video_path is not None and (reason := _check_media(video_path, "video")) is not None:
+        return None, reason
+    return Record(str(obj.get("id", f"{path.name}:{lineno}")), conv, image_paths, video_path, str(path), lineno,
+                  str(obj.get("task", ""))), None
+
+
+class NVILADataset(torch.utils.data.Dataset):
+    """Records → processor outputs with labels (assistant answers supervised)."""
+
+    def __init__(self, records: Sequence[Record], processor: NVILAProcessor):
+        self.records = list(records)
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> ProcessedInputs:
+        r = self.records[i]
+        try:
+            return self.processor(r.conversations, images=r.images or None, videos=[r.video] if r.video else None,
+                                  add_generation_prompt=False, return_labels=True)
+        except MediaError as e:
+            raise DataError(f"{r.source}:{r.line}: {e}") from e
+
+
+class NVILACollator:
+    """Processor outputs → one batch for ``NVILAModel.forward`` (tiles concatenated, media re-indexed)."""
+
+    def __call__(self, examples: Sequence[ProcessedInputs]) -> dict:
+        pixels, media, start = [], [], 0
+        for e in examples:
+            media.append([dataclasses.replace(m, tile_start=m.tile_start + start) for m in e.media])
+            if e.pixel_values is not None:
+                pixels.append(e.pixel_values)
+                start += e.pixel_values.shape[0]
+        return {
+            "input_ids": [torch.as_tensor(e.input_ids[0]) for e in examples],
+            "labels": [torch.as_tensor(e.labels[0]) for e in examples],
+            "pixel_values": torch.as_tensor(np.concatenate(pixels)) if pixels else None,
+            "media": media,
+        }

@@ -1,0 +1,54 @@
+"""Held-out accuracy by exact answer match (case and surrounding punctuation ignored)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from nvila_edge import NVILAModel, NVILAProcessor
+
+from .data import Record
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().strip(".!?,;:").strip().lower()
+
+
+@dataclass
+class EvalReport:
+    accuracy: float
+    correct: int
+    total: int
+    per_task: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "per_task": self.per_task,
+                "samples": self.samples[:20]}
+
+
+@torch.inference_mode()
+def evaluate(model: NVILAModel, processor: NVILAProcessor, records: Sequence[Record], max_new_tokens: int = 8,
+             progress: bool = True) -> EvalReport:
+    """Greedy answers to each record's last question, compared with its reference answer."""
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    samples = []
+    for r in tqdm(records, desc="evaluate", disable=not progress):
+        inputs = processor(r.question, images=r.images or None, videos=[r.video] if r.video else None)
+        out = model.generate(**inputs, tokenizer=processor.tokenizer, max_new_tokens=max_new_tokens)
+        ok = normalize_answer(out.text) == normalize_answer(r.answer)
+        hits[r.task or "all"].append(ok)
+        samples.append({"id": r.id, "task": r.task, "answer": r.answer, "prediction": out.text, "correct": ok})
+    flat = [x for v in hits.values() for x in v]
+    return EvalReport(
+        accuracy=sum(flat) / max(len(flat), 1),
+        correct=sum(flat),
+        total=len(flat),
+        per_task={k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        samples=samples,
+    )

@@ -1,0 +1,435 @@
+"""Parameter-efficient fine-tuning, the NVILA recipe (paper Table 5): LoRA / QLoRA on the LLM plus the
+vision tower's LayerNorms only, with their own (5–50× smaller) learning rate.
+
+- **LLM**: peft LoRA (default r 64, alpha 16, dropout 0.05) on the Qwen2 linears. ``mode="qlora"`` first
+  replaces those linears by bitsandbytes ``Linear4bit`` (NF4, fp32 compute on CPU): the frozen base weights
+  live in 4 bit, only the adapters train.
+- **Vision tower**: only the LayerNorm parameters train (the paper's rule: freeze every ViT parameter whose
+  name contains ``embedding``, ``mlp``, ``self_attn`` or ``head``), in their own optimizer group with
+  ``lr = learning_rate / vit_lr_ratio``.
+- **Projector**: frozen unless ``train_projector=True`` (own group, ``projector_lr``).
+
+A fine-tune directory holds ``adapter/`` (peft format), ``deltas.safetensors`` (the trained ViT LayerNorm
+and projector tensors, full values, keyed by ``NVILAModel.state_dict()`` names) and ``finetune.json``
+(config, base checkpoint, metrics, versions). ``merge`` folds it into a plain checkpoint; ``load_finetuned``
+rebuilds the trained model (NF4 base + adapter for QLoRA) for inference without merging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor
+from nvila_edge.errors import BackendUnavailable, CheckpointError, ConfigError
+from nvila_edge.io import atomic_directory
+
+from .data import DataIssue, NVILACollator, NVILADataset, read_jsonl
+
+log = logging.getLogger("nvila_edge.training")
+
+QWEN2_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_FROZEN_NAME_PARTS = ("embedding", "mlp", "self_attn", "head")  # paper: everything but the LayerNorms
+VIT_LR_RATIO_RANGE = (5.0, 50.0)
+MODES = ("lora", "qlora")
+ADAPTER_DIR = "adapter"
+DELTAS_FILE = "deltas.safetensors"
+FINETUNE_FILE = "finetune.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA / QLoRA + ViT-LayerNorm fine-tuning settings (defaults: the paper's)."""
+
+    mode: str = "qlora"  # "lora" (fp base) | "qlora" (NF4 base)
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = QWEN2_LINEARS
+    learning_rate: float = 2e-4  # the LLM LoRA parameters
+    vit_lr_ratio: float = 10.0  # ViT LayerNorm lr = learning_rate / vit_lr_ratio, within [5, 50]
+    train_projector: bool = False
+    projector_lr: float | None = None  # None: learning_rate
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # any transformers lr_scheduler_type ("constant", "linear", ...)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"fine-tuning mode must be one of {MODES}, got {self.mode!r}")
+        lo, hi = VIT_LR_RATIO_RANGE
+        if not lo <= self.vit_lr_ratio <= hi:
+            raise ConfigError(
+                f"vit_lr_ratio must be within [{lo:g}, {hi:g}] (the ViT LayerNorm learning rate is 5-50x smaller "
+                f"than the LLM's, NVILA paper), got {self.vit_lr_ratio:g}"
+            )
+        if self.r < 1 or self.alpha <= 0:
+            raise ConfigError(f"LoRA needs r >= 1 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: name at least one LLM linear (e.g. q_proj)")
+        if self.learning_rate <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
+            raise ConfigError("learning rates must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+
+    @property
+    def vit_lr(self) -> float:
+        return self.learning_rate / self.vit_lr_ratio
+
+    @property
+    def projector_learning_rate(self) -> float:
+        return self.projector_lr if self.projector_lr is not None else self.learning_rate
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown FinetuneConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    metrics: dict
+    trainable: dict[str, int]  # trainable parameter count per part: llm_lora, vision_layernorm, projector
+    model: NVILAModel | None = field(default=None, repr=False, compare=False)  # the trained model (eval mode)
+
+
+# ---- model preparation ------------------------------------------------------------------------------------
+def _require(module: str, purpose: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendUnavailable(module, "train", purpose) from e
+
+
+def vit_layernorm_parameters(model: NVILAModel) -> dict[str, nn.Parameter]:
+    """The ViT parameters the paper trains: names (in ``model``) without embedding/mlp/self_attn/head."""
+    out = {}
+    for name, p in model.vision_tower.named_parameters():
+        if not any(part in name for part in VIT_FROZEN_NAME_PARTS):
+            out[f"vision_tower.{name}"] = p
+    norm_params = {id(p) for m in model.vision_tower.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    stray = [n for n, p in out.items() if id(p) not in norm_params]
+    if stray:  # a vision tower with other parameter names: refuse rather than train the wrong thing
+        raise ConfigError(f"the ViT-LayerNorm rule selected non-LayerNorm parameters {stray[:4]}")
+    return out
+
+
+def quantize_llm_nf4(llm: nn.Module, modules: Sequence[str] = QWEN2_LINEARS,
+                     compute_dtype: torch.dtype = torch.float32) -> int:
+    """Replace the decoder linears named ``modules`` by bitsandbytes NF4 ``Linear4bit`` (frozen, in place).
+
+    The embeddings, the LM head and the norms stay in their dtype (as transformers' bnb integration does).
+    Returns the number of replaced layers."""
+    bnb = _require("bitsandbytes", "NF4 base weights for QLoRA")
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
+    replaced = 0
+    for parent in list(decoder.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name not in modules or type(child) is not nn.Linear:
+                continue
+            device = child.weight.device if child.weight.device.type != "meta" else torch.device("cpu")
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=False).to(device)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.detach().to(compute_dtype).clone(), requires_grad=False)
+            setattr(parent, child_name, q)
+            replaced += 1
+    if not replaced:
+        raise ConfigError(f"no nn.Linear named {list(modules)} in the LLM decoder to quantize")
+    return replaced
+
+
+def _lora_config(config: FinetuneConfig):
+    peft = _require("peft", "LoRA / QLoRA fine-tuning")
+    return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                           target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_model(model: NVILAModel, config: FinetuneConfig) -> dict[str, list[nn.Parameter]]:
+    """Freeze ``model``, quantize the LLM (QLoRA), wrap it with LoRA, unfreeze the ViT LayerNorms (and the
+    projector when asked). Returns the trainable parameters per part: ``llm_lora``, ``vision_layernorm``,
+    ``projector`` (the optimizer groups)."""
+    peft = _require("peft", "LoRA / QLoRA fine-tuning")
+    config.validate()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.mode == "qlora":
+        quantize_llm_nf4(model.llm, QWEN2_LINEARS)
+    model.llm = peft.get_peft_model(model.llm, _lora_config(config))
+    groups: dict[str, list[nn.Parameter]] = {
+        "llm_lora": [p for n, p in model.llm.named_parameters() if "lora_" in n],
+        "vision_layernorm": list(vit_layernorm_parameters(model).values()),
+        "projector": list(model.mm_projector.parameters()) if config.train_projector else [],
+    }
+    for ps in groups.values():
+        for p in ps:
+            p.requires_grad_(True)
+    if not groups["llm_lora"]:
+        raise ConfigError(f"LoRA found no target modules {list(config.target_modules)} in the LLM")
+    return groups
+
+
+def param_groups(groups: dict[str, list[nn.Parameter]], config: FinetuneConfig) -> list[dict]:
+    """Optimizer parameter groups: LLM LoRA at ``learning_rate``, ViT LayerNorm at ``learning_rate /
+    vit_lr_ratio``, projector at ``projector_lr``. Each group carries its part name under ``"name"``."""
+    lrs = {"llm_lora": config.learning_rate, "vision_layernorm": config.vit_lr,
+           "projector": config.projector_learning_rate}
+    return [{"params": ps, "lr": lrs[name], "weight_decay": config.weight_decay, "name": name}
+            for name, ps in groups.items() if ps]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nvila-edge", "torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _trained_tensors(model: NVILAModel, groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    wanted = {id(p) for name in ("vision_layernorm", "projector") for p in groups[name]}
+    return {k: p.detach().to("cpu").clone().contiguous()
+            for k, p in model.named_parameters() if id(p) in wanted}
+
+
+# ---- fine-tune ---------------------------------------------------------------------------------------------
+def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], output_dir: str | Path,
+             config: FinetuneConfig | None = None, on_error: str = "skip", progress: bool = True) -> FinetuneResult:
+    """Fine-tune the checkpoint on LLaVA-style JSONL ``data`` and write the fine-tune directory atomically.
+
+    Returns a ``FinetuneResult`` whose ``model`` is the trained model (LoRA still unmerged, eval mode)."""
+    from transformers import Trainer, TrainingArguments
+
+    config = config or FinetuneConfig()
+    config.validate()
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    issues: list[DataIssue] = []
+    records = read_jsonl(data, on_error=on_error, issues=issues)
+    model = NVILAModel.from_pretrained(checkpoint)
+    processor = NVILAProcessor.from_pretrained(checkpoint)
+    _seed_everything(config.seed)
+    groups = prepare_model(model, config)
+    trainable = {name: sum(p.numel() for p in ps) for name, ps in groups.items()}
+    optimizer = torch.optim.AdamW(param_groups(groups, config))
+    if config.gradient_checkpointing:
+        kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        model.llm.gradient_checkpointing_enable(**kw)
+        model.vision_tower.gradient_checkpointing_enable(**kw)
+    cuda = torch.cuda.is_available()
+    scratch = output_dir.parent / f".{output_dir.name}.trainer"
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        seed=config.seed,
+        disable_tqdm=not progress,
+    )
+    model.train()
+    trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
+                      data_collator=NVILACollator(), optimizers=(optimizer, None))
+    try:
+        result = trainer.train()
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    if config.gradient_checkpointing:
+        model.llm.gradient_checkpointing_disable()
+        model.vision_tower.gradient_checkpointing_disable()
+    model.eval()
+    metrics = {**result.metrics, "examples": len(records), "steps": trainer.state.global_step,
+               "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+               "learning_rates": {g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups}}
+    _save(model, groups, config, checkpoint, output_dir, metrics, trainable, records, issues)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(output_dir, metrics, trainable, model)
+
+
+def _save(model, groups, config, checkpoint, output_dir, metrics, trainable, records, issues) -> None:
+    from safetensors.torch import save_file
+
+    info = {
+        "format": "nvila-edge-finetune/1",
+        "config": config.to_dict(),
+        "base_checkpoint": str(checkpoint.resolve()),
+        "base_config": model.config.to_dict(),
+        "metrics": metrics,
+        "trainable_parameters": trainable,
+        "data": sorted({r.source for r in records}),
+        "data_issues": [str(i) for i in issues],
+        "versions": _versions(),
+    }
+    with atomic_directory(output_dir) as tmp:
+        model.llm.save_pretrained(str(tmp / ADAPTER_DIR), save_embedding_layers=False)
+        save_file(_trained_tensors(model, groups), str(tmp / DELTAS_FILE), metadata={"format": "pt"})
+        (tmp / FINETUNE_FILE).write_text(json.dumps(info, indent=2))
+
+
+# ---- reading a fine-tune directory -------------------------------------------------------------------------
+def read_finetune_info(finetune_dir: str | Path) -> dict:
+    """``finetune.json`` of a fine-tune directory, after checking the directory is complete."""
+    d = Path(finetune_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"fine-tune directory not found: {d}")
+    needed = [d / FINETUNE_FILE, d / ADAPTER_DIR / "adapter_config.json", d / ADAPTER_DIR / "adapter_model.safetensors",
+              d / DELTAS_FILE]
+    missing = [str(p.relative_to(d)) for p in needed if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{d} is not a complete fine-tune directory (made by nvila_edge.training.finetune): "
+                              f"missing {missing}")
+    try:
+        return json.loads((d / FINETUNE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{d / FINETUNE_FILE} is not valid JSON: {e}") from e
+
+
+def _architecture(cfg: dict) -> dict:
+    """The parts of an ``NVILAConfig.to_dict()`` that decide weight shapes."""
+    return {"vision": {k: cfg["vision"].get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "num_attention_heads", "patch_size", "image_size")},
+            "projector": cfg["projector"],
+            "llm": {k: cfg["llm"].get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")},
+            "mm_hidden": (cfg["vision"].get("hidden_size"), tuple(cfg["preprocessing"].get("s2_scales", ())),
+                          cfg["preprocessing"].get("image_aspect_ratio"))}
+
+
+def _check_same_base(info: dict, base: NVILAConfig, finetune_dir: Path, base_path: Path) -> None:
+    if "base_config" not in info:
+        raise CheckpointError(f"{finetune_dir / FINETUNE_FILE} has no base_config")
+    want, have = _architecture(info["base_config"]), _architecture(base.to_dict())
+    if want != have:
+        diffs = [f"{part}: {want[part]} vs {have[part]}" for part in want if want[part] != have[part]]
+        raise CheckpointError(
+            f"{finetune_dir} was fine-tuned from a model with a different architecture than {base_path} "
+            f"({'; '.join(diffs)}); use the base checkpoint it was made from ({info.get('base_checkpoint')})"
+        )
+
+
+def _load_deltas(model: NVILAModel, finetune_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = finetune_dir / DELTAS_FILE
+    try:
+        deltas = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    params = dict(model.named_parameters())
+    for k, v in deltas.items():
+        if k not in params:
+            raise CheckpointError(f"{path}: tensor {k!r} is not a parameter of this model")
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise CheckpointError(f"{path}: {k!r} has shape {tuple(v.shape)} but the base model has {tuple(params[k].shape)}")
+    with torch.no_grad():
+        for k, v in deltas.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+def _attach_adapter(llm: nn.Module, adapter_dir: Path):
+    peft = _require("peft", "LoRA / QLoRA fine-tuning")
+    try:
+        return peft.PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatches, bad configs
+        raise CheckpointError(f"the LoRA adapter in {adapter_dir} does not fit the base LLM: {e}") from e
+
+
+def load_finetuned(base_checkpoint: str | Path, finetune_dir: str | Path, quantized: bool | None = None) -> NVILAModel:
+    """The fine-tuned model as trained, without merging: base (NF4 when the fine-tune was QLoRA, or when
+    ``quantized=True``) + LoRA adapter + ViT/projector tensors. Eval mode, frozen."""
+    finetune_dir, base_checkpoint = Path(finetune_dir), Path(base_checkpoint)
+    info = read_finetune_info(finetune_dir)
+    model = NVILAModel.from_pretrained(base_checkpoint)
+    _check_same_base(info, model.config, finetune_dir, base_checkpoint)
+    if quantized is None:
+        quantized = info.get("config", {}).get("mode") == "qlora"
+    if quantized:
+        quantize_llm_nf4(model.llm, QWEN2_LINEARS)
+    model.llm = _attach_adapter(model.llm, finetune_dir / ADAPTER_DIR)
+    _load_deltas(model, finetune_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def merge(base_checkpoint: str | Path, finetune_dir: str | Path, output_dir: str | Path,
+          dtype: str | torch.dtype | None = None) -> Path:
+    """Fold a fine-tune into a plain checkpoint: the full-precision base + LoRA merged into the LLM weights
+    (``merge_and_unload``) + the trained ViT / projector tensors, saved in the VILA layout with the base's
+    tokenizer (atomically). ``dtype`` of the saved weights: default the base config's ``model_dtype``.
+
+    A QLoRA adapter was trained against the NF4-rounded base; merged into the full-precision weights, the
+    result differs from the trained model by that rounding (usually the same greedy answers)."""
+    finetune_dir, base_checkpoint, output_dir = Path(finetune_dir), Path(base_checkpoint), Path(output_dir)
+    info = read_finetune_info(finetune_dir)
+    model = NVILAModel.from_pretrained(base_checkpoint, dtype=torch.float32)
+    _check_same_base(info, model.config, finetune_dir, base_checkpoint)
+    peft_model = _attach_adapter(model.llm, finetune_dir / ADAPTER_DIR)
+    model.llm = peft_model.merge_and_unload()
+    _load_deltas(model, finetune_dir)
+    if dtype is None:
+        dtype = getattr(torch, model.config.model_dtype, torch.float32)
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    model.to(dtype)
+    merged_info = {k: info[k] for k in ("config", "base_checkpoint", "metrics", "versions") if k in info}
+    merged_info["finetune_dir"] = str(finetune_dir.resolve())
+    model.save_pretrained(output_dir, tokenizer=model.tokenizer,
+                          extra_files={FINETUNE_FILE: json.dumps(merged_info, indent=2)})
+    return output_dir

@@ -1,0 +1,160 @@
+"""The five NVILA training stages as data (paper Table 7), loadable from YAML / JSON.
+
+A recipe names a starting model (a preset or a checkpoint), the data sources and an ordered list of
+stages. Each stage says which modules train, its learning rate and its data mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvila_edge.errors import ConfigError
+
+MODULES = ("vision_tower", "mm_projector", "llm")
+
+
+@dataclass
+class DataSource:
+    """A JSONL file (relative paths resolve against the recipe file), optionally filtered by task."""
+
+    path: str
+    tasks: tuple[str, ...] | None = None
+    max_examples: int | None = None
+    repeat: int = 1
+
+
+@dataclass
+class Stage:
+    name: str
+    trains: tuple[str, ...]
+    learning_rate: float
+    data: tuple[DataSource, ...]
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+
+    def __post_init__(self):
+        bad = [m for m in self.trains if m not in MODULES]
+        if bad or not self.trains:
+            raise ConfigError(f"stage {self.name!r}: 'trains' must list modules from {MODULES}, got {list(self.trains)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"stage {self.name!r}: learning_rate must be > 0")
+        if not self.data:
+            raise ConfigError(f"stage {self.name!r} has no data")
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: tuple[Stage, ...]
+    preset: str | None = "demo"  # start from a preset (random init) ...
+    checkpoint: str | None = None  # ... or from a checkpoint directory
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    base_dir: str = "."  # where relative data paths resolve (the recipe file's folder)
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"recipe {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    # ---- files -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str | Path = ".") -> "Recipe":
+        try:
+            d = dict(d)
+            stages = []
+            for s in d.pop("stages"):
+                s = dict(s)
+                data = tuple(
+                    DataSource(**({"path": x} if isinstance(x, str) else {**x, "tasks": tuple(x["tasks"]) if x.get("tasks") else None}))
+                    for x in s.pop("data")
+                )
+                stages.append(Stage(data=data, trains=tuple(s.pop("trains")), **s))
+            d.setdefault("base_dir", str(base_dir))
+            return cls(stages=tuple(stages), **d)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"invalid recipe: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a mapping with 'name' and 'stages'")
+        return cls.from_dict(d, base_dir=str(path.parent.resolve()))
+
+    def save(self, path: str | Path) -> None:
+        from nvila_edge.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+def nvila_recipe(data_dir: str | Path = ".", preset: str = "nvila-8b", checkpoint: str | None = None) -> Recipe:
+    """The paper's five stages with its learning rates (Table 7), on a VILA-style data folder."""
+    d = str(data_dir)
+    captions, train = DataSource("captions.jsonl"), DataSource("train.jsonl")
+    return Recipe(
+        name="nvila",
+        preset=preset if checkpoint is None else None,
+        checkpoint=checkpoint,
+        base_dir=d,
+        stages=(
+            Stage("projector_init", ("mm_projector",), 1e-3, (captions,)),
+            Stage("vep", ("vision_tower", "mm_projector"), 2e-5, (captions,)),
+            Stage("token_processor", ("mm_projector", "llm"), 2e-5, (captions, train)),
+            Stage("image_it", MODULES, 1.5e-5, (DataSource("train.jsonl", tasks=None),)),
+            Stage("video_it", MODULES, 2e-5, (train,)),
+        ),
+    )
+
+
+IMAGE_TASKS = ("color", "shape", "count", "position", "size", "ocr")
+VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
+
+
+def demo_recipe(data_dir: str | Path) -> Recipe:
+    """The embedded demo: the same five stages, learning rates for training a small model from scratch."""
+    images = DataSource("train.jsonl", tasks=IMAGE_TASKS)
+    videos = DataSource("train.jsonl", tasks=VIDEO_TASKS)
+    captions = DataSource("captions.jsonl")
+    return Recipe(
+        name="demo",
+        preset="demo",
+        base_dir=str(data_dir),
+        stages=(
+            Stage("projector_init", ("mm_projector",), 1e-3, (captions,), epochs=0.25, batch_size=16),
+            Stage("vep", ("vision_tower", "mm_projector"), 1e-3, (captions,), epochs=0.5, batch_size=16),
+            Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
+            Stage("image_it", MODULES, 1e-3, (images,), epochs=3.0, batch_size=16),
+            Stage("video_it", MODULES, 5e-4, (videos, DataSource("train.jsonl", tasks=IMAGE_TASKS, max_examples=200)),
+                  epochs=2.0, batch_size=8),
+        ),
+    )

@@ -1,0 +1,221 @@
+"""Synthetic, offline NVILA training data: rendered shapes (colour, shape, count, position, size), short
+rendered words (OCR-like), wide and tall images (so Dynamic-S2 grids vary) and short videos (appearing,
+moving and colour-changing shapes) with temporal questions and time tokens.
+
+Writes a LLaVA/VILA-style JSONL data set with media paths relative to the file: ``train.jsonl`` and
+``heldout.jsonl`` (split by seed), plus ``captions.jsonl`` for the alignment stages.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from nvila_edge.io import atomic_directory
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+WORDS = ("cat", "dog", "sun", "car", "box", "map", "cup", "pen")
+# (width, height): wide, tall and square images so the Dynamic-S2 grid varies
+IMAGE_SIZES = ((224, 224), (336, 168), (168, 336), (448, 150), (150, 448), (280, 210), (210, 280), (392, 196))
+IMAGE_TASKS = ("color", "shape", "count", "position", "size", "ocr")
+VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
+
+
+@dataclass
+class SyntheticConfig:
+    num_images: int = 1200
+    num_videos: int = 120
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    num_frames: int = 16  # frames written per video file
+    video_size: tuple[int, int] = (160, 120)
+    num_time_tokens: int = 8
+    time_token_format: str = "<t{t}>"
+
+
+def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    base = rng.randint(200, 245)
+    arr = np.full((size[1], size[0], 3), base, np.int16)
+    arr += np.asarray(np.random.default_rng(rng.randint(0, 2**31)).integers(-6, 7, arr.shape), np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def render_image(task: str, rng: random.Random) -> tuple[Image.Image, str, str, str]:
+    """One image and its (question, answer, caption) for ``task``."""
+    size = rng.choice(IMAGE_SIZES)
+    w, h = size
+    img = _background(rng, size)
+    d = ImageDraw.Draw(img)
+    shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
+    m = min(w, h)
+    if task == "count":
+        n = rng.randint(1, 4)
+        r = m * 0.1
+        cells = [(i, j) for i in range(4) for j in range(2)]
+        rng.shuffle(cells)
+        for i, j in cells[:n]:
+            cx = (i + 0.5) * w / 4 + rng.uniform(-0.05, 0.05) * w
+            cy = (j + 0.5) * h / 2 + rng.uniform(-0.05, 0.05) * h
+            cx, cy = min(max(cx, r), w - r), min(max(cy, r), h - r)
+            _draw_shape(d, shape, cx, cy, r, COLORS[cname])
+        plural = shape + ("es" if shape.endswith("s") else "s")
+        return img, f"How many {plural} are there?", str(n), f"{n} {cname} {plural if n > 1 else shape}"
+    if task == "ocr":
+        word = rng.choice(WORDS)
+        font = _font(int(m * 0.35))
+        box = d.textbbox((0, 0), word.upper(), font=font)
+        tw, th = box[2] - box[0], box[3] - box[1]
+        x = rng.uniform(0.05 * w, max(0.05 * w, w - tw - 0.05 * w))
+        y = rng.uniform(0.05 * h, max(0.05 * h, h - th - 0.05 * h))
+        d.text((x - box[0], y - box[1]), word.upper(), fill=(20, 20, 20), font=font)
+        return img, "What word is written in the image?", word, f"the word {word}"
+    big = rng.random() < 0.5 if task == "size" else rng.random() < 0.5
+    r = m * (rng.uniform(0.3, 0.38) if big else rng.uniform(0.1, 0.15))
+    left = rng.random() < 0.5
+    if task == "position":
+        cx = rng.uniform(r, w * 0.38) if left else rng.uniform(w * 0.62, w - r)
+    else:
+        cx = rng.uniform(r, w - r)
+        left = cx < w / 2
+    cy = rng.uniform(r, h - r) if h > 2 * r else h / 2
+    _draw_shape(d, shape, cx, cy, r, COLORS[cname])
+    caption = f"a {'big' if big else 'small'} {cname} {shape} on the {'left' if left else 'right'}"
+    if task == "color":
+        return img, f"What color is the {shape}?", cname, caption
+    if task == "shape":
+        return img, "What shape is in the image?", shape, caption
+    if task == "position":
+        return img, f"Is the {shape} on the left or the right?", "left" if left else "right", caption
+    return img, f"Is the {shape} big or small?", "big" if big else "small", caption
+
+
+def write_video(path: Path, task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str]:
+    """A short video file (OpenCV) and its (question, answer)."""
+    import cv2
+
+    w, h = cfg.video_size
+    n = cfg.num_frames
+    frames = []
+    bg = np.asarray(_background(rng, (w, h)))
+    a, b = rng.sample(SHAPES, 2)
+    ca, cb = rng.sample(list(COLORS), 2)
+    ta, tb = sorted(rng.sample(range(1, n - 2), 2))
+    start_left = rng.random() < 0.5
+    change_at = rng.randint(n // 4, 3 * n // 4)
+    r = h * 0.18
+    for k in range(n):
+        img = Image.fromarray(bg.copy())
+        d = ImageDraw.Draw(img)
+        if task == "appears_first":
+            if k >= ta:
+                _draw_shape(d, a, w * 0.3, h * 0.5, r, COLORS[ca])
+            if k >= tb:
+                _draw_shape(d, b, w * 0.7, h * 0.5, r, COLORS[cb])
+        elif task == "when":
+            if k >= ta:
+                _draw_shape(d, a, w * 0.5, h * 0.5, r, COLORS[ca])
+        elif task == "color_change":
+            _draw_shape(d, a, w * 0.5, h * 0.5, r, COLORS[ca if k < change_at else cb])
+        else:
+            t = k / (n - 1)
+            x = (0.2 + 0.6 * t) if start_left else (0.8 - 0.6 * t)
+            _draw_shape(d, a, w * x, h * 0.5, r, COLORS[ca])
+        frames.append(cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    if task == "appears_first":
+        return "Which shape appears first?", a
+    if task == "when":
+        t = round(ta / (n - 1) * (cfg.num_time_tokens - 1))
+        return f"When does the {a} appear?", cfg.time_token_format.format(t=t)
+    if task == "color_change":
+        return f"What color does the {a} turn into?", cb
+    return f"Which direction does the {a} move?", "right" if start_left else "left"
+
+
+def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, progress: bool = True) -> dict[str, Path]:
+    """Write the data set to ``out_dir`` atomically; return the JSONL paths."""
+    cfg = config or SyntheticConfig()
+    rng = random.Random(cfg.seed)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "videos").mkdir()
+        records: list[dict] = []
+        captions: list[dict] = []
+        for i in tqdm(range(cfg.num_images), desc="synthetic images", disable=not progress):
+            task = IMAGE_TASKS[i % len(IMAGE_TASKS)]
+            img, q, a, cap = render_image(task, rng)
+            rel = f"images/{i:05d}.png"
+            img.save(tmp / rel)
+            records.append({"id": f"img-{i}", "image": rel, "task": task, "kind": "image",
+                            "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+            captions.append({"id": f"cap-{i}", "image": rel, "task": "caption", "kind": "image",
+                             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                               {"from": "gpt", "value": cap}]})
+        for i in tqdm(range(cfg.num_videos), desc="synthetic videos", disable=not progress):
+            task = VIDEO_TASKS[i % len(VIDEO_TASKS)]
+            rel = f"videos/{i:05d}.mp4"
+            q, a = write_video(tmp / rel, task, rng, cfg)
+            records.append({"id": f"vid-{i}", "video": rel, "task": task, "kind": "video",
+                            "conversations": [{"from": "human", "value": f"<vila/video>\n{q}"}, {"from": "gpt", "value": a}]})
+        split = random.Random(cfg.seed + 1)
+        train, held = [], []
+        for r in records:
+            (held if split.random() < cfg.heldout_fraction else train).append(r)
+        held_ids = {r["image"] for r in held if "image" in r}
+        captions = [c for c in captions if c["image"] not in held_ids]
+        for name, rows in (("train", train), ("heldout", held), ("captions", captions)):
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "synthetic.json").write_text(json.dumps({**cfg.__dict__, "video_size": list(cfg.video_size)}, indent=2))
+    return {name: out_dir / f"{name}.jsonl" for name in ("train", "heldout", "captions")}
+
+
+def corpus(config: SyntheticConfig | None = None) -> list[str]:
+    """Every question / answer / caption string the generator can produce: the demo tokenizer's corpus."""
+    out = ["Describe the image.", "What shape is in the image?", "What word is written in the image?",
+           "Which shape appears first?", "You are a helpful assistant"]
+    for s in SHAPES:
+        plural = s + ("es" if s.endswith("s") else "s")
+        out += [f"What color is the {s}?", f"Is the {s} on the left or the right?", f"Is the {s} big or small?",
+                f"How many {plural} are there?", f"When does the {s} appear?", f"What color does the {s} turn into?",
+                f"Which direction does the {s} move?"]
+        for c in COLORS:
+            for size in ("big", "small"):
+                for side in ("left", "right"):
+                    out.append(f"a {size} {c} {s} on the {side}")
+            out += [f"{n} {c} {plural}" for n in range(2, 5)]
+    out += [f"the word {w}" for w in WORDS] + list(WORDS) + [str(n) for n in range(10)]
+    return out * 4

@@ -1,0 +1,192 @@
+"""Runs recipe stages with transformers ``Trainer``; each stage ends in a VILA-layout checkpoint that
+carries the config, the recipe and the stage metrics. Re-running resumes after the last finished stage.
+
+The same code runs under ``torchrun`` / ``accelerate launch`` (DDP; gloo on CPU, NCCL on GPU): only rank 0
+writes checkpoints, every rank then reloads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, NVILATokenizer
+from nvila_edge.errors import ConfigError
+
+from .data import DataIssue, NVILACollator, NVILADataset, Record, read_jsonl
+from .recipe import MODULES, Recipe, Stage
+
+log = logging.getLogger("nvila_edge.training")
+COMPLETE = "metrics.json"  # written inside the atomic checkpoint: its presence means the stage finished
+
+
+@dataclass
+class StageResult:
+    name: str
+    checkpoint: Path
+    metrics: dict
+    skipped: bool = False
+
+
+def set_trainable(model: NVILAModel, modules: Sequence[str]) -> int:
+    """Freeze everything but ``modules``; return the number of trainable parameters."""
+    for name in MODULES:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(name in modules)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def stage_records(recipe: Recipe, stage: Stage, on_error: str = "skip",
+                  issues: list[DataIssue] | None = None) -> list[Record]:
+    out: list[Record] = []
+    for src in stage.data:
+        recs = read_jsonl(recipe.resolve(src.path), on_error=on_error, issues=issues, tasks=src.tasks)
+        if src.max_examples is not None:
+            recs = recs[: src.max_examples]
+        out += recs * max(1, src.repeat)
+    return out
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
+                out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
+                extra_files: dict[str, str] | None = None) -> dict:
+    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically)."""
+    from transformers import Trainer, TrainingArguments
+
+    n_trainable = set_trainable(model, stage.trains)
+    cuda = torch.cuda.is_available()
+    if gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+        model.vision_tower.gradient_checkpointing_enable()
+    scratch = out_dir.parent / f".{out_dir.name}.trainer"
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        warmup_steps=stage.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=stage.weight_decay,
+        lr_scheduler_type=stage.scheduler,
+        logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        seed=seed,
+        disable_tqdm=not progress,
+        ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=True,  # frozen towers / text-only batches leave parameters unused
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
+                      data_collator=NVILACollator())
+    result = trainer.train()
+    metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(records),
+               "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    if gradient_checkpointing:
+        model.llm.gradient_checkpointing_disable()
+        model.vision_tower.gradient_checkpointing_disable()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if _is_main():
+        files = dict(extra_files or {})
+        files[COMPLETE] = json.dumps(metrics, indent=2)
+        model.save_pretrained(out_dir, tokenizer=processor.tokenizer, extra_files=files)
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    _barrier()
+    return metrics
+
+
+def stage_dir(output_dir: Path, index: int, stage: Stage) -> Path:
+    return output_dir / f"stage{index + 1}-{stage.name}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple[NVILAModel, NVILAProcessor]:
+    """The recipe's starting point: a checkpoint, or a preset initialised from the seed."""
+    if recipe.checkpoint:
+        path = recipe.resolve(recipe.checkpoint)
+        model = NVILAModel.from_pretrained(path)
+        return model, NVILAProcessor.from_pretrained(path)
+    if tokenizer is None:
+        raise ConfigError("a recipe that starts from a preset needs a tokenizer (train one with nvila_edge.training.demo_tokenizer)")
+    config = NVILAConfig.from_preset(recipe.preset)
+    _seed_everything(recipe.seed)
+    model = NVILAModel(config)
+    model.tokenizer = tokenizer
+    return model, NVILAProcessor(config, tokenizer)
+
+
+def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | None = None,
+               tokenizer: NVILATokenizer | None = None, on_error: str = "skip", progress: bool = True) -> list[StageResult]:
+    """Run ``stages`` (default: all) in recipe order, resuming after the last finished checkpoint."""
+    output_dir = Path(output_dir)
+    wanted = list(stages) if stages else [s.name for s in recipe.stages]
+    for name in wanted:
+        recipe.stage(name)  # raises for unknown names
+    results: list[StageResult] = []
+    current: Path | None = None  # the checkpoint the next stage starts from
+    model = processor = None
+    for i, stage in enumerate(recipe.stages):
+        ckpt = stage_dir(output_dir, i, stage)
+        done = (ckpt / COMPLETE).is_file()
+        if stage.name not in wanted or done:
+            if done:
+                current = ckpt
+                model = None
+                if stage.name in wanted:
+                    results.append(StageResult(stage.name, ckpt, json.loads((ckpt / COMPLETE).read_text()), skipped=True))
+            continue
+        if model is None:
+            if current is not None:
+                model, processor = NVILAModel.from_pretrained(current), NVILAProcessor.from_pretrained(current)
+            else:
+                model, processor = base_model(recipe, tokenizer)
+        model.train()
+        issues: list[DataIssue] = []
+        records = stage_records(recipe, stage, on_error=on_error, issues=issues)
+        _seed_everything(recipe.seed + i)
+        log.info("stage %d/%d %s: %d examples, trains %s", i + 1, len(recipe.stages), stage.name, len(records), stage.trains)
+        extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
+                 "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
+        metrics = train_stage(model, processor, stage, records, ckpt, seed=recipe.seed + i,
+                              gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra)
+        model.eval()
+        results.append(StageResult(stage.name, ckpt, metrics))
+        current = ckpt
+    return results
+
+
+def last_checkpoint(recipe: Recipe, output_dir: str | Path) -> Path | None:
+    found = None
+    for i, stage in enumerate(recipe.stages):
+        ckpt = stage_dir(Path(output_dir), i, stage)
+        if (ckpt / COMPLETE).is_file():
+            found = ckpt
+    return found
