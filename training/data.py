@@ -25,6 +25,7 @@ from PIL import Image
 
 from nvila_edge.errors import MediaError, NVILAEdgeError
 from nvila_edge.media.processor import NVILAProcessor, ProcessedInputs
+from nvila_edge.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 log = logging.getLogger("nvila_edge.training")
 
@@ -142,6 +143,12 @@ def _parse(line: str, path: Path, lineno: int) -> tuple[Record | None, str | Non
     video = obj.get("video")
     if video is not None and not isinstance(video, str):
         return None, "'video' must be a path"
+    # the processor would reject these at training time: catch them here, with the line
+    text = "".join(t["value"] for t in conv)
+    for token, have, what in ((IMAGE_TOKEN, len(images), "image"), (VIDEO_TOKEN, int(bool(video)), "video")):
+        n = text.count(token)
+        if n and n != have:
+            return None, f"the conversation has {n} {token} placeholder(s) but {have} {what}(s)"
     image_paths = [root / i for i in images]
     video_path = root / video if video else None
     for p in image_paths:

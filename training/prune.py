@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,7 +89,8 @@ def answer_token_stats(model, processor, records: Sequence[Record], batch_size: 
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
             tgt = targets[:, positions]
             sel = supervised[:, positions]
-            tok_lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * sel
+            tok_lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            tok_lp = torch.where(sel, tok_lp, torch.zeros_like(tok_lp))
             sums[start:start + len(idx)] = tok_lp.sum(dim=1).double().cpu().numpy()
             counts[start:start + len(idx)] = sel.sum(dim=1).cpu().numpy()
             bar.update(len(idx))
@@ -102,7 +104,7 @@ def answer_logprobs(model, processor, records: Sequence[Record], batch_size: int
                     reduction: str = "sum") -> np.ndarray:
     """Per record, the log-probability of its supervised answer tokens under ``model``: summed over the
     tokens (``reduction="sum"``, log p(x) of paper Eq. 1) or averaged per token (``"mean"``). float64,
-    shape ``(len(records),)``; a record without answer tokens (truncated away) gets NaN."""
+    shape ``(len(records),)``; a record with no supervised token would get NaN."""
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     sums, counts = answer_token_stats(model, processor, records, batch_size=batch_size, progress=progress)
@@ -126,6 +128,11 @@ def deltaloss_scores(large, small, processor_large, processor_small, records: Se
 
 
 # ---- selection -----------------------------------------------------------------------------------------
+def _check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
+        raise ConfigError(f"keep must be a fraction in (0, 1], got {keep!r}")
+
+
 def _check_by(by: str | None) -> None:
     if by is not None and by not in GROUP_BY:
         raise ConfigError(f"by must be one of {GROUP_BY} or None, got {by!r}")
@@ -149,8 +156,7 @@ def keep_count(n: int, keep: float) -> int:
 def select_mask(records: Sequence[Record], scores, keep: float = 0.5, by: str | None = "task") -> np.ndarray:
     """Boolean mask of the kept records: per group, the ``keep_count`` highest scores (ties → earlier
     record; NaN scores rank last)."""
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise ConfigError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    _check_keep(keep)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(scores) != len(records):
         raise ConfigError(f"{len(scores)} scores for {len(records)} records")
@@ -218,8 +224,10 @@ def _source_lines(records: Sequence[Record]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in records:
         if r.source not in out:
+            # the same line splitting as read_jsonl's file iteration (str.splitlines would also split on
+            # U+2028 and friends, which may appear raw inside JSON strings)
             with open(r.source, encoding="utf-8", errors="replace") as f:
-                out[r.source] = f.read().splitlines()
+                out[r.source] = f.read().split("\n")
     return out
 
 
@@ -245,24 +253,28 @@ def write_kept_jsonl(records: Sequence[Record], output_jsonl: str | Path) -> Pat
 def prune_jsonl(data: str | Path | Sequence[str | Path], large_checkpoint: str | Path, small_checkpoint: str | Path,
                 output_jsonl: str | Path, keep: float = 0.5, by: str | None = "task",
                 report_path: str | Path | None = None, batch_size: int = 8, on_error: str = "skip",
-                reduction: str = "sum", device: str | torch.device = "cpu", progress: bool = True) -> PruneReport:
+                reduction: str = "sum", device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                progress: bool = True) -> PruneReport:
     """Score ``data`` (JSONL file(s)) with DeltaLoss between two checkpoints, keep the top ``keep`` per
     group and write the kept lines to ``output_jsonl``; a JSON report (every example's id, task, score and
     whether it was kept, plus per-group counts) goes to ``report_path`` (default: the output path with
-    ``.report.json`` in place of its suffix). Both files are written atomically."""
+    ``.report.json`` in place of its suffix). Both files are written atomically. The two models are
+    loaded one after the other (``dtype`` / ``device`` as in ``NVILAModel.from_pretrained``), each with the
+    tokenizer and preprocessing of its own checkpoint."""
     from nvila_edge import NVILAModel, NVILAProcessor
     from nvila_edge.io import atomic_write_text
 
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise ConfigError(f"keep must be a fraction in (0, 1], got {keep!r}")
-    _check_by(by)  # before any heavy work
+    _check_keep(keep)  # before any heavy work
+    _check_by(by)
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     output_jsonl = Path(output_jsonl)
     report_path = Path(report_path) if report_path is not None else output_jsonl.with_suffix(".report.json")
     issues: list[DataIssue] = []
     records = read_jsonl(data, on_error=on_error, issues=issues)
 
     def score(ckpt) -> np.ndarray:
-        model = NVILAModel.from_pretrained(ckpt, device=device)
+        model = NVILAModel.from_pretrained(ckpt, dtype=dtype, device=device)
         processor = NVILAProcessor.from_pretrained(ckpt)
         try:
             return answer_logprobs(model, processor, records, batch_size, progress, reduction)

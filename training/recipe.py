@@ -55,6 +55,7 @@ class Recipe:
     stages: tuple[Stage, ...]
     preset: str | None = "demo"  # start from a preset (random init) ...
     checkpoint: str | None = None  # ... or from a checkpoint directory
+    tokenizer: str | None = None  # tokenizer folder for a preset start (default: the demo tokenizer)
     seed: int = 0
     gradient_checkpointing: bool = False
     base_dir: str = "."  # where relative data paths resolve (the recipe file's folder)

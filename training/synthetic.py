@@ -80,7 +80,9 @@ def render_image(task: str, rng: random.Random) -> tuple[Image.Image, str, str, 
     m = min(w, h)
     if task == "count":
         n = rng.randint(1, 4)
-        r = m * 0.1
+        # one shape per cell of a 4x2 grid; with the +-5 % jitter below, this radius keeps neighbours apart
+        # (m * 0.1 let same-coloured shapes touch or merge in square and tall images: wrong counts)
+        r = 0.28 * min(w / 4, h / 2)
         cells = [(i, j) for i in range(4) for j in range(2)]
         rng.shuffle(cells)
         for i, j in cells[:n]:
@@ -130,6 +132,13 @@ def write_video(path: Path, task: str, rng: random.Random, cfg: SyntheticConfig)
     a, b = rng.sample(SHAPES, 2)
     ca, cb = rng.sample(list(COLORS), 2)
     ta, tb = sorted(rng.sample(range(1, n - 2), 2))
+    if task == "appears_first":
+        # keep the two appearances far enough apart that 8 uniformly sampled frames (the NVILA / demo
+        # default) see one shape without the other; otherwise ~10 % of these questions are unanswerable
+        gap = -(-(n - 1) // 7)
+        if tb - ta < gap:
+            tb = min(ta + gap, n - 3)
+            ta = tb - gap
     start_left = rng.random() < 0.5
     change_at = rng.randint(n // 4, 3 * n // 4)
     r = h * 0.18

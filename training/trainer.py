@@ -134,8 +134,14 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
         path = recipe.resolve(recipe.checkpoint)
         model = NVILAModel.from_pretrained(path)
         return model, NVILAProcessor.from_pretrained(path)
+    if tokenizer is None and recipe.tokenizer:
+        tokenizer = NVILATokenizer.from_pretrained(recipe.resolve(recipe.tokenizer))
     if tokenizer is None:
-        raise ConfigError("a recipe that starts from a preset needs a tokenizer (train one with nvila_edge.training.demo_tokenizer)")
+        if recipe.preset not in ("demo", "tiny", "tiny-lite"):
+            raise ConfigError(f"recipe {recipe.name!r} starts from preset {recipe.preset!r}: set 'tokenizer' to a tokenizer folder")
+        from .tokenizer import demo_tokenizer
+
+        tokenizer = demo_tokenizer()
     config = NVILAConfig.from_preset(recipe.preset)
     _seed_everything(recipe.seed)
     model = NVILAModel(config)

@@ -1,0 +1,42 @@
+"""`nvila-edge demo` plumbing on a shrunken data set and recipe (the real run is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import nvila_edge.training.demo as demo
+from nvila_edge.training.recipe import demo_recipe
+from nvila_edge.training.synthetic import SyntheticConfig
+
+
+def test_demo_trains_caches_and_streams(tmp_path, monkeypatch):
+    small = SyntheticConfig(num_images=30, num_videos=8, heldout_fraction=0.3)
+    monkeypatch.setattr(demo, "SyntheticConfig", lambda: small)
+
+    def quick(data_dir):
+        r = demo_recipe(data_dir)
+        return dataclasses.replace(r, stages=tuple(dataclasses.replace(s, max_steps=1, batch_size=2) for s in r.stages))
+
+    monkeypatch.setattr(demo, "demo_recipe", quick)
+    out = io.StringIO()
+    res = demo.run_demo(cache_dir=tmp_path / "cache", questions=2, progress=False, out=out)
+    text = out.getvalue()
+    assert res.trained_now and res.checkpoint.name == "stage5-video_it"
+    assert "held-out accuracy" in text and text.count("Q: ") == 2 and "expected:" in text
+    assert 0.0 <= res.image_accuracy <= 1.0
+    assert (tmp_path / "cache" / "report.json").is_file()
+    # a second run reuses the cached model and report
+    out2 = io.StringIO()
+    res2 = demo.run_demo(cache_dir=tmp_path / "cache", questions=1, progress=False, out=out2)
+    assert not res2.trained_now and res2.checkpoint == res.checkpoint
+    assert "training the demo model" not in out2.getvalue()
+    assert res2.image_accuracy == res.image_accuracy
+
+
+def test_cache_root_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NVILA_EDGE_CACHE", str(tmp_path / "c"))
+    assert demo.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("NVILA_EDGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert demo.cache_root() == tmp_path / "x" / "nvila-edge"

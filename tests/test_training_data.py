@@ -1,0 +1,249 @@
+"""training/data.py: JSONL loading with (file, line) issues, the dataset's labels and the batch collator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nvila_edge import NVILAConfig, NVILAProcessor
+from nvila_edge.training.data import (
+    DataError,
+    DataIssue,
+    NVILACollator,
+    NVILADataset,
+    Record,
+    read_jsonl,
+)
+from nvila_edge.training.tokenizer import demo_tokenizer
+
+try:
+    from _training_helpers import record, write_jsonl, write_mp4, write_png
+except ImportError:  # tests imported as a package
+    from tests._training_helpers import record, write_jsonl, write_mp4, write_png
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def demo_processor():
+    return NVILAProcessor(NVILAConfig.from_preset("demo"), demo_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    """Good and broken media files next to where the JSONL files go."""
+    d = tmp_path_factory.mktemp("media")
+    write_png(d / "wide.png", 300, 120, seed=1)
+    write_png(d / "tall.png", 90, 200, seed=2)
+    write_png(d / "square.png", 64, 64, seed=3)
+    write_mp4(d / "clip.mp4", num_frames=8)
+    (d / "empty.png").write_bytes(b"")
+    (d / "garbage.png").write_bytes(b"this is not a png file at all" * 10)
+    (d / "garbage.mp4").write_bytes(b"\x00\x01 definitely not an mp4 container" * 20)
+    (d / "empty.mp4").write_bytes(b"")
+    return d
+
+
+# one bad line per kind: (line as dict or raw text, words the reason must contain)
+BAD_LINES = {
+    "malformed_json": ('{"conversations": [{"from": "human", "value": "hi"}', "malformed JSON"),
+    "not_an_object": ("[1, 2, 3]", "JSON object"),
+    "wrong_schema": ({"id": "x", "conversations": [{"from": "human", "value": "only a question"}]}, "conversations"),
+    "last_turn_not_answer": ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
+                             "last turn"),
+    "bad_image_field": (record("<image>\nq", "a", image=42), "image"),
+    "missing_image": (record("<image>\nWhat is it?", "a", image="nowhere.png"), "missing image"),
+    "empty_image": (record("<image>\nWhat is it?", "a", image="empty.png"), "empty image"),
+    "undecodable_image": (record("<image>\nWhat is it?", "a", image="garbage.png"), "undecodable image"),
+    "empty_video": (record("<vila/video>\nWhat happens?", "a", video="empty.mp4"), "empty video"),
+    "undecodable_video": (record("<vila/video>\nWhat happens?", "a", video="garbage.mp4"), "undecodable video"),
+    "placeholder_mismatch": (record("<image><image>\nCompare.", "a", image="wide.png"), "placeholder"),
+}
+GOOD_IMAGE = record("<image>\nWhat is it?", "noise", image="wide.png", id="good-image", task="color")
+GOOD_VIDEO = record("<vila/video>\nWhat happens?", "flicker", video="clip.mp4", id="good-video", task="when")
+
+
+def test_read_jsonl_reports_every_bad_line_with_file_and_line(media_dir, caplog):
+    rows = [GOOD_IMAGE] + [row for row, _ in BAD_LINES.values()] + ["", "   ", GOOD_VIDEO]
+    path = write_jsonl(media_dir / "mixed.jsonl", rows)
+    issues: list[DataIssue] = []
+    with caplog.at_level("WARNING", logger="nvila_edge.training"):
+        recs = read_jsonl(path, issues=issues)
+    # the good lines survive with their own line numbers (blank lines count as lines)
+    assert [(r.id, r.line) for r in recs] == [("good-image", 1), ("good-video", len(rows))]
+    assert recs[0].images == [media_dir / "wide.png"] and recs[0].video is None and recs[0].task == "color"
+    assert recs[1].video == media_dir / "clip.mp4" and recs[1].images == []
+    assert all(r.source == str(path) for r in recs)
+    # every bad line is reported once, in order, with the right file, line and reason
+    assert [i.line for i in issues] == list(range(2, 2 + len(BAD_LINES)))
+    for issue, (kind, (_, words)) in zip(issues, BAD_LINES.items()):
+        assert issue.file == str(path), kind
+        assert words.lower() in issue.reason.lower(), (kind, issue.reason)
+        assert str(issue).startswith(f"{path}:{issue.line}: ")
+    # ... and logged, never silent
+    assert sum("skipping" in r.getMessage() for r in caplog.records) == len(BAD_LINES)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_read_jsonl_raise_names_file_and_line(media_dir, kind):
+    row, words = BAD_LINES[kind]
+    path = write_jsonl(media_dir / f"raise-{kind}.jsonl", [GOOD_IMAGE, row, GOOD_VIDEO])
+    with pytest.raises(DataError, match=f"{path.name}:2: ") as err:
+        read_jsonl(path, on_error="raise")
+    assert f"{path}:2" in str(err.value)
+    assert words.lower() in str(err.value).lower()
+    # the default (skip) keeps the other two lines
+    issues: list[DataIssue] = []
+    assert [r.line for r in read_jsonl(path, issues=issues)] == [1, 3]
+    assert [(i.file, i.line) for i in issues] == [(str(path), 2)]
+
+
+def test_read_jsonl_without_usable_records_raises(media_dir, tmp_path):
+    only_bad = write_jsonl(media_dir / "only-bad.jsonl", [BAD_LINES["missing_image"][0], BAD_LINES["malformed_json"][0]])
+    with pytest.raises(DataError, match=r"no usable records.*2 skipped"):
+        read_jsonl(only_bad)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="no usable records"):
+        read_jsonl(empty)
+    with pytest.raises(DataError, match="not found"):
+        read_jsonl(tmp_path / "absent.jsonl")
+    with pytest.raises(DataError, match="on_error"):
+        read_jsonl(only_bad, on_error="ignore")
+    # a task filter that matches nothing is also "no usable records"
+    good = write_jsonl(media_dir / "good.jsonl", [GOOD_IMAGE, GOOD_VIDEO])
+    with pytest.raises(DataError, match="no usable records"):
+        read_jsonl(good, tasks=["ocr"])
+
+
+def test_read_jsonl_several_files_tasks_and_defaults(media_dir):
+    a = write_jsonl(media_dir / "a.jsonl", [GOOD_IMAGE, record("Just text?", "yes")])
+    b = write_jsonl(media_dir / "b.jsonl", [GOOD_VIDEO])
+    recs = read_jsonl([a, b])
+    assert [(r.source, r.line) for r in recs] == [(str(a), 1), (str(a), 2), (str(b), 1)]
+    assert recs[1].id == "a.jsonl:2" and recs[1].task == "" and recs[1].images == [] and recs[1].video is None
+    assert recs[1].question == [{"from": "human", "value": "Just text?"}] and recs[1].answer == "yes"
+    assert [r.id for r in read_jsonl([a, b], tasks=["when"])] == ["good-video"]
+    multi = write_jsonl(media_dir / "multi.jsonl", [record("<image><image>\nCompare.", "same",
+                                                           images=["wide.png", "tall.png"])])
+    assert read_jsonl(multi)[0].images == [media_dir / "wide.png", media_dir / "tall.png"]
+
+
+# ---- dataset, labels and collator ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def records(media_dir):
+    rows = [
+        record("<image>\nWhat is it?", "noise", image="wide.png", task="a"),
+        record("<vila/video>\nWhat happens?", "flicker", video="clip.mp4", task="b"),
+        record("No media here. Answer yes?", "yes", task="c"),
+        {"conversations": [{"from": "human", "value": "<image><image>\nFirst?"}, {"from": "gpt", "value": "left"},
+                           {"from": "human", "value": "Second?"}, {"from": "gpt", "value": "the right one"}],
+         "images": ["tall.png", "square.png"], "task": "d"},
+    ]
+    return read_jsonl(write_jsonl(media_dir / "batch.jsonl", rows))
+
+
+def _answers(processor, ids, labels) -> str:
+    ids, labels = np.asarray(ids).reshape(-1), np.asarray(labels).reshape(-1)
+    sup = labels != IGNORE
+    assert np.array_equal(labels[sup], ids[sup])  # labels are the input ids where supervised
+    return processor.tokenizer.decode(labels[sup].tolist(), skip_special_tokens=False)
+
+
+def test_labels_supervise_only_the_answers(records, demo_processor):
+    ds = NVILADataset(records, demo_processor)
+    assert len(ds) == 4
+    for r, ex in zip(records, (ds[i] for i in range(len(ds)))):
+        assert ex.labels.shape == ex.input_ids.shape
+        answers = [t["value"] for t in r.conversations if t["from"] == "gpt"]
+        assert _answers(demo_processor, ex.input_ids, ex.labels) == "".join(a + "<|im_end|>" for a in answers)
+        # prompt, questions, media placeholders and the role headers are never supervised
+        ids, labels = ex.input_ids[0], ex.labels[0]
+        media = (ids == demo_processor.config.image_token_id) | (ids == demo_processor.config.video_token_id)
+        assert (labels[media] == IGNORE).all()
+        first = int(np.argmax(labels != IGNORE))
+        assert "You are a helpful assistant" in demo_processor.tokenizer.decode(ids[:first].tolist(),
+                                                                                skip_special_tokens=False)
+
+
+def test_dataset_reports_processor_errors_with_file_and_line(media_dir, demo_processor):
+    (rec,) = read_jsonl(write_jsonl(media_dir / "vanishing.jsonl", [record("<image>\nq", "a", image="square.png")]))
+    broken = Record(rec.id, rec.conversations, [media_dir / "gone.png"], None, rec.source, rec.line)
+    with pytest.raises(DataError, match=f"vanishing.jsonl:1: "):
+        NVILADataset([broken], demo_processor)[0]
+
+
+def test_collator_concatenates_tiles_and_reindexes_media(records, demo_processor):
+    ds = NVILADataset(records, demo_processor)
+    examples = [ds[i] for i in range(len(ds))]
+    batch = NVILACollator()(examples)
+    assert set(batch) == {"input_ids", "labels", "pixel_values", "media"}
+    # per example: 1-D ids and labels of its own length (the model pads after media expansion)
+    for ex, ids, labels in zip(examples, batch["input_ids"], batch["labels"]):
+        assert isinstance(ids, torch.Tensor) and ids.ndim == 1 and torch.equal(ids, torch.as_tensor(ex.input_ids[0]))
+        assert torch.equal(labels, torch.as_tensor(ex.labels[0]))
+    # pixel values: every example's tiles, in order (the text-only example adds none)
+    tiles = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    assert isinstance(batch["pixel_values"], torch.Tensor)
+    assert batch["pixel_values"].shape == (sum(t.shape[0] for t in tiles), 3, 112, 112)
+    assert torch.equal(batch["pixel_values"], torch.as_tensor(np.concatenate(tiles)))
+    # media: same items, tile_start shifted by the tiles of the examples before
+    offset = 0
+    assert [len(m) for m in batch["media"]] == [1, 1, 0, 2]
+    for ex, items in zip(examples, batch["media"]):
+        for orig, item in zip(ex.media, items):
+            assert item.tile_start == orig.tile_start + offset
+            assert (item.kind, item.plan, item.num_tiles) == (orig.kind, orig.plan, orig.num_tiles)
+            src = ex.pixel_values[orig.tile_start:orig.tile_start + orig.num_tiles]
+            assert np.array_equal(batch["pixel_values"][item.tile_start:item.tile_start + item.num_tiles].numpy(), src)
+        if ex.pixel_values is not None:
+            offset += ex.pixel_values.shape[0]
+    assert offset == batch["pixel_values"].shape[0]
+    # the originals are not modified
+    assert examples[1].media[0].tile_start == 0
+
+
+def test_collator_text_only_batch(records, demo_processor):
+    ex = NVILADataset([records[2]], demo_processor)[0]
+    batch = NVILACollator()([ex, ex])
+    assert batch["pixel_values"] is None and batch["media"] == [[], []]
+
+
+def test_batched_model_loss_on_a_collated_batch(records, demo_processor):
+    from nvila_edge import NVILAModel
+
+    torch.manual_seed(0)
+    model = NVILAModel(demo_processor.config)
+    ds = NVILADataset(records, demo_processor)
+    examples = [ds[i] for i in range(len(ds))]
+    batch = NVILACollator()(examples)
+    out = model(**batch)
+    lengths = [ex.num_tokens for ex in examples]  # media-expanded lengths, as the processor predicts them
+    assert out.logits.shape == (len(examples), max(lengths), demo_processor.config.llm.vocab_size)
+    loss = float(out.loss.detach())
+    assert math.isfinite(loss) and 0 < loss < 3 * math.log(demo_processor.config.llm.vocab_size)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.mm_projector.layers[1].weight.grad.abs().sum() > 0  # the media path is trained too
+
+    # the labels the model aligns to the expanded sequence: media positions ignored, answers kept in order
+    with torch.no_grad():
+        embeds, mask, labels = model.embed_batch(batch["input_ids"], batch["pixel_values"], batch["media"],
+                                                 batch["labels"])
+    assert labels.shape == mask.shape == embeds.shape[:2] == (len(examples), max(lengths))
+    for b, ex in enumerate(examples):
+        assert int(mask[b].sum()) == lengths[b] and (labels[b, lengths[b]:] == IGNORE).all()
+        sup = labels[b][labels[b] != IGNORE].numpy()
+        assert np.array_equal(sup, ex.labels[0][ex.labels[0] != IGNORE])
+    # the batch loss is the token-weighted mean of the per-example losses
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for ex in examples:
+            single = model(input_ids=ex.input_ids, pixel_values=ex.pixel_values, media=ex.media, labels=ex.labels[0])
+            n = int((ex.labels[0][1:] != IGNORE).sum())
+            total += float(single.loss) * n
+            count += n
+        assert float(model(**batch).loss) == pytest.approx(total / count, rel=1e-4)
