@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes logs a warning about optional CPU kernels on import; it is noise for our users
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except NVILAEdgeError as e:

@@ -16,7 +16,7 @@ from nvila_edge import NVILAConfig
 from nvila_edge.media.tiling import plan_image
 from nvila_edge.training import synthetic
 from nvila_edge.training.data import read_jsonl
-from nvila_edge.training.synthetic import COLORS, IMAGE_TASKS, VIDEO_TASKS, SyntheticConfig, make_dataset
+from nvila_edge.training.synthetic import COLORS, IMAGE_KINDS, IMAGE_TASKS, VIDEO_TASKS, SyntheticConfig, make_dataset
 from nvila_edge.training.tokenizer import demo_tokenizer
 
 SMALL = dict(num_images=18, num_videos=12, heldout_fraction=0.25)
@@ -70,7 +70,13 @@ def test_split_is_disjoint_and_complete(dataset):
     assert {c["task"] for c in caps} == {"caption"}
     # every task is present
     tasks = {r["task"] for r in train + held}
-    assert tasks == set(IMAGE_TASKS) | set(VIDEO_TASKS)
+    assert tasks == set(IMAGE_KINDS) | set(VIDEO_TASKS)
+    # every question type is asked, one task name per question
+    questions = {t for r in train + held if r["kind"] == "image" for t in r["tasks"]}
+    assert questions == set(IMAGE_TASKS)
+    for r in train + held:
+        if r["kind"] == "image":
+            assert len(r["tasks"]) * 2 == len(r["conversations"])
     assert {r["kind"] for r in train + held} == {"image", "video"}
 
 
@@ -172,21 +178,22 @@ def test_image_answers_match_the_pixels(dataset):
     checked = 0
     for r in rows:
         img = np.asarray(Image.open(out / r["image"]).convert("RGB"))
-        answer = r["conversations"][1]["value"]
-        if r["task"] == "color":
-            assert _colour_mask(img, answer).sum() > 20
-            checked += 1
-        elif r["task"] == "count":
-            present = [c for c in COLORS if _colour_mask(img, c).sum() > 20]
-            assert len(present) == 1
-            n, _ = cv2.connectedComponents(_colour_mask(img, present[0]), connectivity=8)
-            assert n - 1 == int(answer), r["image"]  # shapes never touch
-            checked += 1
-        elif r["task"] == "position":
-            present = [c for c in COLORS if _colour_mask(img, c).sum() > 20]
-            xs = np.nonzero(_colour_mask(img, present[0]))[1]
-            assert ("left" if xs.mean() < img.shape[1] / 2 else "right") == answer
-            checked += 1
+        for task, turn in zip(r["tasks"], r["conversations"][1::2]):
+            answer = turn["value"]
+            if task == "color":
+                assert _colour_mask(img, answer).sum() > 20
+                checked += 1
+            elif task == "count":
+                present = [c for c in COLORS if _colour_mask(img, c).sum() > 20]
+                assert len(present) == 1
+                n, _ = cv2.connectedComponents(_colour_mask(img, present[0]), connectivity=8)
+                assert n - 1 == int(answer), r["image"]  # shapes never touch
+                checked += 1
+            elif task == "position":
+                present = [c for c in COLORS if _colour_mask(img, c).sum() > 20]
+                xs = np.nonzero(_colour_mask(img, present[0]))[1]
+                assert ("left" if xs.mean() < img.shape[1] / 2 else "right") == answer
+                checked += 1
     assert checked >= 6
 
 
@@ -194,7 +201,8 @@ def test_count_shapes_never_touch_over_many_draws():
     import random
 
     for seed in range(150):
-        img, _, answer, _ = synthetic.render_image("count", random.Random(seed))
+        img, qas, _ = synthetic.render_scene("count", random.Random(seed))
+        answer = dict((t, a) for t, _, a in qas)["count"]
         arr = np.asarray(img)
         present = [c for c in COLORS if _colour_mask(arr, c).sum() > 20]
         n, _ = cv2.connectedComponents(_colour_mask(arr, present[0]), connectivity=8)

@@ -55,6 +55,7 @@ class Record:
     source: str
     line: int
     task: str = ""
+    tasks: tuple[str, ...] = ()  # optional per-question task names (synthetic multi-question records)
 
     @property
     def question(self) -> list[dict]:
@@ -157,7 +158,7 @@ def _parse(line: str, path: Path, lineno: int) -> tuple[Record | None, str | Non
     if video_path is not None and (reason := _check_media(video_path, "video")) is not None:
         return None, reason
     return Record(str(obj.get("id", f"{path.name}:{lineno}")), conv, image_paths, video_path, str(path), lineno,
-                  str(obj.get("task", ""))), None
+                  str(obj.get("task", "")), tuple(str(t) for t in obj.get("tasks") or ())), None
 
 
 class NVILADataset(torch.utils.data.Dataset):

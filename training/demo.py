@@ -19,8 +19,8 @@ from nvila_edge import NVILAModel, NVILAProcessor
 from nvila_edge.io import atomic_write_text
 
 from .data import read_jsonl
-from .evaluate import evaluate
-from .recipe import IMAGE_TASKS, VIDEO_TASKS, demo_recipe
+from .evaluate import evaluate, single_questions
+from .recipe import demo_recipe
 from .synthetic import SyntheticConfig, make_dataset
 from .tokenizer import demo_tokenizer
 from .trainer import last_checkpoint, run_recipe
@@ -77,12 +77,12 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
     ckpt, trained, secs = build_demo_model(root, retrain=retrain, progress=progress, out=out)
     model = NVILAModel.from_pretrained(ckpt)
     processor = NVILAProcessor.from_pretrained(ckpt)
-    held = read_jsonl(root / "data" / "heldout.jsonl")
+    held = single_questions(read_jsonl(root / "data" / "heldout.jsonl"))
     report_file = root / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() and not trained else None
     if report is None or report.get("checkpoint") != str(ckpt):
-        img = evaluate(model, processor, [r for r in held if r.task in IMAGE_TASKS], progress=progress)
-        vid = evaluate(model, processor, [r for r in held if r.task in VIDEO_TASKS], progress=progress)
+        img = evaluate(model, processor, [r for r in held if not r.video], progress=progress)
+        vid = evaluate(model, processor, [r for r in held if r.video], progress=progress)
         report = {"checkpoint": str(ckpt), "image": img.to_dict(), "video": vid.to_dict(),
                   "train_seconds": secs or None}
         atomic_write_text(report_file, json.dumps(report, indent=2))
@@ -92,7 +92,7 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
           file=out, flush=True)
     print("[demo] per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in {**img["per_task"], **vid["per_task"]}.items()),
           file=out, flush=True)
-    picks = [r for r in held if r.task in IMAGE_TASKS][:max(questions - 1, 0)] + [r for r in held if r.task in VIDEO_TASKS][:1]
+    picks = [r for r in held if not r.video][:max(questions - 1, 0)] + [r for r in held if r.video][:1]
     for r in picks[:questions]:
         media = r.video.name if r.video else ", ".join(p.name for p in r.images)
         q = r.question[-1]["value"].replace("<image>", "").replace("<vila/video>", "").strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -12,6 +13,22 @@ from tqdm.auto import tqdm
 from nvila_edge import NVILAModel, NVILAProcessor
 
 from .data import Record
+
+
+def single_questions(records: Sequence[Record]) -> list[Record]:
+    """Each (question, answer) pair of each record as its own single-turn record, media placeholder first
+    (per-question tasks from ``Record.tasks`` when present)."""
+    out = []
+    for r in records:
+        turns = [t for t in r.conversations if t["from"] != "system"]
+        pairs = [(turns[k]["value"], turns[k + 1]["value"]) for k in range(0, len(turns) - 1, 2)]
+        placeholder = "<vila/video>" if r.video else ("<image>" * len(r.images))
+        for k, (q, a) in enumerate(pairs):
+            q = q.replace("<image>", "").replace("<vila/video>", "").strip()
+            conv = [{"from": "human", "value": f"{placeholder}\n{q}" if placeholder else q}, {"from": "gpt", "value": a}]
+            task = r.tasks[k] if k < len(r.tasks) else r.task
+            out.append(dataclasses.replace(r, id=f"{r.id}#{k}", conversations=conv, task=task, tasks=(task,)))
+    return out
 
 
 def normalize_answer(text: str) -> str:

@@ -213,6 +213,20 @@ def param_groups(groups: dict[str, list[nn.Parameter]], config: FinetuneConfig) 
             for name, ps in groups.items() if ps]
 
 
+def set_gradient_checkpointing(model: NVILAModel, enabled: bool) -> None:
+    """Per-layer (non-reentrant) activation checkpointing of the LLM and the vision tower, on or off."""
+    for part in (model.llm, model.vision_tower):
+        if enabled:
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(part, "activation_checkpointing_disable"):
+            part.activation_checkpointing_disable()
+        else:
+            part.gradient_checkpointing_disable()
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -257,9 +271,7 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
     trainable = {name: sum(p.numel() for p in ps) for name, ps in groups.items()}
     optimizer = torch.optim.AdamW(param_groups(groups, config))
     if config.gradient_checkpointing:
-        kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        model.llm.gradient_checkpointing_enable(**kw)
-        model.vision_tower.gradient_checkpointing_enable(**kw)
+        set_gradient_checkpointing(model, True)
     cuda = torch.cuda.is_available()
     scratch = output_dir.parent / f".{output_dir.name}.trainer"
     args = TrainingArguments(
@@ -277,12 +289,17 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),  # autocast; the weights stay as loaded (fp32)
         seed=config.seed,
         disable_tqdm=not progress,
     )
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
                       data_collator=NVILACollator(), optimizers=(optimizer, None))
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # no per-step log lines either
     try:
         result = trainer.train()
     finally:
@@ -290,8 +307,7 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
 
         shutil.rmtree(scratch, ignore_errors=True)
     if config.gradient_checkpointing:
-        model.llm.gradient_checkpointing_disable()
-        model.vision_tower.gradient_checkpointing_disable()
+        set_gradient_checkpointing(model, False)
     model.eval()
     metrics = {**result.metrics, "examples": len(records), "steps": trainer.state.global_step,
                "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -341,22 +357,29 @@ def read_finetune_info(finetune_dir: str | Path) -> dict:
 
 
 def _architecture(cfg: dict) -> dict:
-    """The parts of an ``NVILAConfig.to_dict()`` that decide weight shapes."""
-    return {"vision": {k: cfg["vision"].get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                          "num_attention_heads", "patch_size", "image_size")},
-            "projector": cfg["projector"],
-            "llm": {k: cfg["llm"].get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                                   "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")},
-            "mm_hidden": (cfg["vision"].get("hidden_size"), tuple(cfg["preprocessing"].get("s2_scales", ())),
-                          cfg["preprocessing"].get("image_aspect_ratio"))}
+    """The fields of an ``NVILAConfig.to_dict()`` that decide weight shapes, flattened (``llm.hidden_size``)."""
+    pre = cfg.get("preprocessing", {})
+    out = {f"vision.{k}": cfg["vision"].get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                        "num_attention_heads", "patch_size", "image_size")}
+    out.update({f"llm.{k}": cfg["llm"].get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "tie_word_embeddings")})
+    out["projector.type"] = cfg["projector"].get("type")
+    scales = len(pre.get("s2_scales", ())) if pre.get("image_aspect_ratio") == "dynamic_s2" else 1
+    out["mm_hidden_size"] = cfg["vision"].get("hidden_size", 0) * scales
+    return out
 
 
 def _check_same_base(info: dict, base: NVILAConfig, finetune_dir: Path, base_path: Path) -> None:
-    if "base_config" not in info:
+    if not isinstance(info.get("base_config"), dict):
         raise CheckpointError(f"{finetune_dir / FINETUNE_FILE} has no base_config")
-    want, have = _architecture(info["base_config"]), _architecture(base.to_dict())
-    if want != have:
-        diffs = [f"{part}: {want[part]} vs {have[part]}" for part in want if want[part] != have[part]]
+    try:
+        want = _architecture(info["base_config"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{finetune_dir / FINETUNE_FILE}: malformed base_config ({e})") from e
+    have = _architecture(base.to_dict())
+    diffs = [f"{k}: {want[k]} (fine-tune) vs {have[k]} (base)" for k in want if want[k] != have[k]]
+    if diffs:
         raise CheckpointError(
             f"{finetune_dir} was fine-tuned from a model with a different architecture than {base_path} "
             f"({'; '.join(diffs)}); use the base checkpoint it was made from ({info.get('base_checkpoint')})"

@@ -31,13 +31,16 @@ SHAPES = ("circle", "square", "triangle")
 WORDS = ("cat", "dog", "sun", "car", "box", "map", "cup", "pen")
 # (width, height): wide, tall and square images so the Dynamic-S2 grid varies
 IMAGE_SIZES = ((224, 224), (336, 168), (168, 336), (448, 150), (150, 448), (280, 210), (210, 280), (392, 196))
-IMAGE_TASKS = ("color", "shape", "count", "position", "size", "ocr")
+IMAGE_TASKS = ("color", "shape", "count", "position", "size", "ocr")  # question types
+# image kinds (a record's "task"): object → color/shape/position/size, count → count/color, ocr → ocr;
+# count and ocr are the harder ones, so they come up more often than their share of questions
+IMAGE_KINDS = ("object", "count", "ocr", "count", "ocr")
 VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
 
 
 @dataclass
 class SyntheticConfig:
-    num_images: int = 1200
+    num_images: int = 1500
     num_videos: int = 120
     heldout_fraction: float = 0.1
     seed: int = 0
@@ -70,15 +73,16 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def render_image(task: str, rng: random.Random) -> tuple[Image.Image, str, str, str]:
-    """One image and its (question, answer, caption) for ``task``."""
+def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple[str, str, str]], str]:
+    """One image of ``kind`` ("object", "count" or "ocr") with its questions [(task, question, answer)]
+    and a caption. Several questions per image make every vision pass supervise several answers."""
     size = rng.choice(IMAGE_SIZES)
     w, h = size
     img = _background(rng, size)
     d = ImageDraw.Draw(img)
     shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
     m = min(w, h)
-    if task == "count":
+    if kind == "count":
         n = rng.randint(1, 4)
         # one shape per cell of a 4x2 grid; with the +-5 % jitter below, this radius keeps neighbours apart
         # (m * 0.1 let same-coloured shapes touch or merge in square and tall images: wrong counts)
@@ -91,8 +95,10 @@ def render_image(task: str, rng: random.Random) -> tuple[Image.Image, str, str, 
             cx, cy = min(max(cx, r), w - r), min(max(cy, r), h - r)
             _draw_shape(d, shape, cx, cy, r, COLORS[cname])
         plural = shape + ("es" if shape.endswith("s") else "s")
-        return img, f"How many {plural} are there?", str(n), f"{n} {cname} {plural if n > 1 else shape}"
-    if task == "ocr":
+        qas = [("count", f"How many {plural} are there?", str(n)),
+               ("color", f"What color are the {plural}?" if n > 1 else f"What color is the {shape}?", cname)]
+        return img, qas, f"{n} {cname} {plural if n > 1 else shape}"
+    if kind == "ocr":
         word = rng.choice(WORDS)
         font = _font(int(m * 0.35))
         box = d.textbbox((0, 0), word.upper(), font=font)
@@ -100,25 +106,21 @@ def render_image(task: str, rng: random.Random) -> tuple[Image.Image, str, str, 
         x = rng.uniform(0.05 * w, max(0.05 * w, w - tw - 0.05 * w))
         y = rng.uniform(0.05 * h, max(0.05 * h, h - th - 0.05 * h))
         d.text((x - box[0], y - box[1]), word.upper(), fill=(20, 20, 20), font=font)
-        return img, "What word is written in the image?", word, f"the word {word}"
-    big = rng.random() < 0.5 if task == "size" else rng.random() < 0.5
+        return img, [("ocr", "What word is written in the image?", word)], f"the word {word}"
+    big = rng.random() < 0.5
     r = m * (rng.uniform(0.3, 0.38) if big else rng.uniform(0.1, 0.15))
     left = rng.random() < 0.5
-    if task == "position":
-        cx = rng.uniform(r, w * 0.38) if left else rng.uniform(w * 0.62, w - r)
-    else:
-        cx = rng.uniform(r, w - r)
-        left = cx < w / 2
+    # keep the shape clearly on one side so "left or right" always has one answer
+    lo, hi = (r, max(r, w * 0.4)) if left else (min(w - r, w * 0.6), w - r)
+    cx = rng.uniform(lo, hi)
     cy = rng.uniform(r, h - r) if h > 2 * r else h / 2
     _draw_shape(d, shape, cx, cy, r, COLORS[cname])
-    caption = f"a {'big' if big else 'small'} {cname} {shape} on the {'left' if left else 'right'}"
-    if task == "color":
-        return img, f"What color is the {shape}?", cname, caption
-    if task == "shape":
-        return img, "What shape is in the image?", shape, caption
-    if task == "position":
-        return img, f"Is the {shape} on the left or the right?", "left" if left else "right", caption
-    return img, f"Is the {shape} big or small?", "big" if big else "small", caption
+    side = "left" if cx < w / 2 else "right"
+    qas = [("color", f"What color is the {shape}?", cname),
+           ("shape", "What shape is in the image?", shape),
+           ("position", f"Is the {shape} on the left or the right?", side),
+           ("size", f"Is the {shape} big or small?", "big" if big else "small")]
+    return img, qas, f"a {'big' if big else 'small'} {cname} {shape} on the {side}"
 
 
 def write_video(path: Path, task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str]:
@@ -185,12 +187,16 @@ def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, pro
         records: list[dict] = []
         captions: list[dict] = []
         for i in tqdm(range(cfg.num_images), desc="synthetic images", disable=not progress):
-            task = IMAGE_TASKS[i % len(IMAGE_TASKS)]
-            img, q, a, cap = render_image(task, rng)
+            kind = IMAGE_KINDS[i % len(IMAGE_KINDS)]
+            img, qas, cap = render_scene(kind, rng)
+            rng.shuffle(qas)
             rel = f"images/{i:05d}.png"
             img.save(tmp / rel)
-            records.append({"id": f"img-{i}", "image": rel, "task": task, "kind": "image",
-                            "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+            conv = []
+            for k, (_, q, a) in enumerate(qas):
+                conv += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
+            records.append({"id": f"img-{i}", "image": rel, "task": kind, "kind": "image",
+                            "tasks": [t for t, _, _ in qas], "conversations": conv})
             captions.append({"id": f"cap-{i}", "image": rel, "task": "caption", "kind": "image",
                              "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                {"from": "gpt", "value": cap}]})
@@ -214,11 +220,11 @@ def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, pro
 
 def corpus(config: SyntheticConfig | None = None) -> list[str]:
     """Every question / answer / caption string the generator can produce: the demo tokenizer's corpus."""
-    out = ["Describe the image.", "What shape is in the image?", "What word is written in the image?",
+    out = ["Describe the image.", "What shape is in the image?", "What color are the circles?", "What word is written in the image?",
            "Which shape appears first?", "You are a helpful assistant"]
     for s in SHAPES:
         plural = s + ("es" if s.endswith("s") else "s")
-        out += [f"What color is the {s}?", f"Is the {s} on the left or the right?", f"Is the {s} big or small?",
+        out += [f"What color is the {s}?", f"What color are the {plural}?", f"Is the {s} on the left or the right?", f"Is the {s} big or small?",
                 f"How many {plural} are there?", f"When does the {s} appear?", f"What color does the {s} turn into?",
                 f"Which direction does the {s} move?"]
         for c in COLORS:

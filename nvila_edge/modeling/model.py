@@ -40,7 +40,8 @@ class NVILAModel(nn.Module):
         self.mm_projector = MultimodalProjector(config)
         self.llm = Qwen2ForCausalLM(lcfg)
         self.tokenizer = None  # attached by from_pretrained when the checkpoint has one
-        self.tile_batch_size = 8  # tiles per vision forward: bounds activation memory
+        # tiles per vision forward, bounding activation memory: 8 tiles of 448 px, more when tiles are small
+        self.tile_batch_size = max(1, 8192 // (config.vision.grid ** 2))
 
     # ---- checkpoint I/O (implemented in nvila_edge.checkpoint) -------------------------------------
     @classmethod

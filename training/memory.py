@@ -1,0 +1,454 @@
+"""Fine-tuning memory: an analytic estimate from the config, and a measurement of one real training step.
+
+``estimate_finetune_memory`` answers "does LoRA / QLoRA + ViT-LayerNorm fine-tuning of this model fit my
+GPU?" without building the model. ``measure_finetune_peak`` runs one step and reports the peak of live
+tensor memory, so the estimate is checked against reality on small models (tests/test_memory.py).
+
+The estimate counts what PyTorch keeps for backward in the transformers implementations this package
+uses (Qwen2 decoder, SigLIP encoder, peft LoRA, bitsandbytes NF4), assuming a memory-efficient attention
+kernel (flash / efficient SDPA, no L×L matrix) and no padding (batch of equal lengths, or batch 1).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from nvila_edge.config import NVILAConfig
+from nvila_edge.errors import ConfigError
+
+from .finetune import QWEN2_LINEARS
+
+GB = 1e9
+_UNITS = {"GB": 1e9, "MB": 1e6, "GiB": 2 ** 30, "MiB": 2 ** 20}
+NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
+OPTIMIZERS = {"adamw": 2.0, "adamw_8bit": 0.5, "sgd": 0.0}  # state bytes per trainable-parameter byte
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ADAPTER_BYTES = 4  # peft keeps LoRA adapters in fp32 (autocast_adapter_dtype) even on a bf16 / NF4 base
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part of one fine-tuning step (peak, everything assumed live at once) and the settings."""
+
+    parts: dict[str, int]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(self.parts.values()))
+
+    @property
+    def total_gb(self) -> float:
+        return self.total_bytes / GB
+
+    def table(self, unit: str = "GB") -> str:
+        """The parts as an aligned text table in ``unit`` (GB = 1e9 bytes, MB = 1e6; GiB / MiB)."""
+        if unit not in _UNITS:
+            raise ConfigError(f"unit must be one of {sorted(_UNITS)}, got {unit!r}")
+        div = _UNITS[unit]
+        width = max(len(k) for k in [*self.parts, "total"])
+        head = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        rule = "-" * (width + 14)
+        lines = [head, rule] if head else []
+        lines += [f"{k:<{width}}  {v / div:>9.3f} {unit}" for k, v in self.parts.items()]
+        lines += [rule, f"{'total':<{width}}  {self.total_bytes / div:>9.3f} {unit}"]
+        return "\n".join(lines)
+
+
+def _dtype_bytes(dtype) -> int:
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPE_BYTES:
+        raise ConfigError(f"unsupported dtype {dtype!r} for the memory estimate; use one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def _max_tiles(config: NVILAConfig) -> int:
+    """Tiles of the largest single image: Dynamic-S2 = all smaller scales + max_tiles at the last one;
+    dynamic tiling = max_tiles + thumbnail; plain resize = 1."""
+    p = config.preprocessing
+    if p.image_aspect_ratio == "dynamic_s2":
+        return sum((s // p.s2_scales[0]) ** 2 for s in p.s2_scales[:-1]) + p.max_tiles
+    if p.image_aspect_ratio == "dynamic":
+        return p.max_tiles + (1 if p.max_tiles > 1 else 0)
+    return 1
+
+
+def _visual_tokens(config: NVILAConfig, tiles: int) -> int:
+    """LLM tokens of one image cut into ``tiles`` tiles (the largest image for the default)."""
+    p = config.preprocessing
+    n_end = len(config.end_token_ids)
+    tpt = config.tokens_per_tile
+    if p.image_aspect_ratio == "dynamic_s2":
+        small = sum((s // p.s2_scales[0]) ** 2 for s in p.s2_scales[:-1])
+        return tpt * max(tiles - small, 1) + n_end
+    return tiles * (tpt + n_end)
+
+
+def _llm_linear_shapes(config: NVILAConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of the seven Qwen2 linears of one decoder layer."""
+    c = config.llm
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _vision_params(config: NVILAConfig) -> tuple[int, int]:
+    """(all SigLIP parameters, the LayerNorm parameters the fine-tune trains)."""
+    v = config.vision
+    h, i, n = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h
+    embed = 3 * v.patch_size ** 2 * h + h + v.grid ** 2 * h
+    head = 0
+    if v.use_head:  # attention-pooling head: probe, MultiheadAttention, LayerNorm, MLP
+        head = h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
+    ln = n * 4 * h + 2 * h  # layer_norm1/2 per layer + post_layernorm (head.layernorm is frozen: "head")
+    return n * layer + embed + 2 * h + head, ln
+
+
+def _projector_params(config: NVILAConfig) -> int:
+    c, h = config.mm_hidden_size, config.llm.hidden_size
+    if config.projector.downsample == 2:
+        return 2 * 4 * c + (4 * c * h + h) + (h * h + h)
+    return 2 * 9 * c + (9 * c * 3 * c + 3 * c) + 2 * 3 * c + (3 * c * h + h) + (h * h + h)
+
+
+def _lora_saved_per_token(shapes: dict[str, tuple[int, int]], targets, r: int, dropout: float, mask_bytes: int) -> float:
+    """Bytes LoRA keeps per token and layer: for each adapted linear its own dropout mask (``mask_bytes`` per
+    element: a bool on CUDA, the activation dtype on CPU) and the fp32 dropout output (lora_A's input), plus
+    lora_A's output (r, fp32, lora_B's input). Without dropout lora_A keeps its fp32 input once per distinct
+    input (q/k/v share one, gate/up share one)."""
+    total = 0.0
+    for name in targets:
+        d_in = shapes[name][0]
+        total += r * _ADAPTER_BYTES
+        if dropout > 0:
+            total += d_in * (mask_bytes + _ADAPTER_BYTES)
+    if dropout == 0:
+        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+        for g in groups:
+            if any(n in targets for n in g):
+                # fp32 model: the input itself (not otherwise kept); bf16 model: its fp32 cast
+                total += shapes[g[0]][0] * _ADAPTER_BYTES
+    return total
+
+
+def llm_layer_activation_bytes(config: NVILAConfig, tokens: int, r: int, dropout: float, act: int,
+                               targets=QWEN2_LINEARS, device: str = "cuda") -> float:
+    """Bytes one Qwen2 decoder layer keeps for backward over ``tokens`` tokens (frozen base, LoRA on
+    ``targets``):
+
+    - two RMSNorms: the fp32 (up-cast) input, ``4·H`` + ``4`` (rsqrt) per token each;
+    - attention (SDPA, flash / efficient kernel): q, k, v after RoPE and the output, ``(2·H + 2·kv)·act``, plus
+      the fp32 log-sum-exp per head;
+    - MLP: SiLU input (gate), and both factors of ``silu(gate)·up``: ``3·I·act``;
+    - LoRA: see ``_lora_saved_per_token``. The frozen base linears (plain or NF4) keep no input.
+    """
+    c = config.llm
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    norms = 2 * (4 * h + 4)
+    attn = (2 * h + 2 * kv) * act + 4 * c.num_attention_heads
+    mlp = 3 * i * act
+    lora = _lora_saved_per_token(_llm_linear_shapes(config), targets, r, dropout, 1 if device == "cuda" else _ADAPTER_BYTES)
+    return tokens * (norms + attn + mlp + lora)
+
+
+def vit_layer_activation_bytes(config: NVILAConfig, tokens: int, act: int) -> float:
+    """Bytes one SigLIP encoder layer keeps for backward over ``tokens`` patch tokens when only the
+    LayerNorms train (gradients still flow through every layer below the selected one):
+
+    - LayerNorm 1 and 2: input (``2·Hv·act``) + fp32 mean / rstd (16 bytes);
+    - attention (SDPA, efficient kernel): q, k, v, output ``4·Hv·act`` + fp32 log-sum-exp per head;
+    - MLP: the tanh-GELU input ``Iv·act``. The frozen linears keep no input."""
+    v = config.vision
+    return tokens * ((2 * v.hidden_size + 4 * v.hidden_size + v.intermediate_size) * act + 16
+                     + 4 * v.num_attention_heads)
+
+
+def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 64, batch_size: int = 1,
+                             seq_len: int | None = None, tiles: int | None = None, gradient_checkpointing: bool = True,
+                             train_projector: bool = False, optimizer: str = "adamw", dropout: float = 0.05,
+                             dtype: str | torch.dtype | None = None, target_modules=QWEN2_LINEARS,
+                             device: str = "cuda", tile_batch_size: int | None = None) -> MemoryEstimate:
+    """Peak memory of one LoRA / QLoRA + ViT-LayerNorm training step, by part, in bytes.
+
+    Defaults from ``config``: ``tiles`` = the largest image (Dynamic-S2: 1 + 4 + 12 = 17 tiles for
+    nvila-8b), ``seq_len`` = its visual tokens + 512 text tokens; ``dtype`` (weights and activations) =
+    ``config.model_dtype``. ``tiles`` and ``seq_len`` are per example; ``batch_size`` examples. ``device``
+    only changes the LoRA dropout masks: a bool per element on CUDA, fp32 on CPU.
+
+    Weights: the LLM's seven linears in NF4 (``mode="qlora"``: 0.5 byte + one fp32 absmax per 64 weights)
+    or in ``dtype`` (``"lora"``); embeddings, LM head, norms, biases, vision tower and projector in ``dtype``.
+    Trainable: LoRA A/B (``r·(in + out)`` per adapted linear, fp32), the ViT LayerNorms (and the projector
+    when ``train_projector``), each with a gradient of its size and optimizer states (AdamW: 2 per
+    parameter, ``adamw_8bit``: 2 bytes per parameter, ``sgd``: none).
+
+    Activations (what autograd keeps until backward; see ``llm_layer_activation_bytes`` and
+    ``vit_layer_activation_bytes`` for the per-layer terms):
+
+    - without gradient checkpointing: every LLM layer's saved tensors over ``batch·seq_len`` tokens and
+      every ViT layer up to the selected one (``select_layer = -2``: all but the last) over
+      ``batch·tiles·grid²`` patch tokens;
+    - with gradient checkpointing (per decoder / encoder layer, non-reentrant): each layer keeps only its
+      input hidden state (``tokens·hidden·act``); on top of those the peak is the largest of three backward
+      phases: the start (logits, below), one LLM layer recomputed (its saved tensors + ~3 MLP-sized
+      gradient temporaries) or one ViT layer recomputed for one chunk of ``tile_batch_size`` tiles
+      (pass ``NVILAModel.tile_batch_size``; default 8192 patch tokens' worth, 8 tiles of 448: the tower runs
+      chunk by chunk; saved tensors + ~2 MLP-sized temporaries; by then the LLM checkpoints and the
+      projector's tensors are already freed);
+    - always: the projector's saved inputs (LayerNorm input, GELU input; plus the linear inputs when it
+      trains) and, for Dynamic-S2, the stitched per-scale maps; the final RMSNorm; the RoPE tables;
+    - the logits: the LM head runs on every position (visual ones too); the loss up-casts them to fp32 and
+      log-softmax keeps its fp32 output; in backward its input gradient is made while its output gradient
+      and the saved output are alive: ``tokens·vocab·12`` bytes, the largest moment (forward end is
+      ``tokens·vocab·(act + 4 + 4)`` in bf16, with the model-dtype logits still referenced).
+
+    Not counted: allocator caching / fragmentation, kernel workspaces (cuBLAS, attention), CUDA context
+    (~0.3–1 GB), transient dequantized NF4 weights (one linear at a time), the data loader.
+    """
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if mode not in ("lora", "qlora"):
+        raise ConfigError(f"mode must be 'lora' or 'qlora', got {mode!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if r < 1 or batch_size < 1:
+        raise ConfigError("r and batch_size must be >= 1")
+    targets = tuple(target_modules)
+    act = _dtype_bytes(dtype or config.model_dtype)
+    tiles = _max_tiles(config) if tiles is None else int(tiles)
+    vis_tokens = _visual_tokens(config, tiles) if tiles else 0
+    seq_len = vis_tokens + 512 if seq_len is None else int(seq_len)
+    c, v = config.llm, config.vision
+    shapes = _llm_linear_shapes(config)
+    L = c.num_hidden_layers
+
+    # ---- weights
+    linear_params = L * sum(i * o for i, o in shapes.values())
+    lin_bytes = linear_params * (0.5 + 4 / NF4_BLOCK) if mode == "qlora" else linear_params * act
+    head_dim = c.hidden_size // c.num_attention_heads
+    biases = L * (c.hidden_size + 2 * c.num_key_value_heads * head_dim)
+    embeds = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    norms = (2 * L + 1) * c.hidden_size
+    vit_params, vit_ln = _vision_params(config)
+    proj_params = _projector_params(config)
+    lora_params = L * sum(r * (shapes[n][0] + shapes[n][1]) for n in targets)
+
+    trainable_bytes = lora_params * _ADAPTER_BYTES + vit_ln * act + (proj_params * act if train_projector else 0)
+    parts = {
+        "weights: LLM linears (NF4)" if mode == "qlora" else "weights: LLM linears": int(lin_bytes),
+        "weights: embeddings + LM head": int(embeds * act),
+        "weights: LLM norms + biases": int((biases + norms) * act),
+        "weights: vision tower": int(vit_params * act),
+        "weights: projector": int(proj_params * act),
+        "LoRA parameters (fp32)": int(lora_params * _ADAPTER_BYTES),
+        "gradients": int(trainable_bytes),
+        "optimizer states": int(trainable_bytes * OPTIMIZERS[optimizer]),
+    }
+
+    # ---- activations
+    tokens = batch_size * seq_len
+    patch_tokens = batch_size * tiles * v.grid ** 2
+    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
+    llm_layer = llm_layer_activation_bytes(config, tokens, r, dropout, act, targets, device)
+    vit_layer = vit_layer_activation_bytes(config, patch_tokens, act)
+    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
+    logits = tokens * c.vocab_size * 12  # see the docstring
+
+    n_vis = batch_size * vis_tokens
+    cin = config.projector.downsample ** 2 * config.mm_hidden_size  # after space-to-channel
+    if config.projector.downsample == 2:  # LayerNorm(4C) → Linear → GELU → Linear
+        norm_in, gelu_in, linear_in = (cin,), (c.hidden_size,), (cin, c.hidden_size)
+    else:  # LayerNorm(9C) → Linear → GELU → LayerNorm(3C) → Linear → GELU → Linear
+        mid = 3 * config.mm_hidden_size
+        norm_in, gelu_in, linear_in = (cin, mid), (mid, c.hidden_size), (cin, mid, c.hidden_size)
+    proj_act = n_vis * (sum(norm_in) * act + 8 * len(norm_in) + sum(gelu_in) * act)  # LayerNorm + GELU inputs
+    if train_projector:
+        proj_act += n_vis * sum(linear_in) * act  # the trained linears keep their (LayerNorm / GELU output) inputs
+    if config.preprocessing.image_aspect_ratio == "dynamic_s2":
+        proj_act += patch_tokens * v.hidden_size * act  # per-scale maps kept by the area resize
+
+    if gradient_checkpointing:
+        llm_keep = L * tokens * c.hidden_size * act + llm_fixed
+        vit_keep = used * patch_tokens * v.hidden_size * act
+        # peak phase: start of backward (logits), LLM layer recompute, or ViT layer recompute (by then the
+        # LLM checkpoints and the projector's tensors are freed)
+        mlp_grads = 3 * tokens * c.intermediate_size * act  # backward temporaries inside the recomputed layer
+        # the vision tower runs (and recomputes) tile_batch_size tiles at a time
+        if tile_batch_size is None:
+            tile_batch_size = max(1, 8192 // v.grid ** 2)
+        n_tiles = batch_size * tiles
+        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
+        vit_chunk = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act)
+        phases = {"logits": logits, "LLM layer recompute": llm_layer + mlp_grads,
+                  "ViT layer recompute": vit_chunk - llm_keep - proj_act}
+        peak_phase = max(phases, key=phases.get)
+        parts["activations: LLM layer inputs"] = int(llm_keep)
+        parts["activations: vision layer inputs"] = int(vit_keep)
+        parts["activations: projector"] = int(proj_act)
+        parts[f"activations: peak ({peak_phase})"] = int(max(phases.values()))
+    else:
+        peak_phase = "backward start"
+        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
+        parts["activations: vision tower"] = int(used * vit_layer)
+        parts["activations: projector"] = int(proj_act)
+        parts["activations: logits + loss"] = int(logits)
+    # the batch: fp32 tile pixels, int64 ids and labels
+    parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
+
+    settings = {"model": config.name, "mode": mode, "r": r, "batch": batch_size, "seq_len": seq_len, "tiles": tiles,
+                "grad_ckpt": gradient_checkpointing, "train_projector": train_projector, "optimizer": optimizer,
+                "dtype": str(dtype or config.model_dtype).replace("torch.", ""), "device": device,
+                "peak_phase": peak_phase}
+    return MemoryEstimate(parts, settings)
+
+
+# ---- measurement ----------------------------------------------------------------------------------------------
+@dataclass
+class MeasuredPeak:
+    """Peak live tensor bytes of one training step (forward, backward, optimizer step)."""
+
+    peak_bytes: int
+    baseline_bytes: int  # live before the step: parameters, buffers, NF4 quant states, optimizer states, batch
+    baseline: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_bytes(self) -> int:
+        """What the step adds at its peak: activations, gradients, temporaries."""
+        return self.peak_bytes - self.baseline_bytes
+
+
+def _storages(t: torch.Tensor):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        for a in attrs:
+            inner = getattr(t, a)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
+    else:
+        yield t.untyped_storage()
+
+
+class _LiveTensorTracker:
+    """Counts each tensor storage once from its creation (any op run under the dispatch mode) until it is
+    freed (weakref finalizer on the storage), and records the peak of the sum."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker.add(t)
+                return out
+
+        self.mode = _Mode()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add(self, t: torch.Tensor) -> int:
+        added = 0
+        for st in _storages(t):
+            if st.device.type == "meta":
+                continue
+            key = st._cdata
+            if key in self.live:
+                continue
+            n = st.nbytes()
+            self.live[key] = n
+            self.current += n
+            added += n
+            weakref.finalize(st, self._free, key)
+        self.peak = max(self.peak, self.current)
+        return added
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+def _quant_state_tensors(model: torch.nn.Module):
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is None:
+            continue
+        for name in ("absmax", "code"):
+            t = getattr(qs, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+        nested = getattr(qs, "state2", None)
+        if nested is not None:
+            for name in ("absmax", "code"):
+                t = getattr(nested, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
+
+
+def measure_finetune_peak(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None,
+                          warmup_steps: int = 1) -> MeasuredPeak:
+    """Measure the peak of live tensor memory of one training step of ``model`` (prepared for fine-tuning,
+    e.g. by ``finetune.prepare_model``) on ``batch`` (an ``NVILACollator`` batch), on any device.
+
+    ``warmup_steps`` untracked steps run first so the optimizer states exist (the steady state); then one
+    step — forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)`` — runs under a
+    ``TorchDispatchMode`` that counts every tensor storage from the op that creates it until it is freed.
+    The peak includes the live baseline: parameters, buffers, bitsandbytes quant states (absmax), optimizer
+    states and the batch's tensors.
+
+    Counted: every tensor storage PyTorch ops allocate (activations kept for backward, gradients,
+    temporaries, optimizer updates), each storage once however many views share it. Not counted:
+    allocator caching and fragmentation, kernel-internal workspaces that never become tensors, Python
+    objects and the interpreter (i.e. this is not RSS). Note: the parameters are updated (pass a copy)."""
+    model.train()
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):
+        step()
+    tracker = _LiveTensorTracker()
+    base: dict[str, int] = {}
+
+    def register(kind: str, tensors) -> None:
+        base[kind] = base.get(kind, 0) + sum(tracker.add(t) for t in tensors)
+
+    register("parameters", model.parameters())
+    register("buffers", (b for b in model.buffers() if b is not None))
+    register("quant_states", _quant_state_tensors(model))
+    register("optimizer_states", (v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)))
+    register("batch", (t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)))
+    baseline = tracker.current
+    tracker.peak = baseline
+    with tracker.mode:
+        step()
+    return MeasuredPeak(int(tracker.peak), int(baseline), base)
+
+
+def estimate_for_batch(config: NVILAConfig, batch: dict, **kwargs) -> MemoryEstimate:
+    """``estimate_finetune_memory`` with ``batch_size``, ``seq_len`` (media-expanded, longest example) and
+    ``tiles`` (per example) read from an ``NVILACollator`` batch."""
+    n = len(batch["input_ids"])
+    lengths = []
+    for ids, items in zip(batch["input_ids"], batch["media"]):
+        placeholders = sum(m.num_placeholders for m in items)
+        lengths.append(len(ids) - placeholders + sum(m.num_tokens for m in items))
+    tiles = batch["pixel_values"].shape[0] if batch.get("pixel_values") is not None else 0
+    return estimate_finetune_memory(config, batch_size=n, seq_len=max(lengths), tiles=math.ceil(tiles / n), **kwargs)
