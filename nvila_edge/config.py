@@ -478,7 +478,7 @@ PRESETS: dict[str, NVILAConfig] = {
     # 112-pixel tiles and two scales (5-7 tiles an image) so it trains on 2 CPU cores in minutes
     "demo": NVILAConfig(
         name="demo",
-        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                             image_size=112),
         projector=ProjectorConfig("mlp_downsample_2x2_fix"),
         llm=LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,

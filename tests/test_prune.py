@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -94,9 +96,10 @@ def test_answer_logprobs_shape_and_sum_mean(setup, scores):
     # batching, padding and mixed images / videos do not change the result
     np.testing.assert_allclose(sums, scores["lp"]["small"][:5], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(mean * counts, sums, rtol=1e-5, atol=1e-4)
-    # answer tokens = the answer's tokens + <|im_end|>
+    # answer tokens = each answer's tokens + its <|im_end|> (synthetic image records ask several questions)
     for r, n in zip(recs[:5], counts):
-        assert n == len(proc.tokenizer.encode(r.answer)) + 1
+        answers = [t["value"] for t in r.conversations if t["from"] == "gpt"]
+        assert n == sum(len(proc.tokenizer.encode(a)) + 1 for a in answers)
     with pytest.raises(ConfigError):
         answer_logprobs(model, proc, recs[:1], reduction="max")
 
@@ -135,13 +138,14 @@ def test_select_top_keeps_half_of_each_task(setup, scores):
     kept = select_top(recs, delta, keep=0.5)
     tasks = sorted({r.task for r in recs})
     assert len(tasks) == 7  # 3 image kinds + 4 video tasks
-    assert len(kept) == len(recs) // 2
+    expected_total = sum(math.ceil(sum(r.task == t for r in recs) / 2) for t in tasks)
+    assert len(kept) == expected_total  # ceil(keep * n) per task
     index = {id(r): i for i, r in enumerate(recs)}
     assert [index[id(r)] for r in kept] == sorted(index[id(r)] for r in kept)  # original order
     for t in tasks:
         group = [i for i, r in enumerate(recs) if r.task == t]
         chosen = [index[id(r)] for r in kept if r.task == t]
-        assert len(chosen) == len(group) // 2
+        assert len(chosen) == math.ceil(len(group) / 2)
         assert min(delta[chosen]) >= max(delta[[i for i in group if i not in chosen]])
     assert select_top(recs, delta, keep=1.0) == recs
 
@@ -181,7 +185,8 @@ def test_prune_jsonl_writes_kept_lines_and_report(setup, pruned, scores):
     out = root / "pruned" / "train.pruned.jsonl"
     assert isinstance(report, PruneReport)
     assert report.output == out and report.report_path == out.with_suffix(".report.json")
-    assert (report.total, report.kept) == (len(recs), len(recs) // 2)
+    per_task = {t: sum(r.task == t for r in recs) for t in {r.task for r in recs}}
+    assert (report.total, report.kept) == (len(recs), sum(math.ceil(n / 2) for n in per_task.values()))
     # the output loads (strictly) and points at the same media files
     kept = read_jsonl(out, on_error="raise")
     expected = select_top(recs, scores["delta"], keep=0.5)
@@ -201,7 +206,7 @@ def test_prune_jsonl_writes_kept_lines_and_report(setup, pruned, scores):
         assert e["score"] == pytest.approx(e["logp_large"] - e["logp_small"])
     assert {e["id"] for e in rep["examples"] if e["kept"]} == {r.id for r in kept}
     assert set(rep["groups"]) == {r.task for r in recs}
-    assert all(g["total"] == 2 and g["kept"] == 1 for g in rep["groups"].values())
+    assert all(g["total"] == per_task[t] and g["kept"] == math.ceil(per_task[t] / 2) for t, g in rep["groups"].items())
     assert rep["issues"] == []
 
 
@@ -225,7 +230,7 @@ def test_write_kept_jsonl_same_folder_keeps_lines_verbatim(setup, tmp_path):
     assert read_jsonl(moved, on_error="raise")[0].images[0] == Path(row["image"])
     # raw U+2028 inside a JSON string is not a line break (line numbers stay those of read_jsonl)
     odd = dict(json.loads(lines[1]), id="odd")
-    odd["conversations"][1]["value"] = "two\u2028lines"
+    odd["conversations"][-1]["value"] = "two\u2028lines"
     src = data.parent / "odd.jsonl"
     src.write_text(json.dumps(odd, ensure_ascii=False) + "\n" + lines[2] + "\n", encoding="utf-8")
     try:

@@ -26,7 +26,7 @@ def _recipe(data_dir) -> Recipe:
         stages=(
             Stage("projector_init", ("mm_projector",), 1e-3, (DataSource("captions.jsonl"),), max_steps=2, batch_size=4),
             Stage("image_it", ("vision_tower", "mm_projector", "llm"), 1e-3,
-                  (DataSource("train.jsonl", tasks=("color", "shape")),), max_steps=2, batch_size=4),
+                  (DataSource("train.jsonl", tasks=("object",)),), max_steps=2, batch_size=4),
         ),
     )
 
