@@ -4,7 +4,6 @@ processor's tiles with an independent reference preprocessing and with transform
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -171,7 +171,7 @@ def test_labels_supervise_only_the_answers(records, demo_processor):
 def test_dataset_reports_processor_errors_with_file_and_line(media_dir, demo_processor):
     (rec,) = read_jsonl(write_jsonl(media_dir / "vanishing.jsonl", [record("<image>\nq", "a", image="square.png")]))
     broken = Record(rec.id, rec.conversations, [media_dir / "gone.png"], None, rec.source, rec.line)
-    with pytest.raises(DataError, match=f"vanishing.jsonl:1: "):
+    with pytest.raises(DataError, match="vanishing.jsonl:1: "):
         NVILADataset([broken], demo_processor)[0]
 
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +32,7 @@ from nvila_edge.errors import BackendUnavailable, CheckpointError, ConfigError
 from nvila_edge.io import atomic_directory
 
 from .data import DataIssue, NVILACollator, NVILADataset, read_jsonl
+from .trainer import _seed_everything, training_arguments
 
 log = logging.getLogger("nvila_edge.training")
 
@@ -227,12 +226,6 @@ def set_gradient_checkpointing(model: NVILAModel, enabled: bool) -> None:
             part.gradient_checkpointing_disable()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -257,7 +250,7 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
     """Fine-tune the checkpoint on LLaVA-style JSONL ``data`` and write the fine-tune directory atomically.
 
     Returns a ``FinetuneResult`` whose ``model`` is the trained model (LoRA still unmerged, eval mode)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     config = config or FinetuneConfig()
     config.validate()
@@ -272,27 +265,11 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
     optimizer = torch.optim.AdamW(param_groups(groups, config))
     if config.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
-    cuda = torch.cuda.is_available()
     scratch = output_dir.parent / f".{output_dir.name}.trainer"
-    args = TrainingArguments(
-        output_dir=str(scratch),
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=config.weight_decay,
-        lr_scheduler_type=config.scheduler,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),  # autocast; the weights stay as loaded (fp32)
-        seed=config.seed,
-        disable_tqdm=not progress,
-    )
+    args = training_arguments(scratch, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                              epochs=config.epochs, max_steps=config.max_steps, warmup_ratio=config.warmup_ratio,
+                              weight_decay=config.weight_decay, scheduler=config.scheduler, seed=config.seed,
+                              progress=progress, logging_steps=1)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
                       data_collator=NVILACollator(), optimizers=(optimizer, None))

@@ -64,28 +64,25 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
-                out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
-                extra_files: dict[str, str] | None = None) -> dict:
-    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically)."""
-    from transformers import Trainer, TrainingArguments
+def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: float, epochs: float, max_steps: int,
+                       warmup_ratio: float, weight_decay: float, scheduler: str, seed: int, progress: bool,
+                       logging_steps: int = 25):
+    """transformers ``TrainingArguments`` as every nvila-edge training run uses them: no intermediate saves
+    or reporting, our own collator's columns kept, bf16 autocast on a bf16 GPU and fp32 on the CPU, and DDP
+    (gloo on CPU) when launched with several processes."""
+    from transformers import TrainingArguments
 
-    n_trainable = set_trainable(model, stage.trains)
     cuda = torch.cuda.is_available()
-    if gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
-        model.vision_tower.gradient_checkpointing_enable()
-    scratch = out_dir.parent / f".{out_dir.name}.trainer"
-    args = TrainingArguments(
-        output_dir=str(scratch),
-        per_device_train_batch_size=stage.batch_size,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.epochs,
-        max_steps=stage.max_steps,
-        warmup_steps=stage.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=stage.weight_decay,
-        lr_scheduler_type=stage.scheduler,
-        logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)),
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=weight_decay,
+        lr_scheduler_type=scheduler,
+        logging_steps=logging_steps,
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,
@@ -97,6 +94,23 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
         ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=True,  # frozen towers / text-only batches leave parameters unused
     )
+
+
+def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
+                out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
+                extra_files: dict[str, str] | None = None) -> dict:
+    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically)."""
+    from transformers import Trainer
+
+    n_trainable = set_trainable(model, stage.trains)
+    if gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+        model.vision_tower.gradient_checkpointing_enable()
+    scratch = out_dir.parent / f".{out_dir.name}.trainer"
+    args = training_arguments(scratch, batch_size=stage.batch_size, learning_rate=stage.learning_rate,
+                              epochs=stage.epochs, max_steps=stage.max_steps, warmup_ratio=stage.warmup_ratio,
+                              weight_decay=stage.weight_decay, scheduler=stage.scheduler, seed=seed, progress=progress,
+                              logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
     trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
                       data_collator=NVILACollator())
     result = trainer.train()
