@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     results = run_recipe(recipe, args.output, stages=stages, on_error=args.on_error)
     for r in results:
-        loss = r.metrics.get("loss_history") or [float("nan")]
+        loss = r.metrics.get("loss_history") or [r.metrics.get("train_loss", float("nan"))]
         state = "cached" if r.skipped else f"final loss {loss[-1]:.4f}"
         print(f"{r.name:18s} {state:22s} {r.checkpoint}")
     return 0

@@ -373,3 +373,21 @@ def test_pil_bicubic_differs_from_opencv_cubic():
     pil = np.asarray(img.resize((448, 448)))
     cv = cv2.resize(np.asarray(img), (448, 448), interpolation=cv2.INTER_CUBIC)
     assert not np.array_equal(pil, cv)
+
+
+def test_pixel_limit_is_ours_not_pils(tmp_path):
+    """Images between PIL's warning threshold and our max_pixels load; larger ones raise MediaError."""
+    from PIL import Image as PILImage
+
+    from nvila_edge.media.image import load_image
+
+    path = tmp_path / "wide.png"
+    PILImage.new("RGB", (2000, 1000), (10, 20, 30)).save(path)
+    old = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 1_500_000  # PIL would warn above this; our limit is what counts
+    try:
+        assert load_image(path, max_pixels=3_000_000).size == (2000, 1000)
+        with pytest.raises(MediaError, match="pixels|too large"):
+            load_image(path, max_pixels=1_000_000)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = old

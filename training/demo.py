@@ -65,7 +65,7 @@ def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, o
     t0 = time.perf_counter()
     results = run_recipe(recipe, root / "checkpoints", tokenizer=demo_tokenizer(cfg), progress=progress)
     for r in results:
-        loss = r.metrics.get("loss_history") or [float("nan")]
+        loss = r.metrics.get("loss_history") or [r.metrics.get("train_loss", float("nan"))]
         print(f"[demo]   {r.name:16s} {r.metrics.get('examples', 0):5d} examples  final loss {loss[-1]:.3f}"
               f"{'  (cached)' if r.skipped else ''}", file=out, flush=True)
     return last_checkpoint(recipe, root / "checkpoints"), True, time.perf_counter() - t0

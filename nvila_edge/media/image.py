@@ -63,7 +63,8 @@ def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
 def _open(src, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our own max_pixels check below decides; PIL's warning threshold is lower than our default
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(src)
             w, h = img.size
             if w * h > max_pixels:
@@ -72,8 +73,9 @@ def _open(src, name: str, max_pixels: int) -> Image.Image:
         return img
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as e:
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name} is too large to decode safely ({e}); downscale it first") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(f"cannot decode {name}: {e}. Is it a complete JPEG/PNG/WebP/BMP/TIFF file?") from e
 
 
