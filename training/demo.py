@@ -25,7 +25,7 @@ from .synthetic import SyntheticConfig, make_dataset
 from .tokenizer import demo_tokenizer
 from .trainer import last_checkpoint, run_recipe
 
-DEMO_VERSION = "v1"  # bump when the data, recipe or preset change so old caches are not reused
+DEMO_VERSION = "v2"  # bump when the data, recipe or preset change so old caches are not reused
 
 
 def cache_root() -> Path:
