@@ -64,6 +64,15 @@ def lite_processor(lite_config, tokenizer):
     return NVILAProcessor(lite_config, tokenizer)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster and immune to a busy second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)

@@ -63,13 +63,7 @@ def logits(model: NVILAModel, processor: NVILAProcessor, image: Image.Image) -> 
     return model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, media=inputs.media).logits[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: one thread is faster, and immune to a busy second core
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
 @pytest.fixture(scope="module")

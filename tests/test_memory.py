@@ -16,12 +16,7 @@ from conftest import make_model
 pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
 def test_nvila_8b_qlora_vit_ln_fits_24gb():
