@@ -118,27 +118,27 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}")
 
 
-def _iter_checkpoint(path: Path, layout: str) -> Iterator[tuple[Path, str, str]]:
-    """(file, key in file, canonical key) for every tensor of the checkpoint."""
+def _iter_checkpoint(path: Path, layout: str) -> Iterator[tuple[Path, object, str, str]]:
+    """(file, open safetensors handle, key in file, canonical key) for every tensor of the checkpoint;
+    each file is opened once and stays open while its keys are consumed."""
     from safetensors import safe_open
 
     folders = [(path / c, c + ".") for c in COMPONENTS] if layout == "vila" else [(path, "")]
     for folder, prefix in folders:
         for f in _weight_files(folder):
             try:
-                with safe_open(str(f), framework="pt") as st:
-                    keys = list(st.keys())
+                st = safe_open(str(f), framework="pt", device="cpu")
+                keys = list(st.keys())
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from e
             for k in keys:
-                yield f, k, canonical_key(prefix + k)
+                yield f, st, k, canonical_key(prefix + k)
 
 
 # ---- load ------------------------------------------------------------------------------------------------
 def load_model(cls, path: str | os.PathLike, dtype=None, device="cpu"):
     """Build ``cls(config)`` on the meta device and fill it from the checkpoint (no double allocation)."""
     import torch
-    from safetensors import safe_open
 
     path = Path(path)
     config, layout = read_config(path)
@@ -150,22 +150,16 @@ def load_model(cls, path: str | os.PathLike, dtype=None, device="cpu"):
     expected = {canonical_key(k): k for k in shapes}
     tied = config.llm.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
-    handles: dict[Path, object] = {}
-    try:
-        for f, key, canon in _iter_checkpoint(path, layout):
-            if canon not in expected:
-                if tied and canon == "llm.lm_head.weight":
-                    continue
-                raise CheckpointError(f"{f}: unexpected key {key!r} (no such weight in a {config.name} NVILA model)")
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            tensor = handles[f].get_tensor(key)
-            want = shapes[expected[canon]]
-            if tuple(tensor.shape) != want:
-                raise CheckpointError(f"{f}: key {key!r} has shape {tuple(tensor.shape)} but the config expects {want}")
-            state[expected[canon]] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    finally:
-        handles.clear()
+    for f, st, key, canon in _iter_checkpoint(path, layout):
+        if canon not in expected:
+            if tied and canon == "llm.lm_head.weight":
+                continue
+            raise CheckpointError(f"{f}: unexpected key {key!r} (no such weight in a {config.name} NVILA model)")
+        tensor = st.get_tensor(key)
+        want = shapes[expected[canon]]
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"{f}: key {key!r} has shape {tuple(tensor.shape)} but the config expects {want}")
+        state[expected[canon]] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     missing = [k for c, k in expected.items() if k not in state and not (tied and c == "llm.lm_head.weight")]
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {missing[:8]}{' …' if len(missing) > 8 else ''}")
