@@ -11,9 +11,12 @@ import importlib
 from .config import NVILAConfig
 from .errors import (
     BackendUnavailable,
+    BundleError,
+    CalibrationError,
     CheckpointError,
     ConfigError,
     ContextOverflowError,
+    ExportError,
     GenerationError,
     MediaError,
     NVILAEdgeError,
@@ -60,6 +63,9 @@ __all__ = [
     "ConfigError",
     "MediaError",
     "CheckpointError",
+    "BundleError",
+    "CalibrationError",
+    "ExportError",
     "ContextOverflowError",
     "BackendUnavailable",
     "TokenizerError",

@@ -19,6 +19,18 @@ class CheckpointError(NVILAEdgeError):
     """A checkpoint directory is missing files, has an unknown layout, or its weights do not fit the model."""
 
 
+class BundleError(CheckpointError):
+    """A deployment bundle is missing, tampered with, truncated, or from a newer format version."""
+
+
+class CalibrationError(NVILAEdgeError, ValueError):
+    """Calibration cannot run: unknown recipe, unsupported shapes, empty or unusable calibration data."""
+
+
+class ExportError(NVILAEdgeError, ValueError):
+    """Export cannot run: the input is not calibrated, or a recipe the target cannot run."""
+
+
 class ContextOverflowError(NVILAEdgeError):
     """The prompt (text + visual tokens) does not fit the model's context."""
 
@@ -58,6 +70,9 @@ __all__ = [
     "ConfigError",
     "MediaError",
     "CheckpointError",
+    "BundleError",
+    "CalibrationError",
+    "ExportError",
     "ContextOverflowError",
     "BackendUnavailable",
     "TokenizerError",
