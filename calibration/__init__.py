@@ -1,5 +1,29 @@
-"""Calibration stage: ModelOpt W8A8 SmoothQuant for the SigLIP tower and W4A16 AWQ for the Qwen2 LLM,
-with saved quantizer state and a fidelity report.
+"""Calibration: NVIDIA ModelOpt W8A8 SmoothQuant for the SigLIP tower, W4A16 AWQ for the Qwen2 LLM.
 
-Empty until the calibration issue lands; imported as ``nvila_edge.calibration``.
+    from nvila_edge.calibration import calibrate, load_calibrated
+    result = calibrate("ckpt/", "calibrated/", vision="w8a8-smoothquant", llm="w4a16-awq", data="data/train.jsonl")
+    print(result.fidelity.table())
+
+Attributes load lazily so ``nvila-edge --help`` does not import torch / ModelOpt.
 """
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **{n: "calibrator" for n in ("calibrate", "load_calibrated", "save_calibrated", "quantize_model", "quantizer_summary",
+                                "read_recipes", "is_calibrated", "CalibrationResult")},
+    "FidelityReport": "fidelity",
+    "load_calibration_data": "data",
+    **{n: "recipes" for n in ("QuantRecipe", "RECIPES", "get_recipe", "list_recipes", "register")},
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

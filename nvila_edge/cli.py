@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata as md
 import json
 import platform
@@ -10,6 +11,8 @@ import re
 import sys
 
 from .errors import NVILAEdgeError
+
+STAGE_CLIS = ("nvila_edge.calibration.cli",)
 
 OPTIONAL_BACKENDS = {
     # module: (pip distribution, extra, purpose)
@@ -259,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--by", choices=("task", "source"), default="task", help="sub-dataset key")
     pr.add_argument("--report", help="score report JSON (default: beside the output)")
     pr.set_defaults(func=cmd_prune)
+
+    # later stages own their verbs (their cli modules import nothing heavy at import time)
+    for module in STAGE_CLIS:
+        importlib.import_module(module).add_parser(sub)
     return p
 
 
