@@ -1,6 +1,19 @@
-"""Runtime: the lightweight on-device engine (tiling, temporal pooling, KV-cached streaming generation
-over ONNX Runtime / TensorRT / torch backends).
+"""Runtime: the lightweight on-device engine (latency-aware tiling, temporal pooling, KV-cached streaming
+generation over ONNX Runtime / TensorRT / torch backends), imported as ``nvila_edge.runtime``.
 
-Empty until the runtime issue lands; imported as ``nvila_edge.runtime``. It must never import
-training/, calibration/, export/, peft or modelopt.
+    from nvila_edge.runtime import Runtime
+    rt = Runtime.load("bundle/")
+    print(rt.generate("What is in the image?", images=["a.jpg"]).text)
+
+Importing it pulls numpy, tokenizers and the core only: each backend imports its own library when
+chosen. It never imports training/, calibration/, export/, peft or modelopt.
 """
+
+from .backends import BACKENDS, Backend, load_backend
+from .planner import MediaPlanner, PlanEvent
+from .runtime import Runtime, RunResult
+from .session import Session
+from .video_stream import VideoStream
+
+__all__ = ["Runtime", "RunResult", "Session", "VideoStream", "PlanEvent", "MediaPlanner", "Backend",
+           "BACKENDS", "load_backend"]

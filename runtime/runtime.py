@@ -1,0 +1,196 @@
+"""Runtime: a bundle (or a backend built from parts) → streaming answers about images and videos.
+
+    rt = Runtime.load("bundle/")                        # verifies the manifest, picks the backend
+    for ev in rt.stream("What is here?", images=["a.jpg"], max_new_tokens=64):
+        ...                                              # PlanEvent, TokenEvent..., FinishEvent
+    rt.generate(...)  /  rt.session(system=...)  /  rt.video_stream(fps=2, window_s=8)
+
+One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode_tiles`` →
+``nvila_edge.visual`` (Dynamic-S2 merge, TSP, splicing) → ``backend.prefill`` → the core decode loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from nvila_edge import visual
+from nvila_edge.config import NVILAConfig
+from nvila_edge.errors import GenerationError
+from nvila_edge.events import FinishEvent, GenerationResult, Timings
+from nvila_edge.generation import stream_tokens
+from nvila_edge.media.processor import ProcessedInputs
+from nvila_edge.sampling import SamplingParams
+
+from .backends import Backend, load_backend
+from .planner import MediaPlanner, PlanEvent, Planned
+
+TARGET_OF = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "torch": "torch"}
+
+
+@dataclass
+class RunResult(GenerationResult):
+    """``GenerationResult`` plus the media plan the runtime chose (tiling, tiles, dropped frames)."""
+
+    plan: PlanEvent | None = None
+
+
+def sampling_params(sampling: dict) -> SamplingParams:
+    try:
+        return SamplingParams(**sampling)
+    except TypeError as e:
+        raise GenerationError(f"unknown sampling argument: {e}") from None
+
+
+def collect(events) -> RunResult:
+    plan = final = None
+    for ev in events:
+        if isinstance(ev, PlanEvent):
+            plan = ev
+        elif isinstance(ev, FinishEvent):
+            final = ev
+    return RunResult(final.text, final.token_ids, final.reason, final.usage, final.timings, plan)
+
+
+class Runtime:
+    def __init__(self, config: NVILAConfig, tokenizer, backend: Backend, *, limits: dict | None = None,
+                 max_tiles: int | None = None, latency_budget_ms: float | None = None, bundle=None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.bundle = bundle
+        limits = dict(limits or {})
+        self.limits = limits
+        self.context_length = min(x for x in (config.llm.context_length, limits.get("context_length"),
+                                              backend.max_length) if x)
+        engine_tiles = limits.get("max_tiles")
+        caps = [c for c in (max_tiles, engine_tiles) if c]
+        self.planner = MediaPlanner(config, tokenizer, max_tiles=min(caps) if caps else None,
+                                    latency_budget_ms=latency_budget_ms, max_frames=limits.get("max_frames"))
+        self._end: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
+             latency_budget_ms: float | None = None, threads: int | None = None, device: str | None = None,
+             verify: bool = True) -> "Runtime":
+        """Open a bundle: verify its manifest and file hashes, pick the backend, read the tokenizer."""
+        from nvila_edge.bundle import Bundle
+        from nvila_edge.tokenizer import NVILATokenizer
+
+        b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+        be = load_backend(b, backend, threads=threads, device=device)
+        target = b.manifest.get("targets", {}).get(TARGET_OF[be.name], {})
+        return cls(b.config, NVILATokenizer.from_pretrained(b.tokenizer_dir), be, limits=target.get("limits"),
+                   max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, bundle=b)
+
+    @property
+    def processor(self):
+        return self.planner.processor
+
+    # ---- vision + embeddings -------------------------------------------------------------------------
+    def end_embeds(self) -> np.ndarray:
+        if self._end is None:  # the "\n" appended after every media item, looked up once
+            self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
+        return self._end
+
+    def encode_tiles(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        """Vision features of tiles, and the ms it took (feeds the latency-aware tiling)."""
+        t0 = time.perf_counter()
+        feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
+        ms = (time.perf_counter() - t0) * 1000
+        self.planner.record(pixels.shape[0], ms)
+        return feats, ms
+
+    def measure_vision(self, tiles: int = 1) -> float:
+        """Time the vision tower on blank tiles; returns (and remembers) the ms per tile."""
+        s = self.config.vision.image_size
+        _, ms = self.encode_tiles(np.zeros((tiles, 3, s, s), np.float32))
+        return ms / tiles
+
+    def embed(self, inputs: ProcessedInputs, timings: Timings | None = None,
+              features: np.ndarray | None = None) -> np.ndarray:
+        """Processor outputs → (1, L', H) prompt embeddings (vision time into ``timings.vision_ms``)."""
+        t0 = time.perf_counter()
+        if features is None and inputs.pixel_values is not None:
+            features, _ = self.encode_tiles(inputs.pixel_values)
+        chunks = visual.embed_media(features, inputs.media, self.config, self.backend.project, self.end_embeds())
+        embeds = visual.embed_inputs(inputs.input_ids, chunks, self.config, self.backend.embed_tokens)
+        if timings is not None:
+            timings.vision_ms += (time.perf_counter() - t0) * 1000
+        return embeds
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def plan(self, prompt, images=None, video=None, *, videos=None, system: str | None = None,
+             overflow: str = "error", max_tiles: int | None = None, latency_budget_ms: float | None = None,
+             num_frames: int | None = None, context_used: int = 0, add_generation_prompt: bool = True) -> Planned:
+        """Preprocess and fit the budgets (raises ``ContextOverflowError`` before any model compute)."""
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        videos = list(videos or []) + ([video] if video is not None else [])
+        budget = latency_budget_ms if latency_budget_ms is not None else self.planner.latency_budget_ms
+        if budget is not None and self.planner.ms_per_tile is None and len(images) == 1:
+            self.measure_vision()  # the tiling choice needs one measured tile
+        return self.planner.plan(prompt, images, videos, system=system, overflow=overflow, max_tiles=max_tiles,
+                                 latency_budget_ms=latency_budget_ms, num_frames=num_frames,
+                                 context_used=context_used, context_limit=self.context_length,
+                                 add_generation_prompt=add_generation_prompt)
+
+    def decode(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0,
+               owner=None) -> Iterator:
+        """Prefill ``embeds`` after what the cache holds, then the shared decode loop."""
+        be = self.backend
+        be.owner = owner
+        prompt_tokens = be.cache_length + embeds.shape[1]
+        return stream_tokens(lambda: be.prefill(embeds), be.decode_step, self.tokenizer, params,
+                             self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens, self.context_length, timings)
+
+    def stream(self, prompt, images=None, video=None, *, videos: Sequence | None = None, system: str | None = None,
+               overflow: str = "error", max_tiles: int | None = None, latency_budget_ms: float | None = None,
+               num_frames: int | None = None, **sampling) -> Iterator:
+        """Answer ``prompt`` (text or a conversation) about ``images`` / ``video``: a generator of a
+        ``PlanEvent``, ``TokenEvent``s and a final ``FinishEvent``. Budgets are checked now, before any
+        compute; ``sampling``: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop."""
+        params = sampling_params(sampling)
+        t0 = time.perf_counter()
+        planned = self.plan(prompt, images, video, videos=videos, system=system, overflow=overflow,
+                            max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, num_frames=num_frames)
+        timings = Timings(preprocess_ms=(time.perf_counter() - t0) * 1000)
+        return self._run(planned, params, timings)
+
+    def _run(self, planned: Planned, params: SamplingParams, timings: Timings):
+        yield planned.event
+        embeds = self.embed(planned.inputs, timings)
+        self.backend.reset()
+        yield from self.decode(embeds, params, timings, planned.event.visual_tokens)
+
+    def generate(self, prompt, images=None, video=None, **kwargs) -> RunResult:
+        """Like ``stream`` but returns the final result (text, token ids, usage, timings, plan)."""
+        return collect(self.stream(prompt, images, video, **kwargs))
+
+    def session(self, system: str | None = None):
+        """Multi-turn chat that keeps the KV cache between turns (only new tokens are prefilled)."""
+        from .session import Session
+
+        return Session(self, system=system)
+
+    def video_stream(self, fps: float = 1.0, window_s: float = 8.0, **kwargs):
+        """Live frames in, questions about the recent window out; each frame is encoded once."""
+        from .video_stream import VideoStream
+
+        return VideoStream(self, fps=fps, window_s=window_s, **kwargs)
+
+    def describe(self) -> dict:
+        return {"model": self.config.name, **self.backend.describe(), "context_length": self.context_length,
+                "max_tiles": self.planner.max_tiles, "ms_per_tile": self.planner.ms_per_tile}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
