@@ -67,10 +67,9 @@ class Runtime:
         self.limits = limits
         self.context_length = min(x for x in (config.llm.context_length, limits.get("context_length"),
                                               backend.max_length) if x)
-        engine_tiles = limits.get("max_tiles")
-        caps = [c for c in (max_tiles, engine_tiles) if c]
-        self.planner = MediaPlanner(config, tokenizer, max_tiles=min(caps) if caps else None,
-                                    latency_budget_ms=latency_budget_ms, max_frames=limits.get("max_frames"))
+        # limits["max_tiles"] is the engines' per-call batch (they run tiles in chunks), not a plan cap
+        self.planner = MediaPlanner(config, tokenizer, max_tiles=max_tiles, latency_budget_ms=latency_budget_ms,
+                                    max_frames=limits.get("max_frames"))
         self._end: np.ndarray | None = None
 
     @classmethod

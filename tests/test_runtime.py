@@ -150,9 +150,11 @@ def test_latency_budget_uses_measured_tile_cost(tiny_model, tokenizer, one_threa
     assert res.plan.num_tiles == 1
 
 
-def test_engine_limits_cap_frames_and_tiles(tiny_model, tokenizer):
-    rt = make_runtime(tiny_model, tokenizer, limits={"max_frames": 4, "max_tiles": 15})
+def test_engine_limits_cap_frames_not_tiles(tiny_model, tokenizer):
+    rt = make_runtime(tiny_model, tokenizer, limits={"max_frames": 4, "max_tiles": 12})
     frames = [random_image(32, 32, seed=s) for s in range(8)]
     ev = rt.plan("q", video=frames).event
     assert ev.media[0]["num_frames"] == 4
-    assert rt.plan("q", images=[random_image(1920, 1080)]).event.num_tiles == 15
+    # the engine's max_tiles is its batch size (tiles run in chunks), not a cap on the tiling plan
+    assert rt.plan("q", images=[random_image(1920, 1080)]).event.num_tiles == 17
+    assert make_runtime(tiny_model, tokenizer, max_tiles=15).plan("q", images=[random_image(1920, 1080)]).event.num_tiles == 15
