@@ -1,0 +1,50 @@
+"""``nvila-edge export`` and ``nvila-edge verify`` (registered by nvila_edge.cli)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | tensorrt | torch | all)")
+    e.add_argument("calibrated", help="output of `nvila-edge calibrate`")
+    e.add_argument("-o", "--output", required=True, help="bundle directory (written atomically)")
+    e.add_argument("--target", default="cpu", help="cpu, tensorrt, torch, a comma-separated list, or all")
+    e.add_argument("--engines", choices=("auto", "build", "skip"), default="auto",
+                   help="GPU engines: build when TensorRT is installed (auto), require it (build), or skip")
+    e.add_argument("--embeddings-dtype", choices=("float16", "float32", "int8"), default="float16")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="re-hash a bundle and check its format version and producer versions")
+    v.add_argument("bundle")
+    v.set_defaults(func=cmd_verify)
+
+
+def cmd_export(args) -> int:
+    import logging
+
+    from .writer import export_bundle
+
+    logging.getLogger("modelopt").setLevel(logging.ERROR)
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    result = export_bundle(args.calibrated, args.output, targets, engines=args.engines,
+                           embeddings_dtype=args.embeddings_dtype)
+    print(result)
+    return cmd_verify(type("A", (), {"bundle": args.output})())
+
+
+def cmd_verify(args) -> int:
+    from nvila_edge.bundle import Bundle, producer_versions
+
+    b = Bundle.open(args.bundle)  # raises BundleError (exit 2) on any mismatch
+    m = b.manifest
+    print(f"{b.path}: OK — format {m['format_version']}, model {b.config.name}, {len(m['files'])} files verified")
+    for name in b.targets:
+        t = b.target(name)
+        print(f"  target {name:9s} precision {t.get('precision')}  limits {t.get('limits')}")
+        eng = t.get("engines")
+        if isinstance(eng, dict) and eng.get("built") is False:
+            print(f"    engines not built: {eng['reason']}")
+    now = producer_versions()
+    for pkg, ver in (m.get("producer") or {}).items():
+        if ver and now.get(pkg) and now[pkg].split(".")[:2] != ver.split(".")[:2]:
+            print(f"  note: made with {pkg} {ver}, this machine has {now[pkg]}")
+    return 0

@@ -1,0 +1,192 @@
+"""Export: bundle layout, INT8 Q/DQ vision graph with int8 initializers, ORT parity with the calibrated
+torch model (Dynamic-S2, Lite tiling, video), TensorRT-LLM checkpoint, torch target, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from nvila_edge import BackendUnavailable, BundleError, ExportError, NVILAConfig, NVILAModel, NVILAProcessor
+from nvila_edge.bundle import Bundle
+
+from conftest import make_model, random_image
+
+pytest.importorskip("modelopt.torch.quantization")
+ort = pytest.importorskip("onnxruntime")
+warnings.filterwarnings("ignore")
+
+
+def _items(n):
+    return [{"conversation": "<image>\nwhat color is the circle?", "images": [random_image(120 + 40 * i, 100, seed=i)]}
+            for i in range(n)] + [{"conversation": "how many shapes"}]
+
+
+def _calibrate(tmp, preset, tokenizer, seed=0, **kw):
+    from nvila_edge.calibration import calibrate
+
+    model = make_model(NVILAConfig.from_preset(preset), seed=seed)
+    model.tokenizer = tokenizer
+    proc = NVILAProcessor(model.config, tokenizer)
+    calibrate(model, tmp / f"{preset}-cal", data=_items(4), num_samples=4, num_heldout=1, processor=proc,
+              progress=False, **kw)
+    return tmp / f"{preset}-cal", proc
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory, tokenizer):
+    from nvila_edge.export import export_bundle
+
+    tmp = tmp_path_factory.mktemp("export")
+    cal, proc = _calibrate(tmp, "demo", tokenizer)
+    export_bundle(cal, tmp / "bundle", "all", progress=False)
+    return cal, tmp / "bundle", proc
+
+
+def _cos(a, b):
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return float(np.mean(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)))
+
+
+def test_bundle_manifest(demo_bundle):
+    _, path, _ = demo_bundle
+    b = Bundle.open(path)
+    assert b.targets == ["cpu", "tensorrt", "torch"]
+    cpu = b.target("cpu")
+    assert cpu["precision"]["vision"] == "int8-qdq" and cpu["precision"]["llm"] == "int4"
+    assert cpu["limits"] == {"max_tiles": 6, "max_frames": 8, "context_length": 2048}
+    assert cpu["io"]["decoder"]["past_key"] == "past_key_values.{i}.key"
+    assert b.quantization["vision"]["name"] == "w8a8-smoothquant" and b.quantization["llm"]["block_size"] == 128
+    assert b.manifest["producer"]["onnx"] and b.manifest["producer"]["nvidia-modelopt"]
+    assert b.manifest["source"]["fidelity"]["greedy_agreement"] >= 0
+    assert (b.tokenizer_dir / "tokenizer.json").is_file()
+    for role in ("vision", "projector", "decoder", "embeddings"):
+        assert b.file(role).is_file()
+
+
+def test_vision_graph_is_int8_qdq(demo_bundle, tmp_path):
+    from nvila_edge.export import qdq_summary
+    from nvila_edge.export.vision_onnx import export_vision
+
+    _, path, _ = demo_bundle
+    s = qdq_summary(path / "cpu/vision.onnx")
+    keep = 2  # demo: 3 SigLIP layers, NVILA uses hidden_states[-2]
+    assert s["int8_weight_matmuls"] == s["qdq_activation_matmuls"] == 6 * keep
+    assert s["int8_initializers"] == 6 * keep and s["quantize_linear"] == 6 * keep  # activations only
+    import onnx
+
+    g = onnx.load(str(path / "cpu/vision.onnx")).graph
+    fp32_layer_weights = [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT
+                          and len(i.dims) == 2 and min(i.dims) >= 128]
+    assert fp32_layer_weights == []  # no fp32 copy of any linear weight is left (patch conv is 4-D, kept fp32)
+    fp = export_vision(make_model(NVILAConfig.from_preset("demo")), tmp_path)  # unquantized, same shapes
+    assert fp["int8_weights"] == 0
+    assert (path / "cpu/vision.onnx").stat().st_size < 0.5 * (tmp_path / "vision.onnx").stat().st_size
+    fp_g = onnx.load(str(tmp_path / "vision.onnx")).graph
+    fp_bytes = sum(4 * int(np.prod(i.dims)) for i in fp_g.initializer if len(i.dims) == 2 and min(i.dims) >= 128)
+    int8_bytes = sum(int(np.prod(i.dims)) for i in g.initializer if i.data_type == onnx.TensorProto.INT8)
+    assert int8_bytes * 4 == fp_bytes  # every linear weight stored as int8: a quarter of the bytes
+
+
+@pytest.mark.parametrize("case", ["dynamic_s2", "video"])
+def test_ort_vision_matches_calibrated_torch(demo_bundle, case):
+    from nvila_edge.calibration import load_calibrated
+
+    cal, path, proc = demo_bundle
+    model = load_calibrated(cal)
+    if case == "video":
+        frames = [random_image(160, 120, seed=s) for s in range(8)]
+        inputs = proc("<vila/video>\nwhat happens?", videos=[frames])
+    else:
+        inputs = proc("<image>\nwhat?", images=[random_image(400, 150, seed=3)])
+    sess = ort.InferenceSession(str(path / "cpu/vision.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixel_values": inputs.pixel_values})[0]
+    with torch.inference_mode():
+        ref = model.encode_tiles(torch.as_tensor(inputs.pixel_values)).numpy()
+    assert got.shape == ref.shape and got.shape[0] == inputs.pixel_values.shape[0] > 1
+    assert _cos(got, ref) >= 0.99
+
+
+def test_lite_tiling_parity(tmp_path, tokenizer):
+    from nvila_edge.calibration import load_calibrated
+    from nvila_edge.export import export_projector, export_vision
+
+    cal, proc = _calibrate(tmp_path, "tiny-lite", tokenizer, seed=2, vision="w8a8-smoothquant-proj", llm="fp16")
+    model = load_calibrated(cal)
+    v, p = export_vision(model, tmp_path / "g"), export_projector(model, tmp_path / "g")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.mm_projector.modules())
+    assert p["int8_weight_matmuls"] == n_linear >= 2  # the -proj recipe quantizes the projector too
+    inputs = proc("<image>\nwhat?", images=[random_image(900, 500, seed=4)])
+    assert inputs.media[0].num_tiles > 1
+    feats = ort.InferenceSession(str(tmp_path / "g/vision.onnx")).run(None, {"pixel_values": inputs.pixel_values})[0]
+    proj = ort.InferenceSession(str(tmp_path / "g/projector.onnx")).run(None, {"features": feats})[0]
+    with torch.inference_mode():
+        ref_f = model.encode_tiles(torch.as_tensor(inputs.pixel_values))
+        ref_p = model.mm_projector(ref_f).numpy()
+    assert _cos(feats, ref_f.numpy()) >= 0.99 and _cos(proj, ref_p) >= 0.99
+
+
+def test_trtllm_checkpoint_is_well_formed(demo_bundle):
+    from nvila_edge.export import check_trtllm_checkpoint
+
+    _, path, _ = demo_bundle
+    info = check_trtllm_checkpoint(path / "tensorrt/trtllm_checkpoint")
+    assert info["quant_algo"] == "W4A16_AWQ" and info["group_size"] == 128 and info["tensors"] > 20
+    cfg = json.loads((path / "tensorrt/trtllm_checkpoint/config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4 and cfg["quantization"]["pre_quant_scale"] is True
+    eng = Bundle.open(path).target("tensorrt")["engines"]
+    assert eng["built"] is False and "nvila-edge[gpu]" in eng["reason"]
+
+
+def test_torch_target_carries_the_quantization(demo_bundle):
+    from nvila_edge.calibration import load_calibrated
+
+    cal, path, _ = demo_bundle
+    plain = NVILAModel.from_pretrained(Bundle.open(path).file("checkpoint", "torch"))
+    fake = load_calibrated(cal)
+    assert not any("quantizer" in n for n, _ in plain.named_modules())
+    x = torch.randn(1, 9, 256)
+    with torch.inference_mode():
+        a, b = plain.llm(inputs_embeds=x).logits, fake.llm(inputs_embeds=x).logits
+    assert torch.allclose(a, b, atol=1e-4)  # weight-only INT4 is exactly representable in plain weights
+
+
+def test_bad_input(tmp_path, tokenizer, demo_bundle):
+    from nvila_edge.calibration import QuantRecipe, register
+    from nvila_edge.cli import main
+    from nvila_edge.export import export_bundle
+
+    model = make_model(NVILAConfig.from_preset("demo"))
+    model.save_pretrained(tmp_path / "plain", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="not calibrated.*nvila-edge calibrate"):
+        export_bundle(tmp_path / "plain", tmp_path / "out")
+    cal, _, _ = demo_bundle
+    with pytest.raises(ExportError, match="unknown export target 'fpga'"):
+        export_bundle(cal, tmp_path / "out", "fpga")
+    register(QuantRecipe("w8a16-experimental", "llm", "no target runs this", weight_bits=8,
+                         make_config=lambda: {}))
+    odd = tmp_path / "odd-cal"
+    import shutil
+
+    shutil.copytree(cal, odd)
+    spec = json.loads((odd / "recipe.json").read_text())
+    spec["llm"]["name"] = "w8a16-experimental"
+    (odd / "recipe.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match="cannot run the llm recipe 'w8a16-experimental'"):
+        export_bundle(odd, tmp_path / "out", "cpu")
+    with pytest.raises(BackendUnavailable, match=r"nvila-edge\[gpu\]"):
+        export_bundle(cal, tmp_path / "out", "tensorrt", engines="build", progress=False)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert main(["verify", str(demo_bundle[1])]) == 0
+    (tmp_path / "tampered").mkdir()
+    shutil.copytree(demo_bundle[1], tmp_path / "tampered/b")
+    with open(tmp_path / "tampered/b/cpu/decoder.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    assert main(["verify", str(tmp_path / "tampered/b")]) == 2
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(tmp_path / "tampered/b")
