@@ -50,7 +50,7 @@ def providers_for(device: str | None) -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, config: NVILAConfig, vision: str | os.PathLike, projector: str | os.PathLike,
+    def __init__(self, config: NVILAConfig, vision: str | os.PathLike | None, projector: str | os.PathLike | None,
                  decoder: str | os.PathLike, embeddings, io: dict, *, threads: int | None = None,
                  device: str | None = None, capacity: int | None = None):
         ort = _ort()
@@ -58,8 +58,9 @@ class OrtBackend(Backend):
         self.providers = providers_for(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
-        self.vision = self._session(vision)
-        self.projector = self._session(projector)
+        # vision / projector may be left out (None) for LLM-only use such as decode benchmarks
+        self.vision = self._session(vision) if vision is not None else None
+        self.projector = self._session(projector) if projector is not None else None
         self.decoder = self._session(decoder)
         if not callable(embeddings):
             from nvila_edge.embeddings import load_embeddings
@@ -90,9 +91,8 @@ class OrtBackend(Backend):
         self._kv: list[list] = []
         self._alloc(self._cap)
         self._ort = ort
-        vin = self.vision.get_inputs()[0]
-        self._vision_io = (vin.name, self.vision.get_outputs()[0].name)
-        self._projector_io = (self.projector.get_inputs()[0].name, self.projector.get_outputs()[0].name)
+        self._vision_io = _io_names(self.vision)
+        self._projector_io = _io_names(self.projector)
         self.tile_batch = max(1, 8192 // (config.vision.grid ** 2))  # bounds activation memory, like torch
 
     @classmethod
@@ -108,6 +108,10 @@ class OrtBackend(Backend):
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no spinning: between decode steps Python samples the next token, and spinning pool threads take
+        # the cores it needs (measured on 2 cores: 10 → 16 tok/s); onnxruntime-genai turns it off too
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
             so.inter_op_num_threads = 1
@@ -163,6 +167,8 @@ class OrtBackend(Backend):
 
     # ---- vision --------------------------------------------------------------------------------------
     def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise BundleError("this ONNX Runtime backend was opened without a vision graph")
         name_in, name_out = self._vision_io
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         outs = [self.vision.run([name_out], {name_in: pixels[s:s + self.tile_batch]})[0]
@@ -170,6 +176,8 @@ class OrtBackend(Backend):
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def project(self, features: np.ndarray) -> np.ndarray:
+        if self.projector is None:
+            raise BundleError("this ONNX Runtime backend was opened without a projector graph")
         name_in, name_out = self._projector_io
         x = np.ascontiguousarray(features, dtype=np.float32)
         return self.projector.run([name_out], {name_in: x})[0].astype(np.float32, copy=False)
@@ -249,6 +257,10 @@ class OrtBackend(Backend):
         return {"backend": self.name, "device": self.device, "providers": self.providers,
                 "kv": "shared-buffer" if self.shared else "present→past", "kv_capacity": self._cap,
                 "threads": self.threads}
+
+
+def _io_names(session) -> tuple[str, str] | None:
+    return None if session is None else (session.get_inputs()[0].name, session.get_outputs()[0].name)
 
 
 def _host(entry) -> np.ndarray:
