@@ -15,7 +15,8 @@ from .base import Backend, check_embeds
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, device: str | None = None, dtype: str | None = None):
+    def __init__(self, model, device: str | None = None, dtype: str | None = None, cuda_graph: bool = True,
+                 max_cache_len: int = 8192):
         try:
             import torch
         except ImportError as e:  # pragma: no cover - torch is a base dependency today
@@ -32,6 +33,23 @@ class TorchBackend(Backend):
         self.device = str(device)
         self._cache = None
         self._length = 0
+        self._graph = None
+        if cuda_graph and self.device.startswith("cuda"):
+            self._graph = self._make_graph(min(self.config.llm.context_length, max_cache_len))
+
+    def _make_graph(self, capacity: int):
+        """Static cache + captured decode step; None (eager decoding) where capture fails."""
+        import warnings
+
+        from .cuda_graph import GraphDecoder
+
+        try:
+            g = GraphDecoder(self.model.llm, capacity)
+            g._capture()
+            return g
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
+            warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
+            return None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
@@ -74,11 +92,19 @@ class TorchBackend(Backend):
 
     def prefill(self, embeds: np.ndarray) -> np.ndarray:
         embeds = check_embeds(embeds, self.config.llm.hidden_size)
+        if self._graph is not None:
+            logits = self._graph.prefill(self._tensor(embeds))
+            self._length = self._graph.length
+            return logits
         logits = self._run(inputs_embeds=self._tensor(embeds))
         self._length += embeds.shape[1]
         return logits
 
     def decode_step(self, token_id: int) -> np.ndarray:
+        if self._graph is not None:
+            logits = self._graph.decode_step(token_id)
+            self._length = self._graph.length
+            return logits
         logits = self._run(input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
         self._length += 1
         return logits
@@ -89,11 +115,20 @@ class TorchBackend(Backend):
 
     def truncate(self, length: int) -> None:
         length = max(0, int(length))
+        if self._graph is not None:
+            self._graph.truncate(length)
+            self._length = self._graph.length
+            return
         if length == 0:
             self._cache = None
         elif length < self._length:
             self._cache.crop(length - self._length)  # transformers 5: a negative count removes tokens
         self._length = min(self._length, length)
 
+    @property
+    def max_length(self) -> int:
+        return self._graph.capacity if self._graph is not None else self.config.llm.context_length
+
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "dtype": str(self.model.dtype).replace("torch.", "")}
+        return {"backend": self.name, "device": self.device, "dtype": str(self.model.dtype).replace("torch.", ""),
+                "decode": "cuda-graph" if self._graph is not None else "eager"}

@@ -1,0 +1,67 @@
+"""Torch backend on CUDA in fp16 (skipped without a GPU): close to the fp32 CPU reference, sessions reuse
+the cache, the video stream works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_model, random_image
+from nvila_edge.runtime import Runtime
+from nvila_edge.runtime.backends.torch import TorchBackend
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_rt(tiny_config, tokenizer):
+    return Runtime(tiny_config, tokenizer, TorchBackend(make_model(tiny_config), device="cuda"))
+
+
+def test_fp16_cuda_follows_fp32_cpu(gpu_rt, tiny_model, tokenizer):
+    be = gpu_rt.backend
+    assert be.device == "cuda" and be.describe()["dtype"] == "float16" and be.describe()["decode"] == "cuda-graph"
+    cpu = Runtime(tiny_model.config, tokenizer, TorchBackend(tiny_model, device="cpu"))
+    inputs = cpu.plan("What is in the image?", images=[random_image(600, 400)]).inputs
+    e_cpu, e_gpu = cpu.embed(inputs), gpu_rt.embed(inputs)
+    cos = np.sum(e_cpu * e_gpu, -1) / np.linalg.norm(e_cpu, axis=-1) / np.linalg.norm(e_gpu, axis=-1)
+    assert cos.min() > 0.995
+    ours, ref = be.prefill(e_cpu), cpu.backend.prefill(e_cpu)
+    top1 = []
+    for _ in range(24):  # teacher-forced on the fp32 path
+        tok = int(np.argmax(ref))
+        top1.append(int(np.argmax(ours)) == tok)
+        ours, ref = be.decode_step(tok), cpu.backend.decode_step(tok)
+    assert np.mean(top1) >= 0.9
+
+
+def test_session_and_video_stream_on_cuda(gpu_rt, tiny_config, tokenizer):
+    img = random_image(500, 300, seed=7)
+    s = gpu_rt.session()
+    a1 = s.generate("What is it?", images=[img], max_new_tokens=6)
+    a2 = s.generate("And then?", max_new_tokens=6)
+    fresh = Runtime(tiny_config, tokenizer, gpu_rt.backend.__class__(gpu_rt.backend.model, device="cuda"))
+    conv = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": a1.text},
+            {"role": "user", "content": "And then?"}]
+    assert a2.token_ids == fresh.generate(conv, images=[img], max_new_tokens=6).token_ids
+    vs = gpu_rt.video_stream(fps=1, window_s=8)
+    frames = [random_image(48, 48, seed=i) for i in range(8)]
+    for i, f in enumerate(frames):
+        vs.push(f, timestamp=float(i))
+    assert len(vs.generate("What happens?", max_new_tokens=4).token_ids) >= 1
+
+
+def test_cuda_graph_decoding_equals_eager(gpu_rt, tiny_config, tokenizer):
+    eager = Runtime(tiny_config, tokenizer, TorchBackend(gpu_rt.backend.model, device="cuda", cuda_graph=False))
+    assert eager.backend.describe()["decode"] == "eager"
+    inputs = eager.plan("What is in the image?", images=[random_image(400, 300, seed=2)]).inputs
+    e = eager.embed(inputs)
+    a, b = gpu_rt.backend, eager.backend
+    a.reset(), b.reset()
+    la, lb = a.prefill(e), b.prefill(e)
+    for step in range(16):
+        assert np.abs(la - lb).max() < 0.05 * max(1.0, float(np.abs(lb).max())), step
+        tok = int(np.argmax(lb))
+        la, lb = a.decode_step(tok), b.decode_step(tok)
+    a.truncate(e.shape[1] + 3), b.truncate(e.shape[1] + 3)
+    np.testing.assert_allclose(a.decode_step(5), b.decode_step(5), atol=0.05 * max(1.0, float(np.abs(lb).max())))
