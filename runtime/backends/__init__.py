@@ -28,7 +28,7 @@ def choose_backend(bundle, name: str = "auto") -> str:
     if name != "auto":
         return name
     targets = bundle.manifest.get("targets", {})
-    if "tensorrt" in targets and _installed("tensorrt"):
+    if bundle.has("vision_engine", "tensorrt") and _installed("tensorrt"):  # engines built, library here
         return "tensorrt"
     if "cpu" in targets and _installed("onnxruntime"):
         return "onnxruntime"

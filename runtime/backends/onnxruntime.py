@@ -53,7 +53,7 @@ class OrtBackend(Backend):
     def __init__(self, config: NVILAConfig, vision: str | os.PathLike | None, projector: str | os.PathLike | None,
                  decoder: str | os.PathLike, embeddings, io: dict, *, threads: int | None = None,
                  device: str | None = None, capacity: int | None = None):
-        ort = _ort()
+        _ort()  # a clear BackendUnavailable before any work when onnxruntime is missing
         self.config = config
         self.providers = providers_for(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -90,7 +90,6 @@ class OrtBackend(Backend):
         self._length = 0
         self._kv: list[list] = []
         self._alloc(self._cap)
-        self._ort = ort
         self._vision_io = _io_names(self.vision)
         self._projector_io = _io_names(self.projector)
         self.tile_batch = max(1, 8192 // (config.vision.grid ** 2))  # bounds activation memory, like torch
