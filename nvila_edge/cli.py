@@ -12,7 +12,7 @@ import sys
 
 from .errors import NVILAEdgeError
 
-STAGE_CLIS = ("nvila_edge.calibration.cli", "nvila_edge.export.cli")
+STAGE_CLIS = ("nvila_edge.calibration.cli", "nvila_edge.export.cli", "nvila_edge.runtime.cli")
 
 OPTIONAL_BACKENDS = {
     # module: (pip distribution, extra, purpose)
