@@ -255,6 +255,9 @@ def test_awq_int4_matches_fake_quant_torch(calibrated, tmp_path):
     print(f"AWQ int4 (accuracy_level 1) vs fake-quant torch: max |logit diff| / max |logit| = {worst:.2e}")
     assert worst < 2e-4
     io = export_decoder(calibrated, tmp_path / "a4", precision="int4")
+    tl, ol, _, _ = run_pair(calibrated, OrtDecoder(tmp_path / "a4" / "decoder.onnx", io), xs[0], 6)
+    print(f"AWQ int4 (accuracy_level 4, lm_head int8): max |logit diff| / max |logit| = "
+          f"{np.abs(ol - tl).max() / np.abs(tl).max():.2e}")
     agree = greedy_agreement(calibrated, tmp_path / "a4" / "decoder.onnx", io, xs)
     print(f"AWQ int4 (accuracy_level 4, lm_head int8) vs fake-quant torch: greedy agreement {agree:.3f}")
     assert agree >= 0.95
