@@ -12,7 +12,7 @@ import sys
 
 from .errors import NVILAEdgeError
 
-STAGE_CLIS = ("nvila_edge.calibration.cli", "nvila_edge.export.cli", "nvila_edge.runtime.cli")
+STAGE_CLIS = ("nvila_edge.calibration.cli", "nvila_edge.export.cli", "nvila_edge.runtime.cli", "nvila_edge.runtime.camera_app")
 
 OPTIONAL_BACKENDS = {
     # module: (pip distribution, extra, purpose)
