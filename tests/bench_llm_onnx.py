@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--spin", type=int, default=1, help="decode: ORT intra-op spinning (0 = off)")
+    p.add_argument("--spin", type=int, default=0, help="decode: ORT intra-op spinning (off, as the runtime)")
     a = p.parse_args(argv)
     {"export": cmd_export, "decode": cmd_decode, "genai": cmd_genai}[a.cmd](a)
 
