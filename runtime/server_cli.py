@@ -1,0 +1,88 @@
+"""``nvila-edge serve BUNDLE``: the OpenAI-compatible server (``runtime/server.py``) on uvicorn, and the
+runners: ``serve`` (blocking) and ``ServerThread`` (a background server, for tests and embedding apps).
+
+Registered by ``nvila_edge.cli`` through ``STAGE_CLIS``; fastapi / uvicorn are imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) over a bundle")
+    s.add_argument("bundle", help="bundle directory (`nvila-edge export`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"), default="auto")
+    s.add_argument("--threads", type=int, help="CPU threads for the backend")
+    s.add_argument("--model-name", help="model id reported by /v1/models (default: the bundle's model name)")
+    s.add_argument("--media-dir", help="allow file:// image / video URLs, but only inside this folder")
+    s.add_argument("--max-queue", type=int, default=8, help="requests admitted at once (running + waiting); "
+                   "more get 429")
+    s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--max-tokens", type=int, default=512, help="answer length when a request sets none")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(func=serve_main)
+
+
+def serve_main(args) -> int:
+    from .server import _require
+
+    _require("uvicorn")  # before loading the bundle: a missing extra fails fast
+    print(f"nvila-edge serve: http://{args.host}:{args.port}/v1  (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    serve(args.bundle, host=args.host, port=args.port, log_level=args.log_level, backend=args.backend,
+          threads=args.threads, model_name=args.model_name, media_dir=args.media_dir, max_queue=args.max_queue,
+          max_request_bytes=int(args.max_request_mb * (1 << 20)), max_images=args.max_images,
+          default_max_tokens=args.max_tokens)
+    return 0
+
+
+def serve(runtime_or_bundle, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **app_kwargs):
+    """Run the server in this thread until interrupted (uvicorn)."""
+    from .server import _require, create_app
+
+    uvicorn = _require("uvicorn")
+    app = create_app(runtime_or_bundle, **app_kwargs)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """A uvicorn server on a background thread (tests, apps embedding the server). ``port=0``: a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        from .server import _require
+
+        uvicorn = _require("uvicorn")
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))  # bound here, so the port is known (and ours) before the thread starts
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
