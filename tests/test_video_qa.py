@@ -1,0 +1,82 @@
+"""VideoQA: per-segment sampling, TSP through the runtime, time tokens → seconds; the sample on a tiny bundle."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nvila_edge import NVILAConfig, NVILATokenizer
+from nvila_edge.runtime.video_qa import VideoQA, load_segment, probe, time_tokens_to_seconds
+
+cv2 = pytest.importorskip("cv2")
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "video_qa.py"
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """8 s at 5 FPS: a circle appears at 3 s; each frame's blue channel encodes its index."""
+    path = tmp_path_factory.mktemp("vqa") / "long.mp4"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 64))
+    for i in range(40):
+        f = np.zeros((64, 96, 3), np.uint8)
+        f[:, :, 0] = 5 * i  # BGR blue = frame index
+        if i >= 15:
+            cv2.circle(f, (48, 32), 12, (0, 255, 0), -1)
+        w.write(f)
+    w.release()
+    return path
+
+
+def test_probe_and_segment_sampling(video):
+    info = probe(video)
+    assert info.frame_count == 40 and info.fps == pytest.approx(5.0) and info.duration_s == pytest.approx(8.0)
+    clip = load_segment(info, 4.0, 8.0, 8)
+    assert clip.indices[0] == 20 and clip.indices[-1] == 39 and len(clip.frames) == 8
+    assert clip.timestamps[0] == pytest.approx(4.0) and clip.timestamps[-1] == pytest.approx(7.8)
+    assert abs(int(clip.frames[0][0, 0, 2]) - 100) <= 6  # RGB: blue is channel 2; frame 20 → 100 (lossy codec)
+
+
+def test_time_tokens_to_seconds():
+    times = [2.0 + i for i in range(8)]  # sampled frames at 2..9 s
+    secs, text = time_tokens_to_seconds("from <t0> to <t7>, peak <t3>", times, 8)
+    assert secs == [2.0, 9.0, 5.0] and text == "from <t0> (2.0 s) to <t7> (9.0 s), peak <t3> (5.0 s)"
+    assert time_tokens_to_seconds("<t3>", times, 0) == ([], "<t3>")  # a model without time tokens
+
+
+def test_segments_and_time_tokens_with_a_time_token_model(video, one_thread):
+    from conftest import _corpus, make_model
+    from nvila_edge.runtime import Runtime
+    from nvila_edge.runtime.backends.torch import TorchBackend
+
+    tok = NVILATokenizer.train(_corpus(), num_time_tokens=8)  # 496 + 8 special + 8 time tokens = the tiny vocab
+    cfg = NVILAConfig.from_preset("tiny", video={"num_frames": 8, "pool_sizes": ((2, 1, 1),), "num_time_tokens": 8})
+    rt = Runtime(cfg, tok, TorchBackend(make_model(cfg)))
+    qa = VideoQA(rt)
+    assert qa.has_time_tokens
+    answers = qa.ask(video, "When does the circle appear?", segments=2, max_new_tokens=4)
+    assert [(a.start_s, a.end_s) for a in answers] == [(0.0, 4.0), (4.0, 8.0)]
+    assert answers[1].frame_times_s[0] == pytest.approx(4.0)
+    media = answers[0].plan["media"][0]
+    assert media["kind"] == "video" and media["num_frames"] == 8 and media["groups"] == [4]  # TSP: 8 frames → 4
+    assert answers[0].prompt_tokens > answers[0].plan["visual_tokens"] > 0
+    for a in answers:
+        marked = time_tokens_to_seconds(a.text, a.frame_times_s, 8)
+        assert (a.times_s, a.text_with_times) == marked
+    assert len(qa.segments(probe(video), segment_s=3.0)) == 3
+
+
+def test_sample_on_a_tiny_bundle(video, tmp_path, tiny_model, tokenizer, capsys, one_thread):
+    pytest.importorskip("onnxruntime")
+    from test_runtime_ort import write_bundle
+
+    bundle = write_bundle(tmp_path / "bundle", tiny_model, tokenizer)
+    main = runpy.run_path(str(SAMPLE))["main"]
+    assert main([str(bundle), str(video), "When does the circle appear?", "--segments", "2",
+                 "--max-new-tokens", "4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "8.0 s, 40 frames at 5.0 FPS" in out and "time tokens: none" in out
+    assert out.count("Q: When does the circle appear?") == 2 and "[   4.0 s –    8.0 s]" in out
+    assert "pooled groups" in out and "visual tokens" in out and "TTFT" in out
