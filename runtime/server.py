@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ log = logging.getLogger("nvila_edge.server")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi", "video/avi": ".avi",
                  "video/quicktime": ".mov", "video/x-matroska": ".mkv"}
+_TIMINGS = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "tokens_per_s")
 _DONE = object()
 
 
@@ -129,14 +131,19 @@ def _media_url(part: dict, kind: str, param: str) -> str:
     return url
 
 
-def _number(body: dict, key: str, kind: type, default=None, lo=None):
+def _number(body: dict, key: str, kind: type, default=None, lo=None, hi=None):
     v = body.get(key)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
-    if not ok or (lo is not None and v < lo):
-        want = "an integer" if kind is int else "a number"
-        raise RequestError(400, f"{key} must be {want}{'' if lo is None else f' >= {lo}'}, got {v!r}",
+    # JSON allows NaN / Infinity and huge floats: refuse them here rather than deep in the sampler
+    try:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and (
+            kind is float or float(v).is_integer()) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    except OverflowError:  # an integer beyond float range
+        ok = False
+    if not ok:
+        bounds = "".join(f" {op} {b}" for op, b in ((">=", lo), ("<=", hi)) if b is not None)
+        raise RequestError(400, f"{key} must be {'an integer' if kind is int else 'a number'}{bounds}, got {v!r}",
                            "invalid_request", key)
     return kind(v)
 
@@ -160,7 +167,7 @@ def _sampling(body: dict, default_max_tokens: int) -> dict:
     return {"max_new_tokens": max_tokens, "temperature": _number(body, "temperature", float, 0.0, lo=0),
             "top_p": _number(body, "top_p", float, 1.0), "top_k": _number(body, "top_k", int, 0, lo=0),
             "repetition_penalty": _number(body, "repetition_penalty", float, 1.0),
-            "seed": _number(body, "seed", int), "stop": tuple(stop)}
+            "seed": _number(body, "seed", int, lo=0), "stop": tuple(stop)}
 
 
 def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos: int = 1,
@@ -175,9 +182,9 @@ def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos:
     req = ChatRequest(conversation=[], sampling=_sampling(body, default_max_tokens), stream=bool(body.get("stream")))
     opts = body.get("stream_options") or {}
     req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    for key in ("max_tiles", "num_frames"):
+    for key in ("max_tiles", "num_frames"):  # frames are decoded before the context check: bound them
         if body.get(key) is not None:
-            req.options[key] = _number(body, key, int, lo=1)
+            req.options[key] = _number(body, key, int, lo=1, hi=256)
     if body.get("overflow") is not None:
         if body["overflow"] not in ("error", "drop_frames"):
             raise RequestError(400, "overflow must be 'error' or 'drop_frames'", "invalid_request", "overflow")
@@ -265,11 +272,6 @@ def usage_dict(usage) -> dict:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens, "visual_tokens": usage.visual_tokens}
 
 
-def timings_dict(t) -> dict:
-    return {"preprocess_ms": t.preprocess_ms, "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms,
-            "ttft_ms": t.ttft_ms, "decode_ms": t.decode_ms, "tokens_per_s": t.tokens_per_s}
-
-
 def sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -317,14 +319,13 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
 
     if max_queue < 1 or max_request_bytes < 1 or max_images < 0:
         raise ConfigError("max_queue and max_request_bytes must be >= 1, max_images >= 0")
-    if isinstance(runtime_or_bundle, (str, os.PathLike)):
+    if media_dir is not None and not os.path.isdir(media_dir):  # checked before the (slow) bundle load
+        raise ConfigError(f"media_dir {media_dir!r} is not a folder")
+    rt = runtime_or_bundle
+    if isinstance(rt, (str, os.PathLike)):
         from .runtime import Runtime
 
-        rt = Runtime.load(runtime_or_bundle, backend=backend, threads=threads)
-    else:
-        rt = runtime_or_bundle
-    if media_dir is not None and not os.path.isdir(media_dir):
-        raise ConfigError(f"media_dir {media_dir!r} is not a folder")
+        rt = Runtime.load(rt, backend=backend, threads=threads)
     name = model_name or getattr(getattr(rt, "config", None), "name", None) or "nvila-edge"
     engine = _Engine(rt, max_queue)
     created = int(time.time())
@@ -382,22 +383,22 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
         return model_card()
 
     async def read_body(request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_request_bytes):
-            raise RequestError(413, f"the request body is larger than the limit of {max_request_bytes} bytes",
+        too_big = RequestError(413, f"the request body is larger than the limit of {max_request_bytes} bytes",
                                "request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_request_bytes:  # refused before reading it
+            raise too_big
         body = bytearray()
         async for chunk in request.stream():  # chunked uploads are counted as they arrive
             body += chunk
             if len(body) > max_request_bytes:
-                raise RequestError(413, f"the request body is larger than the limit of {max_request_bytes} bytes",
-                                   "request_too_large")
+                raise too_big
         return bytes(body)
 
     def parse(raw: bytes) -> ChatRequest:
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise RequestError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
         return parse_chat_request(body, media_dir=media_dir, max_images=max_images, max_videos=max_videos,
                                   default_max_tokens=default_max_tokens)
@@ -459,7 +460,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
                 "id": rid, "object": "chat.completion", "created": ts, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
                              "finish_reason": fin.reason, "logprobs": None}],
-                "usage": usage_dict(fin.usage), "timings": timings_dict(fin.timings)})
+                "usage": usage_dict(fin.usage), "timings": {k: getattr(fin.timings, k) for k in _TIMINGS}})
         except Exception as e:
             return error(map_error(e))
         finally:

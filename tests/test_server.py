@@ -184,6 +184,28 @@ def test_raw_http_errors_and_keeps_serving(server, client):
     assert r.choices[0].message.content is not None
 
 
+@pytest.mark.parametrize("body", [
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "num_frames": 100000}',
+    b'{"messages": [{"role": "user", "content": 7}]}',
+    b'{"messages": [{"role": "user", "content": ["text"]}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]}',
+    b'{"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,AA=="}}]}]}',
+    b'{"messages": {"role": "user"}}',
+    b'{"messages": [{"role": "tool", "content": "x"}]}',
+    b"\xff\xfe garbage",
+    b"[" * 100000,
+])
+def test_bad_bodies_never_500(server, client, body):
+    status, resp = raw_post(server.url, body)
+    assert 400 <= status < 500 and resp["error"]["message"], (status, resp)
+
+
 def test_video_data_uri(client, rt, tmp_path, one_thread):
     from _media_helpers import video_colours, write_video
 
