@@ -445,7 +445,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
             if req.stream:
                 handed_off = True
                 return _Stream(_sse_events(gen, rid, ts, req.include_usage), release)
-            text, fin = [], None
+            fin = None
             while True:
                 ev = await engine.next(gen)
                 if ev is _DONE:

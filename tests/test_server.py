@@ -125,6 +125,25 @@ def test_streaming_chunks_and_usage(client, rt, one_thread):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_concurrent_requests_are_serialized(client, rt, one_thread):
+    """Several clients at once: each waits its turn (one KV cache), each gets its own greedy answer."""
+    prompts = [("what color is the circle", None), (QUESTION, png_bytes(seed=5)), ("how many shapes", None)]
+    refs = [rt.generate(p, images=[i] if i else None, max_new_tokens=5).text for p, i in prompts]
+    out = [None] * len(prompts)
+
+    def ask(k):
+        p, img = prompts[k]
+        msgs = image_message(data_uri(img), p) if img else [{"role": "user", "content": p}]
+        out[k] = client.chat.completions.create(model="m", messages=msgs, max_tokens=5).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == refs
+
+
 def test_file_urls_inside_media_dir_only(client, rt, media_dir, one_thread):
     ref = rt.generate(QUESTION, images=[str(media_dir / "a.png")], max_new_tokens=4)
     r = client.chat.completions.create(model="m", messages=image_message(f"file://{media_dir}/a.png"), max_tokens=4)
@@ -318,3 +337,11 @@ def test_serve_cli(rt, monkeypatch, tmp_path):
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9000) and seen["app"].state.engine.max_queue == 2
     paths = {r.path for r in seen["app"].routes}
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= paths
+
+
+def test_missing_fastapi_is_backend_unavailable(rt, monkeypatch):
+    from nvila_edge.errors import BackendUnavailable
+
+    monkeypatch.setitem(__import__("sys").modules, "fastapi", None)  # makes `import fastapi` fail
+    with pytest.raises(BackendUnavailable, match=r"nvila-edge\[server\]"):
+        create_app(rt)
