@@ -1,0 +1,547 @@
+"""``nvila-edge bench``: our runtime against its baselines, in one run, on the same weights.
+
+    nvila-edge bench BUNDLE                         # the bundle's engines (+ its torch target for baselines)
+    nvila-edge bench --preset nvila-lite-2b         # real size, random weights, exported here (cached)
+    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: eager fp16 vs CUDA graph
+    nvila-edge bench --report result.json           # re-render the docs from a saved result
+
+On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.runtime.bench PHASE spec out``)
+so each reports its own peak RSS and the fp32 torch model's memory is gone before our runtime is timed:
+``torch`` (model, torch eager vision + fp32/bf16 LLM, the exports the run needs, onnxruntime-genai's
+builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph), ``genai``
+(onnxruntime-genai's own loop on the same int4 LLM). Targets are printed as met / not met; a miss never
+fails the command.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import bench_report as report
+
+FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
+        "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
+QUICK = {"vision_tiles": 1, "torch_vision_tiles": 1, "prefill": 128, "ort_tokens": 8, "genai_tokens": 8,
+         "torch_tokens": 4, "reps": 1, "ttft_reps": 1}
+GPU = {"vision_tiles": 10, "prefill": 512, "tokens": 128, "reps": 3}  # a GPU step is ms: more of them
+GENAI_BLOCK = 128  # genai builder int4 block: the same as our decoder's, so both read the same bytes
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("bench", help="measure the runtime against transformers eager and onnxruntime-genai")
+    p.add_argument("bundle", nargs="?", help="bundle directory (or --preset)")
+    p.add_argument("--preset", help="preset with random weights, exported here (nvila-lite-2b, tiny, ...)")
+    p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="onnxruntime (CPU, default) or torch (GPU run: --device cuda)")
+    p.add_argument("--device", default=None, help="torch backend device (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="few iterations (tests, smoke runs)")
+    p.add_argument("--json", dest="json_out", help="write the whole result as JSON here")
+    p.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="update docs/BENCHMARKS.md and write a PNG plot (default: on for full runs)")
+    p.add_argument("--docs", help="markdown file to update (default: the checkout's docs/BENCHMARKS.md)")
+    p.add_argument("--work-dir", help="where exported graphs are kept (default: a per-preset cache dir)")
+    p.add_argument("--seed", type=int, default=0, help="random-weight seed for --preset")
+    p.add_argument("--report", help="only render a saved --json result (docs, table)")
+    p.set_defaults(func=bench_main)
+
+
+def default_docs() -> Path:
+    docs = Path(__file__).resolve().parents[1] / "docs"  # runtime/ sits at the repo root in a checkout
+    return docs / "BENCHMARKS.md" if docs.is_dir() else Path("docs/BENCHMARKS.md")
+
+
+def bench_main(args) -> int:
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+    elif bool(args.bundle) == bool(args.preset):
+        print("nvila-edge bench: give either a BUNDLE or --preset NAME", file=sys.stderr)
+        return 2
+    else:
+        result = run_bench(bundle=args.bundle, preset=args.preset, backend=args.backend, device=args.device,
+                           threads=args.threads, quick=args.quick, work_dir=args.work_dir, seed=args.seed)
+    print(report.render_text(result))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    if args.write_docs if args.write_docs is not None else not result.get("quick"):
+        docs = Path(args.docs) if args.docs else default_docs()
+        log(f"wrote {docs} and {report.write_docs(result, docs)}")
+    return 0
+
+
+# ---- orchestration -----------------------------------------------------------------------------------------
+def _work_dir(work_dir, preset, bundle, seed, backend) -> Path:
+    if work_dir:
+        return Path(work_dir)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvila-edge" / "bench"
+    name = f"{preset}-seed{seed}" if preset else "bundle-" + Path(bundle).resolve().name
+    return base / (name + ("-torch" if backend == "torch" else ""))
+
+
+def genai_available() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:  # also what a test's sys.modules[...] = None gives
+        return False
+    return True
+
+
+def _prepare(spec: dict) -> dict:
+    """Config + tokenizer files for the children; for a bundle, the engines it already has."""
+    from nvila_edge import NVILAConfig, NVILATokenizer
+
+    work = Path(spec["work"])
+    art = {"config": str(work / "config.json")}
+    if spec["preset"]:
+        cfg = NVILAConfig.from_preset(spec["preset"])
+        # random weights need no real vocabulary: a small trained BPE whose special ids are put in the config
+        words = "what is in the image video describe the scene left right red blue one two how many".split()
+        corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 9)) + "?" for i in range(300)]
+        tok = NVILATokenizer.train(corpus, num_time_tokens=cfg.video.num_time_tokens)
+        cfg = cfg.replace(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                          end_token_ids=list(tok.encode("\n")))
+        tok.save_pretrained(work / "tokenizer")
+        art["tokenizer"] = str(work / "tokenizer")
+    else:
+        from nvila_edge.bundle import Bundle
+
+        b = Bundle.open(spec["bundle"])
+        cfg, cpu = b.config, b.target("cpu")
+        art.update(tokenizer=str(b.tokenizer_dir), projector=str(b.file("projector")), decoder=str(b.file("decoder")),
+                   embeddings=str(b.file("embeddings")), decoder_io=cpu["io"]["decoder"],
+                   limits=cpu.get("limits") or {})
+        if cpu.get("precision", {}).get("vision") == "int8-qdq":
+            art.update(vision_int8=str(b.file("vision")), vision_int8_kind="INT8 QDQ (bundle)")
+        else:
+            art["vision_fp32"] = str(b.file("vision"))
+        if b.has("checkpoint", "torch"):
+            art["checkpoint"] = str(b.file("checkpoint", "torch"))
+    Path(art["config"]).write_text(cfg.to_json())
+    return art
+
+
+def run_child(phase: str, spec: dict) -> dict:
+    """One phase in a fresh interpreter: its JSON result, or {"error": ...} (never raises)."""
+    work = Path(spec["work"])
+    spec_path, out_path = work / f"spec-{phase}.json", work / f"result-{phase}.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run([sys.executable, "-m", "nvila_edge.runtime.bench", phase, str(spec_path), str(out_path)]).returncode
+    if rc != 0 or not out_path.is_file():
+        return {"error": f"phase {phase} failed (exit status {rc}; see its output above)"}
+    res = json.loads(out_path.read_text())
+    res["phase_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
+              work_dir=None, seed=0) -> dict:
+    """Measure everything in one run; return the result (``bench_report`` shows it)."""
+    t0 = time.time()
+    counts = QUICK if quick else FULL
+    work = _work_dir(work_dir, preset, bundle, seed, backend)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"bundle": str(Path(bundle).resolve()) if bundle else None, "preset": preset, "seed": seed,
+            "threads": threads, "work": str(work), "counts": counts, "device": device, "genai": genai_available()}
+    spec.update(_prepare(spec))
+    result = {"target": preset or Path(bundle).name, "preset": preset, "bundle": spec["bundle"], "backend": backend,
+              "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    if backend == "torch":
+        log("torch backend: eager vs the torch backend (CUDA graph decoding on cuda)")
+        result["gpu"] = phase_gpu(spec, quick)
+        result["counts"] = result["gpu"].pop("counts")
+        result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
+    else:
+        result["machine"] = report.machine_info()
+        log(f"work dir {work}; phase torch (model, exports, eager baselines)")
+        result["torch"] = run_child("torch", spec)
+        spec.update(result["torch"].pop("artifacts", {}))
+        log("phase ort (our runtime)")
+        ready = all(spec.get(k) for k in ("decoder", "vision_int8", "projector"))
+        result["ort"] = run_child("ort", spec) if ready else {"error": "the engines could not be prepared"}
+        if not spec["genai"]:
+            result["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install 'nvila-edge[export]')"}
+        elif not spec.get("genai_dir"):
+            result["genai"] = {"skipped": result["torch"].get("genai_skipped", "no HF weights to build it from")}
+        else:
+            log("phase genai (onnxruntime-genai on the same int4 LLM)")
+            result["genai"] = run_child("genai", spec)
+        # measured last: Linux carries a parent's peak RSS into the children it starts (kept across exec)
+        result["bandwidth_gbs"] = bandwidth_gbs(threads or os.cpu_count() or 2)
+        log(f"memory bandwidth {result['bandwidth_gbs']:.1f} GB/s")
+        if spec.get("decoder"):
+            ctx = counts["prefill"] + counts["ort_tokens"] // 2  # mean KV length while decoding
+            result["bytes_per_token"] = report.decoder_bytes(spec["decoder"], spec["decoder_io"], ctx)
+            if spec.get("genai_dir"):
+                result["genai_bytes_per_token"] = report.decoder_bytes(Path(spec["genai_dir"]) / "model.onnx",
+                                                                       spec["decoder_io"], ctx)
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["seconds"] = round(time.time() - t0, 1)
+    result["ratios"], result["targets"] = report.evaluate(result)
+    return result
+
+
+# ---- measuring helpers -------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def bandwidth_gbs(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
+    """Memory read bandwidth: ``threads`` threads OR-reduce disjoint parts of a 1 GiB int64 array (numpy
+    releases the GIL in the loop; a float sum is compute-bound here and one thread understates it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones((size_mb << 20) // 8, np.int64)
+    parts = np.array_split(a, 8 * threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(lambda i: [np.bitwise_or.reduce(p) for p in parts[i::threads]], range(threads)))
+            best = min(best, time.perf_counter() - t)
+    return round(a.nbytes / best / 1e9, 2)
+
+
+def _median(xs) -> float:
+    return round(float(statistics.median(xs)), 3)
+
+
+def _time_tiles(fn, size: int, n: int, sync=lambda: None) -> float:
+    """Median ms of one tile (batch 1) over ``n`` runs after a warm-up run."""
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    fn(x)
+    sync()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(x)
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return _median(times)
+
+
+def _prompt_ids(cfg, n: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(10, min(cfg.llm.vocab_size, 400), n).astype(np.int64)
+
+
+def _torch_llm(llm, ids: np.ndarray, n_tokens: int, reps: int = 1, sync=lambda: None) -> dict:
+    """transformers eager: prefill ``ids`` then ``n_tokens`` greedy steps through the HF model's own cache."""
+    import torch
+
+    x = torch.as_tensor(ids, device=llm.device)[None]
+    prefill, decode = [], []
+    with torch.inference_mode():
+        llm(input_ids=x[:, :16], use_cache=True, logits_to_keep=1)  # warm-up: allocator, kernels
+        for _ in range(reps):
+            sync()
+            t = time.perf_counter()
+            out = llm(input_ids=x, use_cache=True, logits_to_keep=1)
+            tok = out.logits[0, -1].argmax()
+            sync()
+            prefill.append(time.perf_counter() - t)
+            cache, t = out.cache, time.perf_counter()
+            for _ in range(n_tokens):
+                out = llm(input_ids=tok.view(1, 1), cache=cache, use_cache=True)
+                cache, tok = out.cache, out.logits[0, -1].argmax()
+            sync()
+            decode.append(n_tokens / (time.perf_counter() - t))
+    return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}
+
+
+def _backend_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None) -> dict:
+    """Our backend: prefill the same prompt's embeddings, then greedy ``decode_step``s (IOBinding on ORT)."""
+    embeds = be.embed_tokens(ids)[None]
+    be.reset()
+    be.prefill(embeds[:, :16])  # warm-up
+    prefill, decode = [], []
+    for _ in range(reps):
+        be.reset()
+        sync()
+        t = time.perf_counter()
+        logits = be.prefill(embeds)
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = be.decode_step(int(np.argmax(logits)))
+        sync()
+        decode.append(n_tokens / (time.perf_counter() - t))
+    return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}
+
+
+def _ttft(rt, reps: int, cfg, video: bool) -> dict:
+    """Time to first token through ``Runtime.generate`` (preprocess + vision + prefill) on synthetic media."""
+    rng = np.random.default_rng(2)
+    s = cfg.vision.image_size
+    media = [rng.integers(0, 256, (s, s, 3), np.uint8) for _ in range(8 if video else 1)]
+    times, res = [], None
+    for _ in range(reps):
+        kw = {"video": media, "num_frames": 8} if video else {"images": media}
+        res = rt.generate("What happens here?" if video else "Describe the image.", max_new_tokens=1, **kw)
+        times.append(res.timings.ttft_ms)
+    return {"ttft_ms": _median(times), "vision_ms": round(res.timings.vision_ms, 1),
+            "prompt_tokens": res.usage.prompt_tokens, "visual_tokens": res.usage.visual_tokens,
+            "tiles": sum(int(m.get("num_tiles") or m.get("num_frames") or 0) for m in res.plan.media)}
+
+
+def _config_tok(spec):
+    from nvila_edge import NVILAConfig, NVILATokenizer
+
+    return (NVILAConfig.from_dict(json.loads(Path(spec["config"]).read_text())),
+            NVILATokenizer.from_pretrained(spec["tokenizer"]))
+
+
+def _torch_model(spec, device="cpu", dtype=None):
+    import torch
+
+    from nvila_edge import NVILAModel
+
+    if spec["preset"]:
+        cfg, _ = _config_tok(spec)
+        torch.manual_seed(spec["seed"])  # the same seed gives the same weights in every phase and run
+        with torch.device(device), torch.no_grad():
+            model = NVILAModel(cfg).eval()
+        return model.to(dtype) if dtype is not None else model
+    if spec.get("checkpoint"):
+        return NVILAModel.from_pretrained(spec["checkpoint"], dtype=dtype or torch.float32, device=device).eval()
+    return None
+
+
+def _cached(work: Path, name: str, build) -> None:
+    """Run ``build`` unless a previous run finished it (a marker file is written after success)."""
+    mark = work / f"{name}.done"
+    if not mark.exists():
+        t = time.perf_counter()
+        build()
+        mark.write_text(f"{time.perf_counter() - t:.1f} s\n")
+        log(f"  built {name} in {time.perf_counter() - t:.0f} s")
+
+
+# ---- phases ------------------------------------------------------------------------------------------------
+def phase_torch(spec: dict) -> dict:
+    import torch
+
+    from nvila_edge.export.llm_onnx import export_decoder, export_embeddings
+    from nvila_edge.export.vision_onnx import export_projector, export_vision
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    work, c = Path(spec["work"]), spec["counts"]
+    art: dict = {}
+    res: dict = {"artifacts": art}
+    model = _torch_model(spec)
+    if model is None:
+        res["skipped"] = "the bundle has no torch target: no weights for the transformers baselines"
+    else:
+        size = model.config.vision.image_size
+        log("  transformers eager fp32 vision")
+        with torch.inference_mode():
+            res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
+                                           c["torch_vision_tiles"])
+        _cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
+        art["vision_fp32"] = str(work / "vision_fp32.onnx")
+        if spec["preset"]:
+            _cached(work, "projector", lambda: export_projector(model, work))
+            art["projector"] = str(work / "projector.onnx")
+        model.vision_tower = None  # the LLM phases below do not need its 1.6 GB
+        gc.collect()
+    if not spec.get("vision_int8") and (art.get("vision_fp32") or spec.get("vision_fp32")):
+        src = art.get("vision_fp32") or spec["vision_fp32"]
+        _cached(work, "vision_int8", lambda: _quantize_dynamic(src, work / "vision_int8.onnx"))
+        art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
+    if model is None:
+        return res
+    if spec["preset"]:
+        def decoder():
+            io = export_decoder(model, work, precision="int4")
+            emb = export_embeddings(model, work)
+            (work / "decoder_io.json").write_text(json.dumps({"decoder": io, "embeddings": emb}))
+
+        _cached(work, "decoder", decoder)
+        art.update(decoder=str(work / "decoder.onnx"), embeddings=str(work / "embeddings.safetensors"),
+                   decoder_io=json.loads((work / "decoder_io.json").read_text())["decoder"])
+    if spec["genai"]:
+        try:
+            _cached(work, "genai", lambda: _build_genai(model.llm, work / "genai"))
+            art["genai_dir"] = str(work / "genai")
+        except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
+            res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"
+    ids = _prompt_ids(model.config, c["prefill"])
+    for dtype in ("float32", "bfloat16"):
+        log(f"  transformers eager {dtype} LLM: prefill {len(ids)}, decode {c['torch_tokens']}")
+        model.llm.to(getattr(torch, dtype))
+        res[f"llm_{dtype}"] = _torch_llm(model.llm, ids, c["torch_tokens"])
+    return res
+
+
+def _quantize_dynamic(src, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # MatMul only: weights int8 per tensor, activations quantized at run time (cosine 0.9999 on SigLIP)
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _build_genai(llm, out: Path) -> None:
+    """onnxruntime-genai's model builder (int4, CPU) on these very HF weights: its loader is pointed at the
+    in-memory model (no second copy, no tokenizer needed)."""
+    import copy
+
+    from onnxruntime_genai.models import builder as B
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(llm.config)
+    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = 0
+    B.get_hf_details = lambda *a, **k: {"extra_kwargs": {}, "hf_name": str(out), "hf_config": cfg}
+    B.QwenModel.load_weights = lambda self, p: llm
+    B.QwenModel.save_processing = lambda *a, **k: None
+    opts = [f"block_size={GENAI_BLOCK}", "accuracy_level=4"]
+    kv = B.parse_extra_options(None, str(out), str(out), "int4", "cpu", str(out / "cache"), opts)
+    B.create_model(None, str(out), str(out), "int4", "cpu", str(out / "cache"), **kv)
+
+
+def phase_ort(spec: dict) -> dict:
+    from .backends.onnxruntime import OrtBackend
+    from .runtime import Runtime
+
+    cfg, tok = _config_tok(spec)
+    c = spec["counts"]
+    be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
+                    spec["decoder_io"], threads=spec["threads"])
+    rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
+    size = cfg.vision.image_size
+    res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
+    log("  vision INT8")
+    res["vision_int8_ms"] = _time_tiles(be.encode_tiles, size, c["vision_tiles"])
+    log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
+    res["llm"] = _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])
+    log("  TTFT image / 8-frame video")
+    res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
+    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+    res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
+    if spec.get("vision_fp32"):
+        log("  vision fp32 ONNX")
+        sess = be._session(spec["vision_fp32"])  # same session options as the runtime's own graphs
+        name = sess.get_inputs()[0].name
+        res["vision_fp32_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
+    return res
+
+
+def phase_genai(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    c = spec["counts"]
+    cfg, _ = _config_tok(spec)
+    ids = _prompt_ids(cfg, c["prefill"]).astype(np.int32)
+    model = og.Model(spec["genai_dir"])
+    prefill, decode = [], []
+    for rep in range(c["reps"] + 1):  # the first pass warms up
+        params = og.GeneratorParams(model)
+        total = len(ids) + c["genai_tokens"] + 1
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids[None] if rep else ids[None, :16])
+        gen.generate_next_token()
+        p = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(c["genai_tokens"] if rep else 2):
+            gen.generate_next_token()
+        if rep:
+            prefill.append(p)
+            decode.append(c["genai_tokens"] / (time.perf_counter() - t))
+        del gen
+    return {"llm": {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": c["genai_tokens"]},
+            "block_size": GENAI_BLOCK}
+
+
+def phase_gpu(spec: dict, quick: bool = False) -> dict:
+    """Torch on one device (fp16 on cuda): transformers eager vs our torch backend (CUDA-graph decode)."""
+    import torch
+
+    from .backends.torch import TorchBackend
+    from .runtime import Runtime
+
+    dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    n = dict(GPU, vision_tiles=2, tokens=8, reps=1) if quick else GPU
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg, tok = _config_tok(spec)
+    dtype = torch.float16 if cuda else torch.float32
+    model = _torch_model(spec, device=dev, dtype=dtype)
+    res = {"counts": n, "device": dev, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+           "gpu_name": torch.cuda.get_device_name(0) if cuda else None}
+    log(f"  vision eager on {dev}")
+    with torch.inference_mode():
+        res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x).to(dev, dtype)),
+                                       cfg.vision.image_size, n["vision_tiles"], sync)
+    ids = _prompt_ids(cfg, n["prefill"])
+    log("  LLM transformers eager")
+    res["eager"] = _torch_llm(model.llm, ids, n["tokens"], n["reps"], sync)
+    be = TorchBackend(model, device=dev)
+    res["describe"] = be.describe()
+    log(f"  LLM torch backend ({be.describe()['decode']})")
+    res["backend"] = _backend_llm(be, ids, n["tokens"], n["reps"], sync)
+    rt = Runtime(cfg, tok, be)
+    res["ttft_image"] = _ttft(rt, 2, cfg, video=False)
+    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+    llm = model.llm
+    weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "embed_tokens" not in name)
+    if cfg.llm.tie_word_embeddings:  # the LM head reads the shared table every token
+        weights += llm.lm_head.weight.numel() * llm.lm_head.weight.element_size()
+    k = cfg.llm
+    kv = 2 * k.num_hidden_layers * k.num_key_value_heads * (k.hidden_size // k.num_attention_heads) * \
+        (n["prefill"] + n["tokens"] // 2) * (2 if cuda else 4)
+    res["bytes_per_token"] = {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
+    if cuda:
+        a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        b = torch.empty_like(a)
+        b.copy_(a)
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            b.copy_(a)
+        sync()
+        res["bandwidth_gbs"] = round(2 * 10 * a.numel() / (time.perf_counter() - t) / 1e9, 1)  # read + write
+        res["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        del a, b
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+PHASES = {"torch": phase_torch, "ort": phase_ort, "genai": phase_genai}
+
+
+def _phase_main(argv: list[str]) -> int:
+    phase, spec_path, out_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads") and phase != "torch":
+        os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    res = PHASES[phase](spec)
+    res["peak_rss_mb"] = peak_rss_mb()
+    Path(out_path).write_text(json.dumps(res, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_phase_main(sys.argv[1:]))
