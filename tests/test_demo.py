@@ -19,6 +19,8 @@ def test_demo_trains_caches_and_streams(tmp_path, monkeypatch):
         return dataclasses.replace(r, stages=tuple(dataclasses.replace(s, max_steps=1, batch_size=2) for s in r.stages))
 
     monkeypatch.setattr(demo, "demo_recipe", quick)
+    monkeypatch.setattr(demo, "EVAL_QUESTIONS", 4)
+    monkeypatch.setattr(demo, "CALIBRATION_SAMPLES", 6)
     out = io.StringIO()
     res = demo.run_demo(cache_dir=tmp_path / "cache", questions=2, progress=False, out=out)
     text = out.getvalue()
@@ -26,11 +28,17 @@ def test_demo_trains_caches_and_streams(tmp_path, monkeypatch):
     assert "held-out accuracy" in text and text.count("Q: ") == 2 and "expected:" in text
     assert 0.0 <= res.image_accuracy <= 1.0
     assert (tmp_path / "cache" / "report.json").is_file()
+    # the pipeline went on: ModelOpt calibration, CPU bundle export, answers streamed from ONNX Runtime
+    assert "calibrating with ModelOpt" in text and "greedy-token agreement" in text
+    assert "exporting the CPU bundle" in text and "answering with the bundle on onnxruntime" in text
+    assert "bundle (ONNX Runtime) vs calibrated torch on 4 held-out questions" in text
+    assert (tmp_path / "cache" / "bundle" / "manifest.json").is_file()
     # a second run reuses the cached model and report
     out2 = io.StringIO()
     res2 = demo.run_demo(cache_dir=tmp_path / "cache", questions=1, progress=False, out=out2)
     assert not res2.trained_now and res2.checkpoint == res.checkpoint
     assert "training the demo model" not in out2.getvalue()
+    assert "calibrating" not in out2.getvalue() and "exporting" not in out2.getvalue()
     assert res2.image_accuracy == res.image_accuracy
 
 

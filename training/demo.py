@@ -1,8 +1,9 @@
-"""`nvila-edge demo`: the embedded default, fully offline.
+"""`nvila-edge demo`: the embedded default, fully offline — the whole SDK pipeline end to end.
 
 Makes the synthetic data, trains the `demo` preset (NVILA architecture at small size) through the five
-stages with our own trainer, caches everything under the user cache directory (re-runs reuse it), reports
-held-out accuracy and answers a few held-out questions with streaming output.
+stages with our own trainer, calibrates it with ModelOpt (W8A8 SigLIP, W4A16 AWQ Qwen2), exports the CPU
+bundle (INT8 vision ONNX + int4 decoder ONNX), and answers held-out questions with streaming output from
+the ONNX Runtime engine. Every step is cached under the user cache directory (re-runs reuse it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .synthetic import SyntheticConfig, make_dataset
 from .tokenizer import demo_tokenizer
 from .trainer import last_checkpoint, run_recipe
 
-DEMO_VERSION = "v2"  # bump when the data, recipe or preset change so old caches are not reused
+DEMO_VERSION = "v2"
+EVAL_QUESTIONS = 200  # held-out image questions scored before / after quantization and on the bundle
+CALIBRATION_SAMPLES = 64  # bump when the data, recipe or preset change so old caches are not reused
 
 
 def cache_root() -> Path:
@@ -92,17 +95,96 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
           file=out, flush=True)
     print("[demo] per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in {**img["per_task"], **vid["per_task"]}.items()),
           file=out, flush=True)
+    bundle = deploy_demo(root, ckpt, held, progress=progress, out=out)
+    from nvila_edge.runtime import Runtime
+
+    rt = Runtime.load(bundle, backend="onnxruntime")
+    print(f"[demo] answering with the bundle on {rt.describe()['backend']} ({bundle})", file=out, flush=True)
     picks = [r for r in held if not r.video][:max(questions - 1, 0)] + [r for r in held if r.video][:1]
     for r in picks[:questions]:
         media = r.video.name if r.video else ", ".join(p.name for p in r.images)
         q = r.question[-1]["value"].replace("<image>", "").replace("<vila/video>", "").strip()
         print(f"\n[{media}] Q: {q}\nA: ", end="", file=out, flush=True)
-        inputs = processor(r.question, images=r.images or None, videos=[r.video] if r.video else None)
-        for ev in model.stream(**inputs, max_new_tokens=16):
+        for ev in rt.stream(r.question, images=[str(p) for p in r.images] or None,
+                            video=str(r.video) if r.video else None, max_new_tokens=16):
             if ev.type == "token":
                 print(ev.text, end="", file=out, flush=True)
-            else:
+            elif ev.type == "finish":
                 t = ev.timings
                 print(f"   (expected: {r.answer}; ttft {t.ttft_ms:.0f} ms, {ev.usage.prompt_tokens} prompt tokens)",
                       file=out, flush=True)
+    rt.close()
     return DemoResult(ckpt, img["accuracy"], vid["accuracy"], {**img["per_task"], **vid["per_task"]}, trained, secs)
+
+
+def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO = sys.stdout) -> Path:
+    """Calibrate (W8A8 SmoothQuant vision, W4A16 AWQ LLM) and export the CPU bundle, both cached."""
+    from nvila_edge.bundle import Bundle
+    from nvila_edge.calibration import calibrate, is_calibrated
+    from nvila_edge.errors import BundleError
+    from nvila_edge.export import export_bundle
+
+    cal, bundle = root / "calibrated", root / "bundle"
+    stamp = root / "deploy.json"
+    state = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if state.get("checkpoint") != str(ckpt) or not is_calibrated(cal):
+        print("[demo] calibrating with ModelOpt: vision w8a8-smoothquant, llm w4a16-awq", file=out, flush=True)
+        images = [r for r in held if not r.video][:EVAL_QUESTIONS]
+        res = calibrate(ckpt, cal, vision="w8a8-smoothquant", llm="w4a16-awq", data=root / "data" / "train.jsonl",
+                        num_samples=CALIBRATION_SAMPLES, heldout=root / "data" / "heldout.jsonl", num_heldout=16,
+                        eval_records=images, progress=progress)
+        print(res.fidelity.table(), file=out, flush=True)
+        state = {"checkpoint": str(ckpt), "fidelity": res.fidelity.to_dict()}
+        atomic_write_text(stamp, json.dumps(state, indent=2))
+        if bundle.exists():
+            import shutil
+
+            shutil.rmtree(bundle)
+    try:
+        Bundle.open(bundle)
+    except BundleError:
+        print("[demo] exporting the CPU bundle (INT8 Q/DQ vision ONNX, int4 MatMulNBits decoder ONNX)", file=out, flush=True)
+        print(f"[demo] {export_bundle(cal, bundle, 'cpu', progress=progress)}", file=out, flush=True)
+        state.pop("bundle", None)
+    if "bundle" not in state:  # parity ladder's last rung on trained weights: calibrated torch vs the bundle on ORT
+        images = [r for r in held if not r.video][:EVAL_QUESTIONS]
+        state["bundle"] = bundle_parity(cal, bundle, images, progress=progress)
+        atomic_write_text(stamp, json.dumps(state, indent=2))
+    p = state["bundle"]
+    print(f"[demo] bundle (ONNX Runtime) vs calibrated torch on {p['prompts']} held-out questions: greedy tokens "
+          f"{100 * p['token_agreement']:.1f} % equal, answers {100 * p['answer_agreement']:.1f} % identical; "
+          f"bundle accuracy {100 * p['bundle_accuracy']:.1f} %", file=out, flush=True)
+    fid = state.get("fidelity") or {}
+    if fid.get("accuracy_before") is not None:
+        print(f"[demo] quantization: held-out image accuracy {100 * fid['accuracy_before']:.1f} % (fp32) → "
+              f"{100 * fid['accuracy_after']:.1f} % (W8A8 vision + W4A16 LLM); greedy-token agreement "
+              f"{100 * fid['greedy_agreement']:.1f} %, vision cosine {fid['vision_cosine_mean']:.4f}", file=out, flush=True)
+    return bundle
+
+
+def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int = 8, progress: bool = True) -> dict:
+    """Greedy answers of the calibrated (fake-quant) torch model vs the exported bundle on ONNX Runtime."""
+    from tqdm.auto import tqdm
+
+    from nvila_edge.calibration import load_calibrated
+    from nvila_edge.runtime import Runtime
+
+    from .evaluate import normalize_answer
+
+    model = load_calibrated(calibrated)
+    processor = NVILAProcessor(model.config, model.tokenizer)
+    rt = Runtime.load(bundle, backend="onnxruntime")
+    same_tokens = total_tokens = same_answers = correct = 0
+    for r in tqdm(records, desc="bundle parity", disable=not progress):
+        images = [str(p) for p in r.images] or None
+        ref = model.generate(**processor(r.question, images=images), max_new_tokens=max_new_tokens).token_ids
+        got = rt.generate(r.question, images=images, max_new_tokens=max_new_tokens)
+        n = max(len(ref), len(got.token_ids))
+        same_tokens += sum(a == b for a, b in zip(ref, got.token_ids))
+        total_tokens += n
+        same_answers += ref == got.token_ids
+        correct += normalize_answer(got.text) == normalize_answer(r.answer)
+    rt.close()
+    k = max(len(records), 1)
+    return {"prompts": len(records), "token_agreement": same_tokens / max(total_tokens, 1),
+            "answer_agreement": same_answers / k, "bundle_accuracy": correct / k}
