@@ -180,7 +180,8 @@ def _bound_lines(result: dict) -> list[str]:
     if not b:
         return []
     lines = [f"decode bound: {b['total'] / 1e9:.3f} GB read per token ({b['weights'] / 1e9:.3f} GB weights + "
-             f"{b['kv'] / 1e6:.1f} MB KV) / {_fmt(bw)} GB/s measured = {_fmt(r.get('bound_tok_s'))} tok/s; "
+             f"{b['kv'] / 1e6:.1f} MB KV) / {_fmt(bw)} GB/s measured"
+             + (" (device copy, read + write)" if "gpu" in result else " (2-thread read)") + f" = {_fmt(r.get('bound_tok_s'))} tok/s; "
              f"achieved {_pct(r.get('decode_fraction_of_bound'))}"]
     gb = result.get("genai_bytes_per_token")
     if gb:
@@ -230,11 +231,11 @@ def render_markdown(result: dict, png_name: str) -> str:
     v = ", ".join(f"{k} {x}" for k, x in m["versions"].items() if x)
     machine = (f"{m['cpu']}, {m['cores']} cores ({' '.join(m['isa'])}), {_fmt(m['mem_gb'])} GB"
                + (f"; GPU: {m['gpu']}" if m.get("gpu") else ""))
-    load = f"load average {result['load_avg_start'][0]:.2f} at start, {result['load_avg_end'][0]:.2f} at the end"
+    load = f"1-min load average {result['load_avg_start'][0]:.2f} at the start, {result['load_avg_end'][0]:.2f} at the end"
     out = [f"<!-- nvila-edge bench: {key} -->",
            f"## `nvila-edge bench` — {result['target']} ({result['backend']}"
            + (f", {result['gpu']['device']}" if "gpu" in result else ", CPU") + f"), {result['date']}", "",
-           f"Machine: {machine}. {v}. {load} (other jobs shared the machine). Whole run {result['seconds']:.0f} s"
+           f"Machine: {machine}. {v}. {load}. Whole run {result['seconds']:.0f} s"
            + (" (--quick)" if result.get("quick") else "") + ". Random weights "
            + (f"(preset, seed {result.get('seed', 0)})" if result.get("preset") else "(the bundle's)") + ".", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -296,7 +297,8 @@ def plot(result: dict, path) -> None:
     H = 50 + sum(40 + bar_h * len(b) + 10 for _, b in panels)
     img = np.full((H, W, 3), 255, np.uint8)
     font = cv2.FONT_HERSHEY_SIMPLEX
-    title = f"nvila-edge bench: {result['target']} ({result['backend']}) {result['date']}"
+    where = result["machine"].get("gpu") or result["machine"].get("cpu", "")
+    title = f"nvila-edge bench: {result['target']} ({result['backend']}, {where}) {result['date']}"
     cv2.putText(img, title, (10, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     colors = [(200, 120, 30), (60, 160, 60), (40, 110, 220), (60, 60, 200), (150, 150, 150)]  # BGR
     y = 50
