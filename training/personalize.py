@@ -1,0 +1,229 @@
+"""On-device personalization: teach a model a new object from a few pictures and redeploy it.
+
+    res = personalize(["mug1.jpg", "mug2.jpg", "mug3.jpg"], "my blue mug", "out/")
+    print(res.before, "→", res.after, res.seconds, res.peak_rss_mb)
+
+The loop: the pictures + label → a LLaVA-style JSONL (a few question phrasings, horizontally flipped
+copies) → QLoRA + ViT-LayerNorm fine-tune (``finetune``) → ``merge`` → re-``calibrate`` (W8A8 SigLIP,
+W4A16 AWQ Qwen2 by default, calibrated on the new pictures) → re-``export_bundle`` → the answer about a
+held-out picture before (base checkpoint) and after (the new bundle). Every step's wall time and the
+process's peak resident memory after it (``resource.getrusage``) are reported.
+
+The default base model is the cached demo checkpoint (``nvila-edge demo`` makes it). Also the
+``nvila-edge personalize`` verb; importing this module pulls no torch (the CLI stays instant).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TextIO
+
+QUESTIONS = ("What is this?", "What object is in the image?", "Name the object in the picture.")
+
+
+@dataclass
+class PersonalizeConfig:
+    question: str = QUESTIONS[0]  # asked before and after
+    steps: int = 40
+    r: int = 16
+    alpha: int = 32
+    learning_rate: float = 3e-3
+    batch_size: int = 4
+    mode: str = "qlora"
+    vit_lr_ratio: float = 10.0
+    flip: bool = True  # add horizontally flipped copies of the pictures
+    vision: str = "w8a8-smoothquant"
+    llm: str = "w4a16-awq"
+    calibration_samples: int = 16
+    target: str = "cpu"
+    max_new_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass
+class PersonalizeResult:
+    label: str
+    question: str
+    test_image: Path
+    before: str
+    after: str
+    bundle: Path
+    seconds: dict = field(default_factory=dict)  # per step
+    peak_rss_mb: dict = field(default_factory=dict)  # process peak RSS after each step
+    losses: list = field(default_factory=list)
+
+    @property
+    def learned(self) -> bool:
+        return self.label.lower() in self.after.lower()
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "question": self.question, "test_image": str(self.test_image),
+                "before": self.before, "after": self.after, "learned": self.learned, "bundle": str(self.bundle),
+                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "loss_first": self.losses[0] if self.losses else None,
+                "loss_last": self.losses[-1] if self.losses else None}
+
+    def table(self) -> str:
+        rows = [f"  {k:10s} {self.seconds[k]:7.1f} s   peak RSS {self.peak_rss_mb[k]:7.0f} MB" for k in self.seconds]
+        loss = f"loss {self.losses[0]:.3f} → {self.losses[-1]:.3f}" if self.losses else ""
+        return "\n".join([f"[personalize] Q: {self.question}  (about {self.test_image.name})",
+                          f"  before: {self.before!r}",
+                          f"  after:  {self.after!r}   ({'learned' if self.learned else 'label not in the answer'}"
+                          f"{'; ' + loss if loss else ''})", *rows,
+                          f"  total      {sum(self.seconds.values()):7.1f} s   peak RSS "
+                          f"{max(self.peak_rss_mb.values(), default=0):7.0f} MB", f"  bundle: {self.bundle}"])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def default_checkpoint() -> Path:
+    """The last finished stage of the cached demo model; ``CheckpointError`` saying how to make it if absent."""
+    from nvila_edge.errors import CheckpointError
+
+    from .demo import DEMO_VERSION, cache_root
+    from .trainer import COMPLETE
+
+    root = cache_root() / f"demo-{DEMO_VERSION}" / "checkpoints"
+    done = sorted((d for d in root.glob("stage*-*") if (d / COMPLETE).is_file()),
+                  key=lambda d: int(d.name[5:].split("-")[0])) if root.is_dir() else []
+    if not done:
+        raise CheckpointError(f"no demo checkpoint in {root}: make it with `nvila-edge demo` (about 5 minutes on a "
+                              "CPU), or pass a checkpoint (--checkpoint DIR)")
+    return done[-1]
+
+
+def write_dataset(images: Sequence, label: str, out_dir: Path, flip: bool = True) -> Path:
+    """The pictures (any image input) as PNGs + ``train.jsonl`` with every question phrasing → ``label``."""
+    from PIL import ImageOps
+
+    from nvila_edge.media.image import load_image
+
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, src in enumerate(images):
+        img = load_image(src)
+        variants = [img, ImageOps.mirror(img)] if flip else [img]
+        for v, pic in enumerate(variants):
+            rel = f"images/{i:03d}{'-flip' if v else ''}.png"
+            pic.save(out_dir / rel)
+            for k, q in enumerate(QUESTIONS):
+                rows.append({"id": f"p{i}-{v}-{k}", "image": rel, "conversations": [
+                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": label}]})
+    path = out_dir / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _answer_torch(checkpoint: Path, image, question: str, max_new_tokens: int) -> str:
+    from nvila_edge import NVILAModel, NVILAProcessor
+
+    model = NVILAModel.from_pretrained(checkpoint)
+    proc = NVILAProcessor.from_pretrained(checkpoint)
+    return model.generate(**proc(question, images=[image]), max_new_tokens=max_new_tokens).text.strip()
+
+
+def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpoint: str | Path | None = None,
+                test_image=None, config: PersonalizeConfig | None = None, progress: bool = False,
+                out: TextIO | None = None) -> PersonalizeResult:
+    """Fine-tune ``checkpoint`` (default: the demo model) on ``images`` labelled ``label``, merge, calibrate,
+    export to ``output_dir/bundle`` and compare the answers about ``test_image`` (default: the last picture,
+    held out of training when there are at least 3) before and after."""
+    from nvila_edge.calibration import calibrate
+    from nvila_edge.errors import ConfigError
+    from nvila_edge.export import export_bundle
+    from nvila_edge.runtime import Runtime
+
+    from .finetune import FinetuneConfig, finetune, merge
+
+    cfg = config or PersonalizeConfig()
+    out = out or sys.stdout
+    images = list(images)
+    if not images or not label.strip():
+        raise ConfigError("personalization needs at least one picture and a non-empty label")
+    if test_image is None:
+        test_image = images[-1]
+        if len(images) >= 3:
+            images = images[:-1]
+    base = Path(checkpoint) if checkpoint else default_checkpoint()
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    seconds, peak = {}, {}
+
+    def step(name: str, fn):
+        print(f"[personalize] {name} ...", file=out, flush=True)
+        t0 = time.perf_counter()
+        value = fn()
+        seconds[name], peak[name] = time.perf_counter() - t0, peak_rss_mb()
+        return value
+
+    data = step("data", lambda: write_dataset(images, label, root / "data", cfg.flip))
+    before = step("before", lambda: _answer_torch(base, test_image, cfg.question, cfg.max_new_tokens))
+    ft_cfg = FinetuneConfig(mode=cfg.mode, r=cfg.r, alpha=cfg.alpha, learning_rate=cfg.learning_rate,
+                            vit_lr_ratio=cfg.vit_lr_ratio, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                            scheduler="constant", warmup_ratio=0.0, seed=cfg.seed)
+    ft = step("finetune", lambda: finetune(base, data, root / "finetune", ft_cfg, progress=progress))
+    losses = ft.metrics.get("loss_history", [])
+    del ft
+    merged = step("merge", lambda: merge(base, root / "finetune", root / "merged"))
+    n = len(data.read_text().splitlines())
+    step("calibrate", lambda: calibrate(merged, root / "calibrated", vision=cfg.vision, llm=cfg.llm, data=data,
+                                        num_samples=min(cfg.calibration_samples, n), num_heldout=2,
+                                        seed=cfg.seed, progress=progress))
+    bundle = root / "bundle"
+    step("export", lambda: export_bundle(root / "calibrated", bundle, cfg.target, progress=progress))
+
+    def after_answer() -> str:
+        with Runtime.load(bundle) as rt:
+            return rt.generate(cfg.question, images=[test_image], max_new_tokens=cfg.max_new_tokens).text.strip()
+
+    after = step("after", after_answer)
+    name = Path(test_image) if isinstance(test_image, (str, Path)) else Path("test-image")
+    res = PersonalizeResult(label, cfg.question, name, before, after, bundle, seconds, peak, losses)
+    (root / "personalize.json").write_text(json.dumps(res.to_dict(), indent=2))
+    return res
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    p = sub.add_parser("personalize", help="teach the model a new object from a few pictures and re-export the bundle")
+    p.add_argument("images", nargs="+", help="a few pictures of the object (files, or a folder of them)")
+    p.add_argument("--label", required=True, help='what the object is called (the answer to "What is this?")')
+    p.add_argument("-o", "--output", default="personalized", help="work directory (data, fine-tune, bundle)")
+    p.add_argument("--checkpoint", help="base checkpoint (default: the cached `nvila-edge demo` model)")
+    p.add_argument("--test-image", help="picture to ask about before and after (default: the last, held out)")
+    p.add_argument("--question", default=QUESTIONS[0])
+    p.add_argument("--steps", type=int, default=PersonalizeConfig.steps)
+    p.add_argument("--lr", type=float, default=PersonalizeConfig.learning_rate)
+    p.add_argument("--mode", choices=("lora", "qlora"), default="qlora")
+    p.add_argument("--target", default="cpu", help="bundle target (cpu, tensorrt, torch, all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=personalize_main)
+
+
+def _expand(paths: Sequence[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        out += sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")) \
+            if p.is_dir() else [p]
+    return out
+
+
+def personalize_main(args) -> int:
+    cfg = PersonalizeConfig(question=args.question, steps=args.steps, learning_rate=args.lr, mode=args.mode,
+                            target=args.target)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # the libraries' progress prints: stdout keeps only the result
+        res = personalize(_expand(args.images), args.label, args.output, checkpoint=args.checkpoint,
+                          test_image=args.test_image, config=cfg, out=sys.stderr)
+    print(json.dumps(res.to_dict(), indent=2) if args.json else res.table(), flush=True)
+    return 0
