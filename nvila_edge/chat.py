@@ -36,8 +36,17 @@ class Message:
 def normalize_conversation(conversation: str | Sequence[Mapping | Message]) -> list[Message]:
     """Accept a string (one user turn), OpenAI-style ``{"role", "content"}`` or VILA-style
     ``{"from": "human"|"gpt", "value"}`` dicts."""
+    if isinstance(conversation, (bytes, bytearray)):
+        try:
+            bytes(conversation).decode("utf-8")
+            why = ""
+        except UnicodeDecodeError as e:
+            why = f" (and they are not valid UTF-8: {e})"
+        raise GenerationError(f"the prompt must be text (str), got {type(conversation).__name__}{why}; decode it first")
     if isinstance(conversation, str):
-        return [Message("user", conversation)]
+        return [Message("user", _text(conversation, 0))]
+    if not isinstance(conversation, Sequence):
+        raise GenerationError(f"the prompt must be a string or a list of turns, got {type(conversation).__name__}")
     out = []
     for i, m in enumerate(conversation):
         if isinstance(m, Message):
@@ -51,10 +60,19 @@ def normalize_conversation(conversation: str | Sequence[Mapping | Message]) -> l
             raise GenerationError(
                 f"conversation turn {i} needs a role in {sorted(_ROLES)} and string content, got {dict(m)!r:.200}"
             )
-        out.append(Message(_ROLES[role], content))
+        out.append(Message(_ROLES[role], _text(content, i)))
     if not out:
         raise GenerationError("the conversation is empty")
     return out
+
+
+def _text(content: str, turn: int) -> str:
+    try:  # lone surrogates (e.g. from a JSON "\\ud800" escape) cannot be tokenized
+        content.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"conversation turn {turn} is not valid Unicode text ({e}); "
+                              "send UTF-8 text without lone surrogates") from None
+    return content
 
 
 def apply_chat_template(
