@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from . import bench_report as report
+from .bench_report import bandwidth_gbs, peak_rss_mb
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
         "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
 QUICK = {"vision_tiles": 1, "torch_vision_tiles": 1, "prefill": 128, "ort_tokens": 8, "genai_tokens": 8,
          "torch_tokens": 4, "reps": 1, "ttft_reps": 1}
 GPU = {"vision_tiles": 10, "prefill": 512, "tokens": 128, "reps": 3}  # a GPU step is ms: more of them
-GENAI_BLOCK = 128  # genai builder int4 block: the same as our decoder's, so both read the same bytes
 
 
 def log(msg: str) -> None:
@@ -200,28 +200,6 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
 
 
 # ---- measuring helpers -------------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def bandwidth_gbs(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
-    """Memory read bandwidth: ``threads`` threads OR-reduce disjoint parts of a 1 GiB int64 array (numpy
-    releases the GIL in the loop; a float sum is compute-bound here and one thread understates it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones((size_mb << 20) // 8, np.int64)
-    parts = np.array_split(a, 8 * threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as ex:
-        for _ in range(reps):
-            t = time.perf_counter()
-            list(ex.map(lambda i: [np.bitwise_or.reduce(p) for p in parts[i::threads]], range(threads)))
-            best = min(best, time.perf_counter() - t)
-    return round(a.nbytes / best / 1e9, 2)
-
-
 def _median(xs) -> float:
     return round(float(statistics.median(xs)), 3)
 
@@ -366,7 +344,7 @@ def phase_torch(spec: dict) -> dict:
         gc.collect()
     if not spec.get("vision_int8") and (art.get("vision_fp32") or spec.get("vision_fp32")):
         src = art.get("vision_fp32") or spec["vision_fp32"]
-        _cached(work, "vision_int8", lambda: _quantize_dynamic(src, work / "vision_int8.onnx"))
+        _cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
         art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
     if model is None:
         return res
@@ -381,7 +359,7 @@ def phase_torch(spec: dict) -> dict:
                    decoder_io=json.loads((work / "decoder_io.json").read_text())["decoder"])
     if spec["genai"]:
         try:
-            _cached(work, "genai", lambda: _build_genai(model.llm, work / "genai"))
+            _cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
             art["genai_dir"] = str(work / "genai")
         except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
             res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"
@@ -391,33 +369,6 @@ def phase_torch(spec: dict) -> dict:
         model.llm.to(getattr(torch, dtype))
         res[f"llm_{dtype}"] = _torch_llm(model.llm, ids, c["torch_tokens"])
     return res
-
-
-def _quantize_dynamic(src, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # MatMul only: weights int8 per tensor, activations quantized at run time (cosine 0.9999 on SigLIP)
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-
-
-def _build_genai(llm, out: Path) -> None:
-    """onnxruntime-genai's model builder (int4, CPU) on these very HF weights: its loader is pointed at the
-    in-memory model (no second copy, no tokenizer needed)."""
-    import copy
-
-    from onnxruntime_genai.models import builder as B
-
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = copy.deepcopy(llm.config)
-    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = 0
-    B.get_hf_details = lambda *a, **k: {"extra_kwargs": {}, "hf_name": str(out), "hf_config": cfg}
-    B.QwenModel.load_weights = lambda self, p: llm
-    B.QwenModel.save_processing = lambda *a, **k: None
-    opts = [f"block_size={GENAI_BLOCK}", "accuracy_level=4"]
-    kv = B.parse_extra_options(None, str(out), str(out), "int4", "cpu", str(out / "cache"), opts)
-    B.create_model(None, str(out), str(out), "int4", "cpu", str(out / "cache"), **kv)
 
 
 def phase_ort(spec: dict) -> dict:
@@ -453,6 +404,14 @@ def phase_genai(spec: dict) -> dict:
     c = spec["counts"]
     cfg, _ = _config_tok(spec)
     ids = _prompt_ids(cfg, c["prefill"]).astype(np.int32)
+    # --threads binds the peer too (its config's session options), so both sides get the same cores
+    cfg_path = Path(spec["genai_dir"]) / "genai_config.json"
+    gcfg = json.loads(cfg_path.read_text())
+    so = gcfg["model"]["decoder"].setdefault("session_options", {})
+    so.pop("intra_op_num_threads", None)
+    if spec["threads"]:
+        so["intra_op_num_threads"] = int(spec["threads"])
+    cfg_path.write_text(json.dumps(gcfg, indent=4))
     model = og.Model(spec["genai_dir"])
     prefill, decode = [], []
     for rep in range(c["reps"] + 1):  # the first pass warms up
@@ -472,7 +431,7 @@ def phase_genai(spec: dict) -> dict:
             decode.append(c["genai_tokens"] / (time.perf_counter() - t))
         del gen
     return {"llm": {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": c["genai_tokens"]},
-            "block_size": GENAI_BLOCK}
+            "block_size": report.GENAI_BLOCK}
 
 
 def phase_gpu(spec: dict, quick: bool = False) -> dict:
@@ -505,26 +464,10 @@ def phase_gpu(spec: dict, quick: bool = False) -> dict:
     rt = Runtime(cfg, tok, be)
     res["ttft_image"] = _ttft(rt, 2, cfg, video=False)
     res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
-    llm = model.llm
-    weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "embed_tokens" not in name)
-    if cfg.llm.tie_word_embeddings:  # the LM head reads the shared table every token
-        weights += llm.lm_head.weight.numel() * llm.lm_head.weight.element_size()
-    k = cfg.llm
-    kv = 2 * k.num_hidden_layers * k.num_key_value_heads * (k.hidden_size // k.num_attention_heads) * \
-        (n["prefill"] + n["tokens"] // 2) * (2 if cuda else 4)
-    res["bytes_per_token"] = {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
+    res["bytes_per_token"] = report.torch_llm_bytes(model.llm, cfg, n["prefill"] + n["tokens"] // 2)
     if cuda:
-        a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-        b = torch.empty_like(a)
-        b.copy_(a)
-        sync()
-        t = time.perf_counter()
-        for _ in range(10):
-            b.copy_(a)
-        sync()
-        res["bandwidth_gbs"] = round(2 * 10 * a.numel() / (time.perf_counter() - t) / 1e9, 1)  # read + write
+        res["bandwidth_gbs"] = report.gpu_bandwidth_gbs(dev)
         res["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        del a, b
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 

@@ -1,13 +1,18 @@
-"""What ``nvila-edge bench`` prints and writes: the table, the ratios vs the targets, the decode bound, the
-machine, the docs section (replaced in place on a re-run) and a bar plot drawn with OpenCV (no matplotlib)."""
+"""``nvila-edge bench`` support: machine facts (CPU/GPU, memory bandwidth, bytes a decode step reads), the
+baselines' artifacts (dynamic-INT8 vision, onnxruntime-genai's builder), the ratios vs the targets, and what
+is printed and written: the table, the docs section (replaced in place on a re-run) and a bar plot drawn
+with OpenCV (matplotlib is not a dependency)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import time
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 NA = "–"
 # (label, ratio key, threshold): the runtime issue's targets; "met" when ratio >= threshold
@@ -67,6 +72,84 @@ def decoder_bytes(path, io: dict, kv_positions: int) -> dict:
             weights += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
     kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * kv_positions * 4
     return {"weights": weights, "kv": kv, "total": weights + kv, "kv_positions": kv_positions}
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def bandwidth_gbs(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
+    """Memory read bandwidth: ``threads`` threads OR-reduce disjoint parts of a 1 GiB int64 array (numpy
+    releases the GIL in the loop; a float sum is compute-bound here and one thread understates it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones((size_mb << 20) // 8, np.int64)
+    parts = np.array_split(a, 8 * threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(lambda i: [np.bitwise_or.reduce(p) for p in parts[i::threads]], range(threads)))
+            best = min(best, time.perf_counter() - t)
+    return round(a.nbytes / best / 1e9, 2)
+
+
+def gpu_bandwidth_gbs(device: str, reps: int = 10) -> float:
+    """Device memory bandwidth from a 1 GiB device-to-device copy (counts read + write)."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return round(2 * reps * a.numel() / (time.perf_counter() - t) / 1e9, 1)
+
+
+def torch_llm_bytes(llm, cfg, kv_positions: int) -> dict:
+    """Bytes a torch decode step reads: every LLM weight but the embedding table (one row), + the KV cache."""
+    weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "embed_tokens" not in name)
+    if cfg.llm.tie_word_embeddings:  # the LM head reads the shared table every token
+        weights += llm.lm_head.weight.numel() * llm.lm_head.weight.element_size()
+    k, item = cfg.llm, llm.lm_head.weight.element_size()
+    kv = 2 * k.num_hidden_layers * k.num_key_value_heads * (k.hidden_size // k.num_attention_heads) * kv_positions * item
+    return {"weights": int(weights), "kv": int(kv), "total": int(weights + kv), "kv_positions": kv_positions}
+
+
+# ---- baseline artifacts (built by the torch phase) ------------------------------------------------------
+GENAI_BLOCK = 128  # genai builder int4 block: the same as our decoder's, so both read the same bytes
+
+
+def quantize_dynamic(src, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # MatMul only: weights int8 per tensor, activations quantized at run time (cosine 0.9999 on SigLIP)
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def build_genai(llm, out: Path) -> None:
+    """onnxruntime-genai's model builder (int4, CPU) on these very HF weights: its loader is pointed at the
+    in-memory model (no second copy, no tokenizer needed)."""
+    import copy
+
+    from onnxruntime_genai.models import builder as B
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(llm.config)
+    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = 0
+    B.get_hf_details = lambda *a, **k: {"extra_kwargs": {}, "hf_name": str(out), "hf_config": cfg}
+    B.QwenModel.load_weights = lambda self, p: llm
+    B.QwenModel.save_processing = lambda *a, **k: None
+    opts = [f"block_size={GENAI_BLOCK}", "accuracy_level=4"]
+    kv = B.parse_extra_options(None, str(out), str(out), "int4", "cpu", str(out / "cache"), opts)
+    B.create_model(None, str(out), str(out), "int4", "cpu", str(out / "cache"), **kv)
 
 
 # ---- ratios and targets ------------------------------------------------------------------------------------
@@ -290,7 +373,6 @@ def _bars(result: dict) -> list[tuple[str, list[tuple[str, float | None]]]]:
 def plot(result: dict, path) -> None:
     """Horizontal bar panels (one per metric), drawn with OpenCV."""
     import cv2
-    import numpy as np
 
     panels = _bars(result)
     W, bar_h, label_w = 900, 26, 190
