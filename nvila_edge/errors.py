@@ -57,6 +57,10 @@ class BackendUnavailable(NVILAEdgeError, ImportError):
         )
 
 
+class ResourceLimitError(MediaError, MemoryError):
+    """The request's media would need more memory than the configured limit; refused before any allocation."""
+
+
 class TokenizerError(NVILAEdgeError):
     """A tokenizer is missing, malformed or lacks the special tokens NVILA needs."""
 
@@ -75,6 +79,7 @@ __all__ = [
     "ExportError",
     "ContextOverflowError",
     "BackendUnavailable",
+    "ResourceLimitError",
     "TokenizerError",
     "GenerationError",
 ]

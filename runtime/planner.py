@@ -4,6 +4,9 @@ compute, using the core processor (one preprocessing implementation), and report
 - Latency-aware tiling: from the measured vision cost per tile, ``max_tiles`` and ``latency_budget_ms``
   give a tile cap; a single image gets the largest tiling plan under it (Dynamic-S2: fewer last-scale
   tiles, then one plain tile as for multi-image prompts; NVILA-Lite: fewer tiles).
+- Memory: ``max_activation_bytes`` (default: ``$NVILA_EDGE_MAX_ACTIVATION_MB``, else no limit) refuses a request
+  whose estimated activations (``estimate_activation_bytes``) exceed it with ``ResourceLimitError``, before
+  any tile is cut or encoded.
 - Context: visual + text tokens over the limit raise ``ContextOverflowError``, or with
   ``overflow="drop_frames"`` the videos are evenly down-sampled until they fit.
 """
@@ -11,10 +14,11 @@ compute, using the core processor (one preprocessing implementation), and report
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from nvila_edge.config import NVILAConfig
-from nvila_edge.errors import ContextOverflowError, GenerationError
+from nvila_edge.errors import ContextOverflowError, GenerationError, ResourceLimitError
 from nvila_edge.media.image import load_image
 from nvila_edge.media.processor import NVILAProcessor, ProcessedInputs
 from nvila_edge.media.video import VideoClip, sample_frame_indices
@@ -51,6 +55,24 @@ def subsample_clip(clip: VideoClip, n: int) -> VideoClip:
                      clip.source, [ts[i] for i in idx])
 
 
+def estimate_activation_bytes(config: NVILAConfig, num_tiles: int, num_tokens: int, dtype_bytes: int = 4) -> int:
+    """Upper estimate of the activation memory of one request: tile pixels, one vision layer's live tensors
+    (residual, QKV, MLP, eager attention scores) for every tile at once, and the LLM prefill (hidden, MLP and
+    the KV cache) for ``num_tokens``. Weights are not counted."""
+    v, lm = config.vision, config.llm
+    p = (v.image_size // v.patch_size) ** 2
+    vision = num_tiles * (3 * v.image_size ** 2 + p * (4 * v.hidden_size + v.intermediate_size)
+                          + v.num_attention_heads * p * p)
+    kv = 2 * lm.num_hidden_layers * lm.num_key_value_heads * (lm.hidden_size // lm.num_attention_heads)
+    llm = num_tokens * (4 * lm.hidden_size + lm.intermediate_size + kv)
+    return int((vision + llm) * dtype_bytes)
+
+
+def _default_activation_limit() -> int | None:
+    mb = os.environ.get("NVILA_EDGE_MAX_ACTIVATION_MB")
+    return int(float(mb) * (1 << 20)) if mb else None
+
+
 class MediaPlanner:
     def __init__(self, config: NVILAConfig, tokenizer, max_tiles: int | None = None,
                  latency_budget_ms: float | None = None, max_frames: int | None = None):
@@ -59,6 +81,7 @@ class MediaPlanner:
         self.max_tiles = max_tiles
         self.latency_budget_ms = latency_budget_ms
         self.max_frames = max_frames
+        self.max_activation_bytes = _default_activation_limit()
         self.ms_per_tile: float | None = None
         self.processor = NVILAProcessor(config, tokenizer)
         self._variants: dict[tuple, NVILAProcessor] = {}
@@ -132,6 +155,7 @@ class MediaPlanner:
             return proc(conversation, images=images, videos=clips, system=system, check_context=False,
                         add_generation_prompt=add_generation_prompt)
 
+        self._check_memory(proc, images, clips)
         inputs = run(clips)
         need = context_used + inputs.num_tokens
         if need >= limit and clips and overflow == "drop_frames":
@@ -153,6 +177,20 @@ class MediaPlanner:
             ms_per_tile=self.ms_per_tile, dropped_frames=dropped,
         )
         return Planned(inputs, event)
+
+    def _check_memory(self, proc: NVILAProcessor, images, clips) -> None:
+        limit = self.max_activation_bytes
+        if not limit:
+            return
+        plans = [proc.plan_image(im.size, multi=len(images) != 1) for im in images]
+        tiles = sum(p.num_tiles for p in plans) + sum(len(c.frames) for c in clips)
+        tokens = sum(p.num_tokens for p in plans) + sum(proc.plan_video(len(c.frames)).num_tokens for c in clips)
+        need = estimate_activation_bytes(self.config, tiles, tokens)
+        if need > limit:
+            raise ResourceLimitError(
+                f"the request needs an estimated {need / 2**20:.0f} MiB of activations ({tiles} tiles, {tokens} visual "
+                f"tokens), above the limit of {limit / 2**20:.0f} MiB; send fewer or smaller images / video frames, "
+                "lower max_tiles or num_frames, or raise the limit (NVILA_EDGE_MAX_ACTIVATION_MB)")
 
     def _frames_fit(self, n: int) -> int:
         """Largest frame count <= n that every TSP pool size divides."""
