@@ -62,13 +62,28 @@ def test_verb_with_a_folder_of_pictures(base, sample, tmp_path, capsys):
     pics.mkdir()
     for i in range(3):
         sample["draw_robot"](10 + i).save(pics / f"r{i}.png")
+    known = tmp_path / "known"  # the base model's own data, replayed against forgetting
+    (known / "img").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        sample["draw_robot"](20 + i).save(known / "img" / f"k{i}.png")
+        rows.append({"image": f"img/k{i}.png", "conversations": [{"from": "human", "value": "<image>\nhow many robots?"},
+                                                                 {"from": "gpt", "value": "one"}]})
+    rows.append({"video": "v.mp4", "conversations": [{"from": "human", "value": "<vila/video>\nq"},
+                                                     {"from": "gpt", "value": "a"}]})  # videos are not replayed
+    (known / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     rc = main(["personalize", str(pics), "--label", "zorbo", "--checkpoint", str(base), "-o", str(tmp_path / "v"),
-               "--steps", "2", "--mode", "lora", "--json"])
+               "--steps", "2", "--mode", "lora", "--replay", str(known / "train.jsonl"), "--replay-samples", "2",
+               "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["test_image"].endswith("r2.png") and Path(report["bundle"]).is_dir()
-    rows = (tmp_path / "v" / "data" / "train.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * 2 * 3  # 2 training pictures (the 3rd is held out) x flipped x 3 phrasings
+    rows = [json.loads(r) for r in (tmp_path / "v" / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3 + 2  # 2 pictures (the 3rd is held out) x flipped x 3 phrasings + 2 replayed
+    assert all(Path(r["image"]).is_absolute() for r in rows[12:])
+    control = report["control"]
+    assert control["question"] == "how many robots?" and control["expected"] == "one"
+    assert Path(control["image"]).name not in {Path(r["image"]).name for r in rows} and "after" in control
 
 
 def test_missing_demo_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ class PersonalizeConfig:
     flip: bool = True  # add horizontally flipped copies of the pictures
     vision: str = "w8a8-smoothquant"
     llm: str = "w4a16-awq"
+    replay_samples: int = 32  # image records of the base model's own data mixed in (against forgetting)
     calibration_samples: int = 16
     target: str = "cpu"
     max_new_tokens: int = 16
@@ -53,6 +54,7 @@ class PersonalizeResult:
     before: str
     after: str
     bundle: Path
+    control: dict = field(default_factory=dict)  # a replay question: expected, before, after
     seconds: dict = field(default_factory=dict)  # per step
     peak_rss_mb: dict = field(default_factory=dict)  # process peak RSS after each step
     losses: list = field(default_factory=list)
@@ -64,7 +66,7 @@ class PersonalizeResult:
     def to_dict(self) -> dict:
         return {"label": self.label, "question": self.question, "test_image": str(self.test_image),
                 "before": self.before, "after": self.after, "learned": self.learned, "bundle": str(self.bundle),
-                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "control": self.control, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None}
 
@@ -74,9 +76,17 @@ class PersonalizeResult:
         return "\n".join([f"[personalize] Q: {self.question}  (about {self.test_image.name})",
                           f"  before: {self.before!r}",
                           f"  after:  {self.after!r}   ({'learned' if self.learned else 'label not in the answer'}"
-                          f"{'; ' + loss if loss else ''})", *rows,
+                          f"{'; ' + loss if loss else ''})", *self._control(), *rows,
                           f"  total      {sum(self.seconds.values()):7.1f} s   peak RSS "
                           f"{max(self.peak_rss_mb.values(), default=0):7.0f} MB", f"  bundle: {self.bundle}"])
+
+
+    def _control(self) -> list[str]:
+        c = self.control
+        if not c:
+            return []
+        return [f"  control (a question it already knew): Q: {c['question']}  expected {c['expected']!r}: "
+                f"before {c['before']!r}, after {c['after']!r}"]
 
 
 def peak_rss_mb() -> float:
@@ -101,8 +111,36 @@ def default_checkpoint() -> Path:
     return done[-1]
 
 
-def write_dataset(images: Sequence, label: str, out_dir: Path, flip: bool = True) -> Path:
-    """The pictures (any image input) as PNGs + ``train.jsonl`` with every question phrasing → ``label``."""
+def default_replay() -> Path | None:
+    """The demo model's training data, when cached (replayed with the demo checkpoint)."""
+    from .demo import DEMO_VERSION, cache_root
+
+    path = cache_root() / f"demo-{DEMO_VERSION}" / "data" / "train.jsonl"
+    return path if path.is_file() else None
+
+
+def replay_rows(path: Path, n: int, seed: int = 0) -> tuple[list[dict], dict | None]:
+    """``n`` single-image records of ``path`` (media paths made absolute) and one more as a control question."""
+    import random
+
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("image"), str) and len(row.get("conversations", ())) >= 2:
+            row["image"] = str((Path(path).parent / row["image"]).resolve())
+            rows.append(row)
+    random.Random(seed).shuffle(rows)
+    picked, rest = rows[:n], rows[n:]
+    return picked, (rest[0] if rest else None)
+
+
+def write_dataset(images: Sequence, label: str, out_dir: Path, flip: bool = True,
+                  extra_rows: Sequence[dict] = ()) -> Path:
+    """The pictures (any image input) as PNGs + ``train.jsonl`` with every question phrasing → ``label``
+    (plus ``extra_rows``, e.g. replayed records of the base model's data)."""
     from PIL import ImageOps
 
     from nvila_edge.media.image import load_image
@@ -119,28 +157,37 @@ def write_dataset(images: Sequence, label: str, out_dir: Path, flip: bool = True
                 rows.append({"id": f"p{i}-{v}-{k}", "image": rel, "conversations": [
                     {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": label}]})
     path = out_dir / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows]))
     return path
 
 
-def _answer_torch(checkpoint: Path, image, question: str, max_new_tokens: int) -> str:
+def _answers_torch(checkpoint: Path, asks: Sequence[tuple], max_new_tokens: int) -> list[str]:
+    """Greedy answers of a checkpoint to (image, question) pairs (the model is loaded once)."""
     from nvila_edge import NVILAModel, NVILAProcessor
 
     model = NVILAModel.from_pretrained(checkpoint)
     proc = NVILAProcessor.from_pretrained(checkpoint)
-    return model.generate(**proc(question, images=[image]), max_new_tokens=max_new_tokens).text.strip()
+    return [model.generate(**proc(q, images=[img]), max_new_tokens=max_new_tokens).text.strip() for img, q in asks]
+
+
+def _answers_bundle(bundle: Path, asks: Sequence[tuple], max_new_tokens: int) -> list[str]:
+    from nvila_edge.runtime import Runtime
+
+    with Runtime.load(bundle) as rt:
+        return [rt.generate(q, images=[img], max_new_tokens=max_new_tokens).text.strip() for img, q in asks]
 
 
 def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpoint: str | Path | None = None,
-                test_image=None, config: PersonalizeConfig | None = None, progress: bool = False,
-                out: TextIO | None = None) -> PersonalizeResult:
+                test_image=None, replay: str | Path | None = None, config: PersonalizeConfig | None = None,
+                progress: bool = False, out: TextIO | None = None) -> PersonalizeResult:
     """Fine-tune ``checkpoint`` (default: the demo model) on ``images`` labelled ``label``, merge, calibrate,
     export to ``output_dir/bundle`` and compare the answers about ``test_image`` (default: the last picture,
-    held out of training when there are at least 3) before and after."""
+    held out of training when there are at least 3) before and after. ``replay``: a JSONL of the base
+    model's data (default with the demo model: its cached training data) whose image records are mixed in
+    so the model keeps what it knew; one more of its questions is asked before and after as a control."""
     from nvila_edge.calibration import calibrate
     from nvila_edge.errors import ConfigError
     from nvila_edge.export import export_bundle
-    from nvila_edge.runtime import Runtime
 
     from .finetune import FinetuneConfig, finetune, merge
 
@@ -165,8 +212,19 @@ def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpo
         seconds[name], peak[name] = time.perf_counter() - t0, peak_rss_mb()
         return value
 
-    data = step("data", lambda: write_dataset(images, label, root / "data", cfg.flip))
-    before = step("before", lambda: _answer_torch(base, test_image, cfg.question, cfg.max_new_tokens))
+    replay = Path(replay) if replay else (default_replay() if checkpoint is None else None)
+    extra, known = replay_rows(replay, cfg.replay_samples, cfg.seed) if replay and cfg.replay_samples else ([], None)
+    data = step("data", lambda: write_dataset(images, label, root / "data", cfg.flip, extra))
+    asks = [(test_image, cfg.question)]
+    control = {}
+    if known is not None:
+        control = {"image": known["image"], "question": known["conversations"][0]["value"].replace("<image>", "").strip(),
+                   "expected": known["conversations"][1]["value"]}
+        asks.append((control["image"], control["question"]))
+    answers = step("before", lambda: _answers_torch(base, asks, cfg.max_new_tokens))
+    before = answers[0]
+    if control:
+        control["before"] = answers[1]
     ft_cfg = FinetuneConfig(mode=cfg.mode, r=cfg.r, alpha=cfg.alpha, learning_rate=cfg.learning_rate,
                             vit_lr_ratio=cfg.vit_lr_ratio, max_steps=cfg.steps, batch_size=cfg.batch_size,
                             scheduler="constant", warmup_ratio=0.0, seed=cfg.seed)
@@ -181,13 +239,12 @@ def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpo
     bundle = root / "bundle"
     step("export", lambda: export_bundle(root / "calibrated", bundle, cfg.target, progress=progress))
 
-    def after_answer() -> str:
-        with Runtime.load(bundle) as rt:
-            return rt.generate(cfg.question, images=[test_image], max_new_tokens=cfg.max_new_tokens).text.strip()
-
-    after = step("after", after_answer)
+    answers = step("after", lambda: _answers_bundle(bundle, asks, cfg.max_new_tokens))
+    after = answers[0]
+    if control:
+        control["after"] = answers[1]
     name = Path(test_image) if isinstance(test_image, (str, Path)) else Path("test-image")
-    res = PersonalizeResult(label, cfg.question, name, before, after, bundle, seconds, peak, losses)
+    res = PersonalizeResult(label, cfg.question, name, before, after, bundle, control, seconds, peak, losses)
     (root / "personalize.json").write_text(json.dumps(res.to_dict(), indent=2))
     return res
 
@@ -201,6 +258,9 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", help="base checkpoint (default: the cached `nvila-edge demo` model)")
     p.add_argument("--test-image", help="picture to ask about before and after (default: the last, held out)")
     p.add_argument("--question", default=QUESTIONS[0])
+    p.add_argument("--replay", help="JSONL of the base model's data to mix in (default with the demo model: its data)")
+    p.add_argument("--replay-samples", type=int, default=PersonalizeConfig.replay_samples,
+                   help="image records of --replay mixed in (0: none)")
     p.add_argument("--steps", type=int, default=PersonalizeConfig.steps)
     p.add_argument("--lr", type=float, default=PersonalizeConfig.learning_rate)
     p.add_argument("--mode", choices=("lora", "qlora"), default="qlora")
@@ -219,11 +279,11 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 def personalize_main(args) -> int:
     cfg = PersonalizeConfig(question=args.question, steps=args.steps, learning_rate=args.lr, mode=args.mode,
-                            target=args.target)
+                            target=args.target, replay_samples=args.replay_samples)
     import contextlib
 
     with contextlib.redirect_stdout(sys.stderr):  # the libraries' progress prints: stdout keeps only the result
         res = personalize(_expand(args.images), args.label, args.output, checkpoint=args.checkpoint,
-                          test_image=args.test_image, config=cfg, out=sys.stderr)
+                          test_image=args.test_image, replay=args.replay, config=cfg, out=sys.stderr)
     print(json.dumps(res.to_dict(), indent=2) if args.json else res.table(), flush=True)
     return 0
