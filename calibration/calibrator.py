@@ -18,9 +18,12 @@ A calibrated directory::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,6 +64,15 @@ def _mtq():
     return get()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """ModelOpt prints progress lines ("Inserted 97 quantizers", KV-cache probing) to stdout: keep our
+    output readable (tqdm bars go to stderr and stay)."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def is_calibrated(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / RECIPE_FILE).is_file() and (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
@@ -87,13 +99,15 @@ def _quantize_vision(model: NVILAModel, recipe: QuantRecipe, samples: Sequence[P
         for chunk in tqdm(chunks, desc=f"calibrate vision ({recipe.name})", disable=not progress, leave=False):
             model.encode_tiles(chunk)
 
-    mtq.quantize(model.vision_tower, _vision_config(recipe, model), tower_loop)
+    with _quiet():
+        mtq.quantize(model.vision_tower, _vision_config(recipe, model), tower_loop)
     if recipe.quantize_projector:  # second pass: the projector sees the quantized tower's features
         def projector_loop(_):
             for chunk in tqdm(chunks, desc="calibrate projector", disable=not progress, leave=False):
                 model.mm_projector(model._repeat_scales(model.encode_tiles(chunk)))
 
-        mtq.quantize(model.mm_projector, recipe.modelopt_config(), projector_loop)
+        with _quiet():
+            mtq.quantize(model.mm_projector, recipe.modelopt_config(), projector_loop)
     return {"tiles": int(pixels.shape[0])}
 
 
@@ -106,7 +120,8 @@ def _quantize_llm(model: NVILAModel, recipe: QuantRecipe, samples: Sequence[Proc
         for x in tqdm(embeds, desc=f"calibrate llm ({recipe.name})", disable=not progress, leave=False):
             model.llm(inputs_embeds=x, use_cache=False, logits_to_keep=1)
 
-    mtq.quantize(model.llm, recipe.modelopt_config(), loop)
+    with _quiet():
+        mtq.quantize(model.llm, recipe.modelopt_config(), loop)
     return {"prompts": len(embeds), "tokens": int(sum(x.shape[1] for x in embeds))}
 
 
@@ -199,8 +214,9 @@ def load_calibrated(path: str | os.PathLike, device: str | torch.device = "cpu")
     with torch.device("meta"):
         model = NVILAModel(config)
     states = torch.load(path / STATE_FILE, weights_only=True)  # plain containers only: no code runs
-    for target, state in states.items():
-        mto.restore_from_modelopt_state(getattr(model, target), state)
+    with _quiet():
+        for target, state in states.items():
+            mto.restore_from_modelopt_state(getattr(model, target), state)
     sd = load_file(str(path / WEIGHTS_FILE), device=str(device))
     expected = set(model.state_dict())
     missing = expected - set(sd)

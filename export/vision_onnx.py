@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +48,9 @@ class VisionEncoder(nn.Module):
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, names: dict, axis_name: str) -> None:
     module.eval()
-    with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from ModelOpt's quantizers: expected, not actionable
         # the TorchScript exporter is the one ModelOpt's Q/DQ symbolic functions plug into
         torch.onnx.export(module, (example,), str(path), input_names=[names["input"]], output_names=[names["output"]],
                           dynamic_axes={names["input"]: {0: axis_name}, names["output"]: {0: axis_name}},
