@@ -277,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import warnings
+
+    # ModelOpt warns on import that it has not been tested with this transformers version; it works (tested)
+    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
     try:
         return args.func(args)
     except NVILAEdgeError as e:
