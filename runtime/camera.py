@@ -9,7 +9,7 @@ their own thread into a bounded latest-frame queue.
 - The queue keeps the newest ``queue_size`` frames: a slow consumer sees fresh frames and the stale ones are
   dropped (counted in ``stats.dropped``), never a growing lag.
 - A source that fails to open or stops delivering is retried with exponential back-off (``backoff_s`` doubling
-  up to ``max_backoff_s``); every loss, retry and reconnect is reported through ``on_event`` (and the
+  up to ``max_backoff_s``); every loss, retry and reconnect is reported through ``on_event`` (else the
   ``nvila_edge.camera`` logger) and counted. After ``max_retries`` failed attempts in a row the source is
   ``finished`` with ``stats.last_error`` set; nothing is raised into the consumer's thread.
 - A video file is paced at its own frame rate (``realtime=True``, like a live camera) and ends at its last
@@ -195,7 +195,8 @@ class CameraSource:
     # ---- reader thread -------------------------------------------------------------------------------
     def _emit(self, kind: str, message: str, delay_s: float = 0.0, error: Exception | None = None) -> None:
         level = logging.WARNING if kind in ("lost", "retry", "failed", "rejected") else logging.INFO
-        log.log(level, "%s: %s", kind, message)
+        # with a callback the app reports the event itself: keep the log quiet unless it is configured to show
+        log.log(logging.DEBUG if self.on_event is not None else level, "%s: %s", kind, message)
         if self.on_event is not None:
             try:
                 self.on_event(CameraEvent(kind, message, delay_s, error))
