@@ -213,7 +213,11 @@ def load_calibrated(path: str | os.PathLike, device: str | torch.device = "cpu")
     config = NVILAConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
     with torch.device("meta"):
         model = NVILAModel(config)
-    states = torch.load(path / STATE_FILE, weights_only=True)  # plain containers only: no code runs
+    try:
+        states = torch.load(path / STATE_FILE, weights_only=True)  # plain containers only: no code runs
+    except Exception as e:  # a damaged or tampered file (e.g. a pickle that would run code): refused
+        raise CheckpointError(f"{path / STATE_FILE} is not a plain ModelOpt state ({type(e).__name__}); it is damaged or "
+                              "was tampered with: re-run `nvila-edge calibrate` (never load it with weights_only=False)") from None
     with _quiet():
         for target, state in states.items():
             mto.restore_from_modelopt_state(getattr(model, target), state)

@@ -108,7 +108,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or "format_version" not in manifest or "config" not in manifest:
         raise BundleError(f"{mf} lacks format_version/config: not an nvila-edge bundle manifest")
     version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{mf}: format_version must be a positive integer, got {version!r}; the manifest is damaged")
+    if version > FORMAT_VERSION:
         raise BundleError(f"bundle format version {version!r} is newer than this nvila-edge reads ({FORMAT_VERSION}); "
                           "upgrade nvila-edge (pip install -U nvila-edge) or re-export with this version")
     return manifest

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,12 +39,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (old glibc, musl)
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp directory beside ``path``; on success it replaces ``path`` in one rename.
 
-    An existing ``path`` is moved aside first and removed only after the new one is in place, so a
-    crash at any point leaves either the old or the new directory, never a mix.
+    An existing ``path`` is swapped with the new one in a single ``renameat2(RENAME_EXCHANGE)`` (Linux), so a
+    crash at any point leaves either the old or the new directory at ``path``, never a mix and never nothing.
+    Elsewhere it is moved aside first and removed only after the new one is in place (a crash between the two
+    renames leaves it as ``.NAME.old-PID`` beside ``path``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +73,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
     try:
         yield tmp
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous directory
+            return
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
