@@ -13,6 +13,7 @@ camera loops, UIs).
   future fails with ``AnswerCancelled``. With ``cancel_previous=False`` requests queue up in order.
 - ``timeout`` (seconds from ``ask``): the future fails with ``AnswerTimeout`` at the deadline even while the
   worker is inside a long prefill; the generator is closed at its next event.
+- In an asyncio app: ``result = await asyncio.wrap_future(agent.ask(frame, question))``.
 - ``parse_json_answer`` pulls a JSON object out of the model's text and checks keys and types
   (``AnswerFormatError``), for apps that act on structured answers.
 """

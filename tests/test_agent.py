@@ -52,6 +52,16 @@ def test_future_resolves_with_events():
     assert agent.stats["answered"] == 1
 
 
+def test_awaitable_from_asyncio():
+    import asyncio
+
+    async def main(agent):
+        return await asyncio.wrap_future(agent.ask(None, "q"))
+
+    with Agent(SlowRuntime(step_s=0.001)) as agent:
+        assert asyncio.run(main(agent)).text == "tok"
+
+
 def test_newer_request_cancels_running_and_queued():
     rt = SlowRuntime(step_s=0.05, tokens=20)
     with Agent(rt) as agent:
