@@ -124,6 +124,8 @@ class CameraApp:
     def ask(self, frame) -> None:
         """Ask about ``frame`` now (a running answer is superseded)."""
         self._collect()
+        if self._future is not None:  # still streaming: the agent cancels it
+            self.report.cancelled += 1
         self._text, self._first = "", None
         self._asked = (time.monotonic(), frame.timestamp)
         self._future = self.agent.ask(frame.rgb, self.question, on_event=self._on_event, timeout=self.answer_timeout)
