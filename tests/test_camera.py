@@ -143,7 +143,7 @@ def test_sample_headless_writes_annotated_video(bundle, tmp_path, capsys, one_th
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     ok, first = cap.read()
     assert ok and first.shape == (64, 96, 3) and 10 <= n <= 25
-    assert first[-5:].mean() < first[:10].mean() + 40  # the dark overlay band with the text is drawn
+    assert (first[-20:] > 200).all(axis=2).any()  # white answer text on the bottom band (the input has none there)
 
 
 def test_verb_reports_backoff_and_exits_cleanly_on_a_dead_source(bundle, tmp_path, capsys):
