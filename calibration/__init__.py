@@ -9,7 +9,7 @@ Attributes load lazily so ``nvila-edge --help`` does not import torch / ModelOpt
 
 from __future__ import annotations
 
-import importlib
+from nvila_edge.lazy import lazy_attributes
 
 _LAZY = {
     **{n: "calibrator" for n in ("calibrate", "load_calibrated", "save_calibrated", "quantize_model", "quantizer_summary",
@@ -20,10 +20,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = sorted(_LAZY)

@@ -9,7 +9,7 @@ Attributes load lazily so ``nvila-edge --help`` does not import torch.
 
 from __future__ import annotations
 
-import importlib
+from nvila_edge.lazy import lazy_attributes
 
 _LAZY = {
     "export_bundle": "writer", "ExportResult": "writer",
@@ -23,10 +23,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = sorted(_LAZY)

@@ -6,9 +6,8 @@ sampling load eagerly; the torch model (``NVILAModel``) loads on first attribute
 
 from __future__ import annotations
 
-import importlib
-
 from .config import NVILAConfig
+from .lazy import lazy_attributes
 from .errors import (
     BackendUnavailable,
     BundleError,
@@ -32,15 +31,12 @@ from .tokenizer import NVILATokenizer
 __version__ = "0.1.0"
 
 _LAZY = {
-    "NVILAModel": "nvila_edge.modeling.model",
-    "MultimodalProjector": "nvila_edge.modeling.projector",
+    "NVILAModel": "modeling.model",
+    "MultimodalProjector": "modeling.projector",
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'nvila_edge' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nvila_edge.errors import MediaError
-from nvila_edge.media.video import VideoClip, sample_frame_indices
+from nvila_edge.media.video import VideoClip, read_frames, sample_frame_indices
 
 
 @dataclass
@@ -71,14 +71,8 @@ def load_segment(info: VideoInfo, start_s: float, end_s: float, num_frames: int)
     last = max(first, min(info.frame_count - 1, int(round(end_s * fps)) - 1))
     idx = first + sample_frame_indices(last - first + 1, num_frames)
     cap = cv2.VideoCapture(info.path)
-    frames: dict[int, np.ndarray] = {}
     try:
-        for i in sorted(set(int(i) for i in idx)):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, i)
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                raise MediaError(f"cannot decode frame {i} of {info.path}")
-            frames[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        frames = read_frames(cap, idx, info.path)
     finally:
         cap.release()
     return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], info.fps, info.frame_count, info.path,

@@ -46,6 +46,20 @@ class VideoClip:
         return self.frame_count / self.fps if self.fps > 0 else float(len(self.frames))
 
 
+def read_frames(cap, indices, what: str) -> dict[int, np.ndarray]:
+    """Decode the frames at ``indices`` (each once, in file order) from an open ``cv2.VideoCapture``: RGB."""
+    import cv2
+
+    frames: dict[int, np.ndarray] = {}
+    for i in sorted(set(int(i) for i in indices)):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            raise MediaError(f"cannot decode frame {i} of {what}")
+        frames[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    return frames
+
+
 def load_video(video: str | os.PathLike | Sequence, num_frames: int) -> VideoClip:
     """Sample ``num_frames`` frames from a video file (OpenCV) or from a list of frames (any image input)."""
     if isinstance(video, (str, os.PathLike)):
@@ -87,13 +101,7 @@ def _load_file(path: Path, num_frames: int) -> VideoClip:
         if count <= 0:
             raise MediaError(f"video {path} has no decodable frames")
         idx = sample_frame_indices(count, num_frames)
-        frames: dict[int, np.ndarray] = {}
-        for i in sorted(set(int(i) for i in idx)):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, i)
-            ok, frame = cap.read()
-            if not ok or frame is None:
-                raise MediaError(f"cannot decode frame {i} of video {path} ({count} frames)")
-            frames[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        frames = read_frames(cap, idx, f"video {path} ({count} frames)")
     finally:
         cap.release()
     return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], fps, count, str(path),
