@@ -19,6 +19,7 @@ from .errors import (
     GenerationError,
     MediaError,
     NVILAEdgeError,
+    ResourceLimitError,
     TokenizerError,
 )
 from .events import FinishEvent, GenerationResult, StreamEvent, Timings, TokenEvent, Usage
@@ -56,6 +57,7 @@ __all__ = [
     "Timings",
     "Usage",
     "NVILAEdgeError",
+    "ResourceLimitError",
     "ConfigError",
     "MediaError",
     "CheckpointError",
