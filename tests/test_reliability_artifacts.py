@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +170,8 @@ def _kill_mid_write(kind: str, target: Path, source: Path | None = None, label: 
     args = [sys.executable, str(CHILD), kind, str(target)] + ([str(source)] if source else [])
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     t0 = time.monotonic()
+    watchdog = threading.Timer(300, proc.kill)  # a child that never reaches its write phase fails, not hangs
+    watchdog.start()
     try:
         for line in proc.stdout:  # the child sleeps right after printing the label
             if line.strip() == label:
@@ -179,6 +182,7 @@ def _kill_mid_write(kind: str, target: Path, source: Path | None = None, label: 
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
