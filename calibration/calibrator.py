@@ -265,8 +265,7 @@ def calibrate(model: NVILAModel | str | os.PathLike, output: str | os.PathLike |
         extra = num_heldout if heldout is None else 0
         samples = load_calibration_data(data, processor, num_samples + extra, seed=seed, progress=progress)
         if extra and len(samples) > 1:
-            k = min(extra, len(samples) // 2)
-            samples, heldout = samples[:-k], samples[-k:]
+            samples, heldout = _split_heldout(samples, min(extra, len(samples) // 2))
     if heldout is None:
         heldout = samples
     held = heldout if isinstance(heldout, list) else \
@@ -279,6 +278,18 @@ def calibrate(model: NVILAModel | str | os.PathLike, output: str | os.PathLike |
     fid.accuracy_before, fid.accuracy_after = acc_before, _accuracy(model, processor, eval_records, progress)
     path = save_calibrated(model, output, recipes, stats, fid, tokenizer) if output is not None else None
     return CalibrationResult(path, model, recipes, stats, fid)
+
+
+def _split_heldout(samples: list, k: int) -> tuple[list, list]:
+    """Hold out ``k`` prompts, media and text-only in proportion, never every media prompt (the vision
+    recipe needs at least one to calibrate on)."""
+    media = [s for s in samples if s.media]
+    text = [s for s in samples if not s.media]
+    km = min(max(len(media) - 1, 0), round(k * len(media) / len(samples)))
+    kt = min(len(text), k - km)
+    km = min(max(len(media) - 1, 0), k - kt)
+    held = media[len(media) - km:] + text[len(text) - kt:]
+    return media[:len(media) - km] + text[:len(text) - kt], held
 
 
 def _accuracy(model, processor, records, progress) -> float | None:

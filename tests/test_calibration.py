@@ -167,3 +167,16 @@ def test_cli_calibrate(tmp_path, tokenizer, capsys):
     assert "greedy-token agreement" in out and "quantized linears: vision 12/21" in out
     assert main(["calibrate", str(tmp_path / "ckpt"), "--data", str(d), "--llm", "int2"]) == 2
     assert "unknown llm recipe 'int2'" in capsys.readouterr().err
+
+
+def test_heldout_split_keeps_media_for_calibration():
+    from types import SimpleNamespace
+
+    from nvila_edge.calibration.calibrator import _split_heldout
+
+    s = [SimpleNamespace(media=[1]), SimpleNamespace(media=[]), SimpleNamespace(media=[]), SimpleNamespace(media=[2])]
+    for k in (1, 2):
+        calib, held = _split_heldout(s, k)
+        assert len(held) == k and len(calib) == 4 - k and any(x.media for x in calib)
+    calib, held = _split_heldout([SimpleNamespace(media=[1]), SimpleNamespace(media=[])], 1)
+    assert calib[0].media and held[0].media == []
