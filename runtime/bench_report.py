@@ -250,7 +250,7 @@ def _mul(v, k=1000):
 def _ttft(d):
     if not d:
         return NA
-    return f"{d['ttft_ms']:,.0f} ({d['tiles']} tiles, {d['prompt_tokens']} tok)"
+    return f"{d['ttft_ms']:,.0f} ({d['tiles']} tile{'' if d['tiles'] == 1 else 's'}, {d['prompt_tokens']} tok)"
 
 
 def _bound_lines(result: dict) -> list[str]:
@@ -320,7 +320,8 @@ def render_markdown(result: dict, png_name: str) -> str:
            + (f", {result['gpu']['device']}" if "gpu" in result else ", CPU") + f"), {result['date']}", "",
            f"Machine: {machine}. {v}. {load}. Whole run {result['seconds']:.0f} s"
            + (" (--quick)" if result.get("quick") else "") + ". Random weights "
-           + (f"(preset, seed {result.get('seed', 0)})" if result.get("preset") else "(the bundle's)") + ".", "",
+           + (f"(preset, seed {result.get('seed', 0)})" if result.get("preset") else "(the bundle's)")
+           + ". Iterations (medians): " + ", ".join(f"{k} {v}" for k, v in result.get("counts", {}).items()) + ".", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out += [""] + [f"- {x}" for x in _bound_lines(result)]
