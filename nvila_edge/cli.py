@@ -13,7 +13,7 @@ import sys
 from .errors import NVILAEdgeError
 
 STAGE_CLIS = ("nvila_edge.calibration.cli", "nvila_edge.export.cli", "nvila_edge.runtime.cli", "nvila_edge.runtime.camera_app",
-              "nvila_edge.runtime.bench", "nvila_edge.runtime.server_cli",
+              "nvila_edge.bench", "nvila_edge.runtime.server_cli",
               "nvila_edge.training.personalize")
 
 OPTIONAL_BACKENDS = {
