@@ -223,9 +223,13 @@ def load_calibrated(path: str | os.PathLike, device: str | torch.device = "cpu")
             mto.restore_from_modelopt_state(getattr(model, target), state)
     sd = load_file(str(path / WEIGHTS_FILE), device=str(device))
     expected = set(model.state_dict())
+    if config.llm.tie_word_embeddings:  # safetensors keeps one name of a shared tensor: either may be there
+        emb, head = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
+        if emb not in sd and head in sd:
+            sd[emb] = sd[head]
+        sd.pop(head, None)
+        expected.discard(head)
     missing = expected - set(sd)
-    if config.llm.tie_word_embeddings:
-        missing.discard("llm.lm_head.weight")
     unexpected = set(sd) - expected
     if missing or unexpected:
         raise CheckpointError(f"{path / WEIGHTS_FILE} does not match the saved ModelOpt state: "

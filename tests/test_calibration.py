@@ -180,3 +180,19 @@ def test_heldout_split_keeps_media_for_calibration():
         assert len(held) == k and len(calib) == 4 - k and any(x.media for x in calib)
     calib, held = _split_heldout([SimpleNamespace(media=[1]), SimpleNamespace(media=[])], 1)
     assert calib[0].media and held[0].media == []
+
+
+def test_tied_embeddings_round_trip(tmp_path, tokenizer):
+    """Qwen2.5-1.5B (NVILA-Lite-2B) ties lm_head to the embeddings; safetensors stores the pair once."""
+    from nvila_edge.calibration import calibrate, load_calibrated
+
+    cfg = NVILAConfig.from_preset("demo").replace(llm={"tie_word_embeddings": True})
+    model = make_model(cfg, seed=7)
+    proc = NVILAProcessor(cfg, tokenizer)
+    res = calibrate(model, tmp_path / "cal", vision="fp16", llm="w4a16-rtn", data=_items(2), num_samples=2,
+                    num_heldout=1, processor=proc, progress=False)
+    restored = load_calibrated(res.path)
+    assert restored.llm.lm_head.weight is restored.llm.model.embed_tokens.weight
+    x = torch.randn(1, 5, cfg.llm.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(res.model.llm(inputs_embeds=x).logits, restored.llm(inputs_embeds=x).logits)
