@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from nvila_edge.bundle import Bundle, BundleWriter
 from nvila_edge.errors import CheckpointError, ExportError
+from nvila_edge.resources import peak_rss_mb
 
 from .targets import TARGETS, get_target
 
@@ -27,11 +28,6 @@ class ExportResult:
         return (f"bundle {self.path} (targets: {', '.join(self.targets)}) in {self.seconds:.1f} s, "
                 f"peak RSS {self.peak_rss_mb:.0f} MB")
 
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _resolve_targets(target: str | Sequence[str]) -> list[str]:

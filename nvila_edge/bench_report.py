@@ -5,6 +5,8 @@ with OpenCV (matplotlib is not a dependency)."""
 
 from __future__ import annotations
 
+from .resources import peak_rss_mb as _peak_rss_mb
+
 import os
 import platform
 import re
@@ -74,11 +76,9 @@ def decoder_bytes(path, io: dict, kv_positions: int) -> dict:
     return {"weights": weights, "kv": kv, "total": weights + kv, "kv_positions": kv_positions}
 
 
+
 def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
+    return round(_peak_rss_mb(), 1)
 
 def bandwidth_gbs(threads: int, size_mb: int = 1024, reps: int = 5) -> float:
     """Memory read bandwidth: ``threads`` threads OR-reduce disjoint parts of a 1 GiB int64 array (numpy

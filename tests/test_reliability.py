@@ -242,24 +242,7 @@ def test_camera_disconnect_reconnect_keeps_the_video_stream_answering(rt):
     scripts = [[good[0], good[1], None], [bad, good[2], good[3]]]  # lost after two frames; one NaN frame later
     opens = []
 
-    class Cap:
-        def __init__(self, script):
-            self.script = script
-
-        def isOpened(self):
-            return True
-
-        def get(self, prop):
-            return 0.0
-
-        def read(self):
-            if not self.script:
-                return False, None
-            f = self.script.pop(0)
-            return f is not None, f
-
-        def release(self):
-            pass
+    from test_camera import FakeCapture as Cap  # one scripted capture for the camera tests
 
     def factory(target, api):
         opens.append(target)

@@ -16,12 +16,13 @@ The default base model is the cached demo checkpoint (``nvila-edge demo`` makes 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
+
+from nvila_edge.resources import peak_rss_mb
 
 QUESTIONS = ("What is this?", "What object is in the image?", "Name the object in the picture.")
 
@@ -88,11 +89,6 @@ class PersonalizeResult:
         return [f"  control (a question it already knew): Q: {c['question']}  expected {c['expected']!r}: "
                 f"before {c['before']!r}, after {c['after']!r}"]
 
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
 def default_checkpoint() -> Path:
