@@ -25,7 +25,7 @@ TARGETS = {"vision_cosine_mean": 0.99, "greedy_agreement": 0.95, "accuracy_drop_
 class _Ref:
     features: torch.Tensor | None  # (tiles, tokens, C) SigLIP features
     embeds: torch.Tensor | None  # projected media embeddings, concatenated
-    tokens: torch.Tensor  # prompt + greedy continuation ids… as embeddings input we keep the ids
+    tokens: torch.Tensor  # the float model's greedy continuation (replayed teacher-forced)
     logp: torch.Tensor  # (steps, V) fp log-probs at the continuation positions
 
 
@@ -93,7 +93,7 @@ def _vision(model: NVILAModel, inputs: ProcessedInputs):
     if not inputs.media:
         return None, None, []
     feats = model.encode_tiles(torch.as_tensor(inputs.pixel_values))
-    chunks = model.embed_media(inputs.pixel_values, inputs.media)
+    chunks = model.embed_features(feats, inputs.media)  # one vision pass serves both comparisons
     return feats.float(), torch.cat(chunks).float(), chunks
 
 

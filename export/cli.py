@@ -28,13 +28,22 @@ def cmd_export(args) -> int:
     result = export_bundle(args.calibrated, args.output, targets, engines=args.engines,
                            embeddings_dtype=args.embeddings_dtype)
     print(result)
-    return cmd_verify(type("A", (), {"bundle": args.output})())
+    from nvila_edge.bundle import Bundle
+
+    _describe(Bundle.open(args.output, verify=False))  # export_bundle already re-hashed what it wrote
+    return 0
 
 
 def cmd_verify(args) -> int:
-    from nvila_edge.bundle import Bundle, producer_versions
+    from nvila_edge.bundle import Bundle
 
-    b = Bundle.open(args.bundle)  # raises BundleError (exit 2) on any mismatch
+    _describe(Bundle.open(args.bundle))  # raises BundleError (exit 2) on any mismatch
+    return 0
+
+
+def _describe(b) -> None:
+    from nvila_edge.bundle import producer_versions
+
     m = b.manifest
     print(f"{b.path}: OK — format {m['format_version']}, model {b.config.name}, {len(m['files'])} files verified")
     for name in b.targets:
@@ -47,4 +56,3 @@ def cmd_verify(args) -> int:
     for pkg, ver in (m.get("producer") or {}).items():
         if ver and now.get(pkg) and now[pkg].split(".")[:2] != ver.split(".")[:2]:
             print(f"  note: made with {pkg} {ver}, this machine has {now[pkg]}")
-    return 0

@@ -19,6 +19,8 @@ import torch
 
 from nvila_edge.errors import BackendUnavailable, ExportError
 
+from .llm_onnx import _pre_quant_scale, _quantizer  # the one reading of ModelOpt's quantizer state
+
 
 @dataclass(frozen=True)
 class ExportTarget:
@@ -85,16 +87,20 @@ def _build_tensorrt(model, writer, recipes, options) -> None:
     from .vision_onnx import export_vision
 
     root = writer.path_for("tensorrt/x").parent
-    vision = export_vision(model, root)
+    # the engine is built from the same Q/DQ graph as the cpu target: reuse it when that target is in the bundle
+    vision_rel = writer.targets.get("cpu", {}).get("files", {}).get("vision")
+    if vision_rel is None:
+        export_vision(model, root)
+        vision_rel = "tensorrt/vision.onnx"
     ckpt = export_trtllm_checkpoint(model, root / "trtllm_checkpoint")
-    files = {"vision_onnx": "tensorrt/vision.onnx", "trtllm_checkpoint": "tensorrt/trtllm_checkpoint"}
+    files = {"vision_onnx": vision_rel, "trtllm_checkpoint": "tensorrt/trtllm_checkpoint"}
     limits = _limits(model)
     engines: dict = {}
     mode = options.get("engines", "auto")
     try:
         if mode == "skip":
             raise BackendUnavailable("tensorrt", "gpu", "building TensorRT engines (skipped: engines='skip')")
-        engines["vision"] = build_vision_engine(root / "vision.onnx", root / "vision.plan", max_tiles=limits["max_tiles"],
+        engines["vision"] = build_vision_engine(writer.root / vision_rel, root / "vision.plan", max_tiles=limits["max_tiles"],
                                                 image_size=model.config.vision.image_size,
                                                 int8=recipes["vision"].quantized)
         files["vision_engine"] = "tensorrt/vision.plan"
@@ -122,11 +128,9 @@ def baked_state_dict(model) -> dict[str, torch.Tensor]:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
-            wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
-            w = module.weight
-            if wq is not None and wq.is_enabled:
-                w = wq(w)
-            pqs = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+            wq = _quantizer(module, "weight_quantizer")
+            w = wq(module.weight) if wq is not None else module.weight
+            pqs = _pre_quant_scale(module)
             if pqs is not None:
                 w = w * pqs.to(w.dtype)[None, :]
             out[f"{name}.weight"] = w.detach()

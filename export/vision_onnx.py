@@ -57,12 +57,11 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, names: di
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
 
-def _const_value(graph, name: str, producers: dict) -> np.ndarray | None:
+def _const_value(inits: dict, name: str, producers: dict) -> np.ndarray | None:
     from onnx import numpy_helper
 
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
     node = producers.get(name)
     if node is not None and node.op_type == "Constant":
         for attr in node.attribute:
@@ -87,15 +86,16 @@ def fold_weight_quantizers(model) -> int:
 
     g = model.graph
     producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
     drop, folded = [], 0
     for node in g.node:
         if node.op_type != "QuantizeLinear":
             continue
-        w = _const_value(g, node.input[0], producers)
+        w = _const_value(inits, node.input[0], producers)
         if w is None or w.dtype != np.float32:
             continue  # an activation quantizer
-        scale = _const_value(g, node.input[1], producers)
-        zero = _const_value(g, node.input[2], producers) if len(node.input) > 2 else np.zeros((), np.int8)
+        scale = _const_value(inits, node.input[1], producers)
+        zero = _const_value(inits, node.input[2], producers) if len(node.input) > 2 else np.zeros((), np.int8)
         if scale is None or zero is None or zero.dtype != np.int8:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
@@ -106,8 +106,8 @@ def fold_weight_quantizers(model) -> int:
     for node in drop:
         g.node.remove(node)
     # fp32 weights only the folded quantizers read are dead now
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used or i.name in {o.name for o in g.output}]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
     return folded

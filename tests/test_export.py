@@ -137,6 +137,8 @@ def test_trtllm_checkpoint_is_well_formed(demo_bundle):
     assert info["quant_algo"] == "W4A16_AWQ" and info["group_size"] == 128 and info["tensors"] > 20
     cfg = json.loads((path / "tensorrt/trtllm_checkpoint/config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and cfg["quantization"]["pre_quant_scale"] is True
+    assert Bundle.open(path).target("tensorrt")["files"]["vision_onnx"] == "cpu/vision.onnx"  # one Q/DQ graph
+    assert not (path / "tensorrt/vision.onnx").exists()
     eng = Bundle.open(path).target("tensorrt")["engines"]
     assert eng["built"] is False and "nvila-edge[gpu]" in eng["reason"]
 

@@ -146,8 +146,10 @@ class NVILAModel(nn.Module):
             return []
         if pixel_values is None:
             raise MediaError("media items were given without pixel_values")
-        px = torch.as_tensor(pixel_values)
-        feats = self.encode_tiles(px)
+        return self.embed_features(self.encode_tiles(torch.as_tensor(pixel_values)), media)
+
+    def embed_features(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[torch.Tensor]:
+        """Embedding chunks from already-encoded tile features (``encode_tiles`` of the prompt's pixels)."""
         chunks: list[torch.Tensor] = []
         for item in media:
             f = feats[item.tile_start:item.tile_start + item.num_tiles]
