@@ -475,11 +475,12 @@ PRESETS: dict[str, NVILAConfig] = {
         image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7,
     ),
     # the embedded demo model (`nvila-edge demo`): NVILA-8B's structure (Dynamic-S2, 2x2 projector, TSP) at
-    # 112-pixel tiles and two scales (5-7 tiles an image) so it trains on 2 CPU cores in minutes
+    # 112-pixel tiles of 28-pixel patches and two scales (5-7 tiles, 16-24 visual tokens an image) so it
+    # trains on 2 CPU cores in minutes
     "demo": NVILAConfig(
         name="demo",
         vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-                            image_size=112),
+                            image_size=112, patch_size=28),
         projector=ProjectorConfig("mlp_downsample_2x2_fix"),
         llm=LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, context_length=2048),

@@ -92,7 +92,9 @@ def test_missing_demo_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("NVILA_EDGE_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="nvila-edge demo"):
         default_checkpoint()
-    done = tmp_path / "demo-v2" / "checkpoints"
+    from nvila_edge.training.demo import DEMO_VERSION
+
+    done = tmp_path / f"demo-{DEMO_VERSION}" / "checkpoints"
     for name in ("stage1-a", "stage2-b", "stage10-c", "stage11-unfinished"):
         (done / name).mkdir(parents=True)
     for name in ("stage1-a", "stage2-b", "stage10-c"):

@@ -14,6 +14,8 @@ from pathlib import Path
 from nvila_edge.errors import ConfigError
 
 MODULES = ("vision_tower", "mm_projector", "llm")
+OBJECTIVES = ("lm", "media_tags", "lm+media_tags")
+POSITION_INITS = ("random", "sincos")
 
 
 @dataclass
@@ -38,8 +40,16 @@ class Stage:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     scheduler: str = "cosine"
+    # "lm" (the paper's), "media_tags" (bag-of-answer-tokens on pooled media, no LLM; training/media_tags.py)
+    # or "lm+media_tags"
+    objective: str = "lm"
+    tag_weight: float = 1.0
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"stage {self.name!r}: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "media_tags" and "llm" in self.trains:
+            raise ConfigError(f"stage {self.name!r}: the media_tags objective does not run the LLM, so it cannot train it")
         bad = [m for m in self.trains if m not in MODULES]
         if bad or not self.trains:
             raise ConfigError(f"stage {self.name!r}: 'trains' must list modules from {MODULES}, got {list(self.trains)}")
@@ -57,10 +67,13 @@ class Recipe:
     checkpoint: str | None = None  # ... or from a checkpoint directory
     tokenizer: str | None = None  # tokenizer folder for a preset start (default: the demo tokenizer)
     seed: int = 0
+    position_init: str = "random"  # a preset start's vision position embeddings: "random" or "sincos"
     gradient_checkpointing: bool = False
     base_dir: str = "."  # where relative data paths resolve (the recipe file's folder)
 
     def __post_init__(self):
+        if self.position_init not in POSITION_INITS:
+            raise ConfigError(f"position_init must be one of {POSITION_INITS}, got {self.position_init!r}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
@@ -142,7 +155,11 @@ VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
 
 
 def demo_recipe(data_dir: str | Path) -> Recipe:
-    """The embedded demo: the same five stages, learning rates for training a small model from scratch."""
+    """The embedded demo: the same five stages, set for a small model trained from scratch.
+
+    The paper's first two stages assume a pretrained LLM; ours starts random, so they train the tower and
+    projector with the media-tag objective instead (no LLM: about a third of a full step's cost), and
+    the position embeddings start as 2-D sin-cos (training/initialization.py)."""
     images = DataSource("train.jsonl", tasks=IMAGE_TASKS)
     videos = DataSource("train.jsonl", tasks=VIDEO_TASKS)
     captions = DataSource("captions.jsonl")
@@ -150,13 +167,15 @@ def demo_recipe(data_dir: str | Path) -> Recipe:
         name="demo",
         preset="demo",
         base_dir=str(data_dir),
+        position_init="sincos",
         stages=(
-            Stage("projector_init", ("mm_projector",), 1e-3, (captions,), epochs=0.25, batch_size=16),
-            # captions through a still-random LLM teach the tower little; the image questions do (measured:
-            # 63 % vs 60 % held-out image accuracy)
-            Stage("vep", ("vision_tower", "mm_projector"), 1e-3, (images,), epochs=1.5, batch_size=16),
+            Stage("projector_init", ("mm_projector",), 1e-3, (captions,), epochs=0.25, batch_size=16, objective="media_tags"),
+            # without the OCR images: the tower cannot read words yet, and their loss drowns what it can learn
+            # (left / right: 99 % without them, 60 % with them; docs/BENCHMARKS.md)
+            Stage("vep", ("vision_tower", "mm_projector"), 1e-3, (DataSource("train.jsonl", tasks=("object", "count")),),
+                  epochs=8.0, batch_size=16, objective="media_tags"),
             Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
-            Stage("image_it", MODULES, 1e-3, (images,), epochs=3.0, batch_size=16),
+            Stage("image_it", MODULES, 1e-3, (images,), epochs=2.0, batch_size=16),
             Stage("video_it", MODULES, 5e-4, (videos, DataSource("train.jsonl", tasks=IMAGE_TASKS, max_examples=200)),
                   epochs=2.0, batch_size=8),
         ),

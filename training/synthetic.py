@@ -40,7 +40,7 @@ VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
 
 @dataclass
 class SyntheticConfig:
-    num_images: int = 1500
+    num_images: int = 4000
     num_videos: int = 120
     heldout_fraction: float = 0.1
     seed: int = 0
@@ -116,10 +116,12 @@ def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple
     cy = rng.uniform(r, h - r) if h > 2 * r else h / 2
     _draw_shape(d, shape, cx, cy, r, COLORS[cname])
     side = "left" if cx < w / 2 else "right"
-    qas = [("color", f"What color is the {shape}?", cname),
+    # the questions never name the shape: a record asks all four in one conversation, and a name in one
+    # question would give away the answer to "what shape" (the model learned to copy it instead of looking)
+    qas = [("color", "What color is the shape?", cname),
            ("shape", "What shape is in the image?", shape),
-           ("position", f"Is the {shape} on the left or the right?", side),
-           ("size", f"Is the {shape} big or small?", "big" if big else "small")]
+           ("position", "Is the shape on the left or the right?", side),
+           ("size", "Is the shape big or small?", "big" if big else "small")]
     return img, qas, f"a {'big' if big else 'small'} {cname} {shape} on the {side}"
 
 
@@ -220,7 +222,8 @@ def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, pro
 
 def corpus(config: SyntheticConfig | None = None) -> list[str]:
     """Every question / answer / caption string the generator can produce: the demo tokenizer's corpus."""
-    out = ["Describe the image.", "What shape is in the image?", "What color are the circles?", "What word is written in the image?",
+    out = ["Describe the image.", "What shape is in the image?", "What color is the shape?", "Is the shape big or small?",
+           "Is the shape on the left or the right?", "What color are the circles?", "What word is written in the image?",
            "Which shape appears first?", "You are a helpful assistant"]
     for s in SHAPES:
         plural = s + ("es" if s.endswith("s") else "s")

@@ -111,7 +111,14 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                               epochs=stage.epochs, max_steps=stage.max_steps, warmup_ratio=stage.warmup_ratio,
                               weight_decay=stage.weight_decay, scheduler=stage.scheduler, seed=seed, progress=progress,
                               logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
-    trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
+    trained = model
+    if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
+        from .media_tags import MediaTagModel
+
+        tok = processor.tokenizer
+        trained = MediaTagModel(model, stage.objective, stage.tag_weight,
+                                ignore_ids=[*tok.eos_token_ids, tok.pad_token_id, *tok.newline_ids])
+    trainer = Trainer(model=trained, args=args, train_dataset=NVILADataset(records, processor),
                       data_collator=NVILACollator())
     result = trainer.train()
     metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(records),
@@ -159,6 +166,9 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
     config = NVILAConfig.from_preset(recipe.preset)
     _seed_everything(recipe.seed)
     model = NVILAModel(config)
+    from .initialization import init_position_embeddings
+
+    init_position_embeddings(model, recipe.position_init)
     model.tokenizer = tokenizer
     return model, NVILAProcessor(config, tokenizer)
 

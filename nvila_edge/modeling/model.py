@@ -184,14 +184,17 @@ class NVILAModel(nn.Module):
         return self.embed_inputs(input_ids, self.embed_media(pixel_values, media or []))
 
     def embed_batch(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
-                    labels: Sequence | None = None, ignore_index: int = -100):
+                    labels: Sequence | None = None, ignore_index: int = -100,
+                    chunks: Sequence[torch.Tensor] | None = None):
         """A batch of prompts → right-padded (inputs_embeds, attention_mask, labels).
 
         ``input_ids`` / ``labels``: one 1-D sequence per example; ``media``: per example, its items with
         ``tile_start`` indexing the shared ``pixel_values`` (one vision pass for the whole batch).
-        Media positions get label ``ignore_index``."""
-        flat = [m for items in media for m in items]
-        chunks = iter(self.embed_media(pixel_values, flat))
+        Media positions get label ``ignore_index``. ``chunks``: the batch's media embeddings when the caller
+        has already made them (``embed_media`` of all items in order), else they are made here."""
+        if chunks is None:
+            chunks = self.embed_media(pixel_values, [m for items in media for m in items])
+        chunks = iter(chunks)
         rows, labs = [], []
         for b, ids in enumerate(input_ids):
             ids_t = torch.as_tensor(np.asarray(ids).reshape(-1), device=self.device)
