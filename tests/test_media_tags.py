@@ -36,7 +36,7 @@ def _model(seed=0):
     return NVILAModel(cfg), NVILAProcessor(cfg, tok)
 
 
-def test_answer_turns_split_questions_and_answers_and_targets_drop_turn_markers(data_dir):
+def test_answer_turns_split_questions_and_answers_into_whole_answer_classes(data_dir):
     model, proc = _model()
     tok = proc.tokenizer
     wrapped = MediaTagModel(model, "media_tags", ignore_ids=[*tok.eos_token_ids, *tok.newline_ids])
@@ -48,20 +48,34 @@ def test_answer_turns_split_questions_and_answers_and_targets_drop_turn_markers(
     assert len(turns) == len(answers)
     for (q, a), question, answer in zip(turns, questions, answers):
         assert question in tok.decode(q.tolist())
-        target = wrapped.tag_target(a)
-        assert set(torch.nonzero(target).flatten().tolist()) == set(tok.encode(answer)) - set(tok.newline_ids)
-        assert target.sum().item() == pytest.approx(1.0)
+        # the turn's labels end with <|im_end|>: the class is the answer's own ids
+        assert wrapped.answer_class(a) == wrapped.answer_class(np.asarray(tok.encode(answer))) is not None
     assert model.config.image_token_id in turns[0][0]  # the media placeholder sits in the first question
+    # answers sharing BPE pieces ("right" / "triangle") are different classes
+    right, triangle = (np.asarray(tok.encode(w)) for w in ("right", "triangle"))
+    assert wrapped.answer_class(right) != wrapped.answer_class(triangle)
+    assert wrapped.answer_class(np.asarray(list(tok.eos_token_ids))) is None
 
 
-def test_the_question_bias_tells_turns_apart(data_dir):
+def test_each_question_softmax_runs_over_the_answers_seen_for_it(data_dir):
     model, proc = _model()
-    wrapped = MediaTagModel(model, "media_tags")
-    rec = next(r for r in read_jsonl(data_dir / "train.jsonl") if r.task == "object")  # four questions
-    qs = answer_turns(*_ids_labels(proc, rec))
-    assert len(qs) == 4
-    embs = {tuple(np.round(wrapped.question_embedding(q).numpy(), 5)) for q, _ in qs}
-    assert len(embs) == len(qs)  # every question of a record gets its own description
+    tok = proc.tokenizer
+    wrapped = MediaTagModel(model, "media_tags", ignore_ids=[*tok.eos_token_ids, *tok.newline_ids])
+    for rec in (r for r in read_jsonl(data_dir / "train.jsonl") if r.task == "object"):
+        for q, a in answer_turns(*_ids_labels(proc, rec)):
+            mask = wrapped.candidate_mask(wrapped.question_key(q), wrapped.answer_class(a))
+            assert set(torch.nonzero(mask).flatten().tolist()) == wrapped.candidates[wrapped.question_key(q)]
+    sides = {wrapped.answer_class(np.asarray(tok.encode(w))) for w in ("left", "right")}
+    side_keys = [k for k in wrapped.candidates if "left or the right" in tok.decode(list(k))]
+    assert side_keys and all(wrapped.candidates[k] <= sides for k in side_keys)
+    # a zero head gives a uniform softmax over the question's candidates: loss = log(#candidates)
+    with torch.no_grad():
+        wrapped.head.weight.zero_()
+        wrapped.head.bias.zero_()
+    cand = torch.zeros(1, wrapped.head.out_features, dtype=torch.bool)
+    cand[0, list(sides)] = True
+    loss = wrapped.tag_loss(torch.zeros(1, model.config.llm.hidden_size), cand, torch.tensor([min(sides)]))
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6)
 
 
 def _ids_labels(proc, record):
@@ -95,7 +109,7 @@ def test_media_tags_stage_trains_vision_only_and_the_checkpoint_has_no_head(tmp_
 
     recipe = Recipe(name="t", preset="demo", base_dir=str(data_dir), position_init="sincos", stages=(
         Stage("vep", ("vision_tower", "mm_projector"), 3e-3, (DataSource("train.jsonl"),), max_steps=3, batch_size=4,
-              objective="media_tags"),))
+              objective="media_tags", scheduler="one_cycle"),))
     start, _ = base_model(recipe, demo_tokenizer())
     res = run_recipe(recipe, tmp_path / "ck", tokenizer=demo_tokenizer(), progress=False)[0]
     assert res.metrics["train_loss"] > 0

@@ -39,7 +39,7 @@ class Stage:
     batch_size: int = 8
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # a transformers scheduler name, or "one_cycle" (trainer.one_cycle)
     # "lm" (the paper's), "media_tags" (bag-of-answer-tokens on pooled media, no LLM; training/media_tags.py)
     # or "lm+media_tags"
     objective: str = "lm"
@@ -173,7 +173,7 @@ def demo_recipe(data_dir: str | Path) -> Recipe:
             # without the OCR images: the tower cannot read words yet, and their loss drowns what it can learn
             # (left / right: 99 % without them, 60 % with them; docs/BENCHMARKS.md)
             Stage("vep", ("vision_tower", "mm_projector"), 1e-3, (DataSource("train.jsonl", tasks=("object", "count")),),
-                  epochs=8.0, batch_size=16, objective="media_tags"),
+                  epochs=16.0, batch_size=16, objective="media_tags", scheduler="one_cycle"),
             Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
             Stage("image_it", MODULES, 1e-3, (images,), epochs=2.0, batch_size=16),
             Stage("video_it", MODULES, 5e-4, (videos, DataSource("train.jsonl", tasks=IMAGE_TASKS, max_examples=200)),
