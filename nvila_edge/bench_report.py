@@ -5,16 +5,16 @@ with OpenCV (matplotlib is not a dependency)."""
 
 from __future__ import annotations
 
-from .resources import peak_rss_mb as _peak_rss_mb
-
 import os
 import platform
 import re
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from .resources import package_versions
+from .resources import peak_rss_mb as _peak_rss_mb
 
 NA = "–"
 # (label, ratio key, threshold): the runtime issue's targets; "met" when ratio >= threshold
@@ -42,12 +42,7 @@ def machine_info(gpu_name: str | None = None) -> dict:
         mem = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
     except (OSError, AttributeError):
         pass
-    versions = {}
-    for dist in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = package_versions(("torch", "transformers", "onnxruntime", "onnxruntime-genai", "numpy"))
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "mem_gb": round(mem, 1) if mem else None,
             "gpu": gpu_name, "versions": versions}

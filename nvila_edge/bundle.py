@@ -19,13 +19,13 @@ import json
 import os
 import platform
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .config import NVILAConfig
 from .errors import BundleError
 from .io import atomic_directory, sha256_file
+from .resources import package_versions
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,13 +36,7 @@ PRODUCER_PACKAGES = ("nvila-edge", "torch", "transformers", "nvidia-modelopt", "
 
 def producer_versions() -> dict[str, str | None]:
     """Installed versions of the packages that shape an artifact (None when not installed)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PRODUCER_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"python": platform.python_version(), **package_versions(PRODUCER_PACKAGES)}
 
 
 @dataclass

@@ -227,15 +227,9 @@ def set_gradient_checkpointing(model: NVILAModel, enabled: bool) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    from nvila_edge.resources import package_versions
 
-    out = {}
-    for pkg in ("nvila-edge", "torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions(("nvila-edge", "torch", "transformers", "peft", "bitsandbytes"))
 
 
 def _trained_tensors(model: NVILAModel, groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
