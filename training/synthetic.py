@@ -8,15 +8,19 @@ Writes a LLaVA/VILA-style JSONL data set with media paths relative to the file: 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_directory
 
 COLORS = {
@@ -125,6 +129,66 @@ def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple
     return img, qas, f"a {'big' if big else 'small'} {cname} {shape} on the {side}"
 
 
+def scene_record(i: int, rng: random.Random, image: str = "") -> tuple[Image.Image, dict, dict]:
+    """Image ``i`` of the data set (its kind follows ``IMAGE_KINDS``): the picture, its multi-question
+    record (questions in random order, the placeholder on the first) and its caption record."""
+    kind = IMAGE_KINDS[i % len(IMAGE_KINDS)]
+    img, qas, cap = render_scene(kind, rng)
+    rng.shuffle(qas)
+    conv = []
+    for k, (_, q, a) in enumerate(qas):
+        conv += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
+    rec = {"id": f"img-{i}", "image": image, "task": kind, "kind": "image", "tasks": [t for t, _, _ in qas],
+           "conversations": conv}
+    caption = {"id": f"cap-{i}", "image": image, "task": "caption", "kind": "image",
+               "conversations": [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]}
+    return img, rec, caption
+
+
+class RenderedImages(torch.utils.data.Dataset):
+    """``num`` image records of the synthetic generator rendered in memory (no files): the same scenes and
+    questions as ``make_dataset``, from their own seed, so none is a held-out image.
+
+    Each example is rendered on first access (deterministic from ``seed`` and its index) and its processor
+    output kept, pixels in float16, while the kept pixels stay under ``cache_bytes``; later epochs reuse it.
+    Writing images as PNG costs ~10 ms each here (the noisy backgrounds compress badly) against ~2 ms to
+    render, so a stage that wants many fresh images takes them from here."""
+
+    def __init__(self, processor, num: int, kinds: Sequence[str] | None = None, seed: int = 1,
+                 cache_bytes: int = 2 << 30):
+        kinds = tuple(kinds or dict.fromkeys(IMAGE_KINDS))
+        bad = [k for k in kinds if k not in IMAGE_KINDS]
+        if bad or num < 1:
+            raise ConfigError(f"rendered images need num >= 1 and kinds from {sorted(set(IMAGE_KINDS))}, got {num}, {list(kinds)}")
+        self.processor, self.num, self.seed, self.cache_bytes = processor, int(num), int(seed), int(cache_bytes)
+        # indices into IMAGE_KINDS of the wanted kinds, in the generator's proportions
+        self.slots = [j for j, k in enumerate(IMAGE_KINDS) if k in kinds]
+        self.cache: dict[int, object] = {}
+        self.cached_bytes = 0
+
+    def __len__(self) -> int:
+        return self.num
+
+    def record(self, i: int) -> tuple[Image.Image, dict]:
+        if not 0 <= i < self.num:
+            raise IndexError(i)
+        j = self.slots[i % len(self.slots)] + len(IMAGE_KINDS) * (i // len(self.slots))
+        img, rec, _ = scene_record(j, random.Random(self.seed * 1_000_003 + i))
+        return img, rec
+
+    def __getitem__(self, i: int):
+        hit = self.cache.get(i)
+        if hit is not None:
+            return dataclasses.replace(hit, pixel_values=hit.pixel_values.astype(np.float32))
+        img, rec = self.record(i)
+        out = self.processor(rec["conversations"], images=[img], add_generation_prompt=False, return_labels=True)
+        size = out.pixel_values.size * 2
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[i] = dataclasses.replace(out, pixel_values=out.pixel_values.astype(np.float16))
+            self.cached_bytes += size
+        return out
+
+
 def write_video(path: Path, task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str]:
     """A short video file (OpenCV) and its (question, answer)."""
     import cv2
@@ -189,19 +253,11 @@ def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, pro
         records: list[dict] = []
         captions: list[dict] = []
         for i in tqdm(range(cfg.num_images), desc="synthetic images", disable=not progress):
-            kind = IMAGE_KINDS[i % len(IMAGE_KINDS)]
-            img, qas, cap = render_scene(kind, rng)
-            rng.shuffle(qas)
             rel = f"images/{i:05d}.png"
+            img, rec, cap = scene_record(i, rng, rel)
             img.save(tmp / rel)
-            conv = []
-            for k, (_, q, a) in enumerate(qas):
-                conv += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
-            records.append({"id": f"img-{i}", "image": rel, "task": kind, "kind": "image",
-                            "tasks": [t for t, _, _ in qas], "conversations": conv})
-            captions.append({"id": f"cap-{i}", "image": rel, "task": "caption", "kind": "image",
-                             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
-                                               {"from": "gpt", "value": cap}]})
+            records.append(rec)
+            captions.append(cap)
         for i in tqdm(range(cfg.num_videos), desc="synthetic videos", disable=not progress):
             task = VIDEO_TASKS[i % len(VIDEO_TASKS)]
             rel = f"videos/{i:05d}.mp4"

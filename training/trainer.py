@@ -7,6 +7,7 @@ writes checkpoints, every rank then reloads them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,11 +49,37 @@ def stage_records(recipe: Recipe, stage: Stage, on_error: str = "skip",
                   issues: list[DataIssue] | None = None) -> list[Record]:
     out: list[Record] = []
     for src in stage.data:
+        if src.synthetic:  # rendered in memory by stage_dataset
+            continue
         recs = read_jsonl(recipe.resolve(src.path), on_error=on_error, issues=issues, tasks=src.tasks)
         if src.max_examples is not None:
             recs = recs[: src.max_examples]
         out += recs * max(1, src.repeat)
     return out
+
+
+def stage_processor(processor: NVILAProcessor, stage: Stage) -> NVILAProcessor:
+    """The processor with the stage's preprocessing overrides (the model's own config is untouched)."""
+    if not stage.preprocessing:
+        return processor
+    cfg = processor.config
+    over = {k: tuple(v) if isinstance(v, list) else v for k, v in stage.preprocessing.items()}
+    pre = dataclasses.replace(cfg.preprocessing, **over)
+    return NVILAProcessor(dataclasses.replace(cfg, preprocessing=pre), processor.tokenizer)
+
+
+def stage_dataset(stage: Stage, records: Sequence[Record], processor: NVILAProcessor) -> torch.utils.data.Dataset:
+    """The stage's examples: its JSONL records, then any in-memory rendered sources."""
+    from .synthetic import RenderedImages
+
+    parts: list[torch.utils.data.Dataset] = [NVILADataset(records, processor)] if records else []
+    for src in stage.data:
+        if src.synthetic:
+            rendered = RenderedImages(processor, src.synthetic, src.tasks, seed=src.seed)
+            parts += [rendered] * max(1, src.repeat)
+    if not parts:
+        raise ConfigError(f"stage {stage.name!r} has no examples")
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
 def _is_main() -> bool:
@@ -112,6 +139,7 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                               weight_decay=stage.weight_decay, seed=seed, progress=progress,
                               scheduler="constant" if stage.scheduler == "one_cycle" else stage.scheduler,
                               logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
+    dataset = stage_dataset(stage, records, stage_processor(processor, stage))
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel
@@ -121,11 +149,11 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                                 ignore_ids=[*tok.eos_token_ids, tok.pad_token_id, *tok.newline_ids])
     optimizers = (None, None)
     if stage.scheduler == "one_cycle":
-        optimizers = one_cycle(trained, stage, len(records))
-    trainer = Trainer(model=trained, args=args, train_dataset=NVILADataset(records, processor),
+        optimizers = one_cycle(trained, stage, len(dataset))
+    trainer = Trainer(model=trained, args=args, train_dataset=dataset,
                       data_collator=NVILACollator(), optimizers=optimizers)
     result = trainer.train()
-    metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(records),
+    metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(dataset),
                "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
     if gradient_checkpointing:
         model.llm.gradient_checkpointing_disable()
