@@ -73,7 +73,8 @@ def test_vision_graph_is_int8_qdq(demo_bundle, tmp_path):
 
     _, path, _ = demo_bundle
     s = qdq_summary(path / "cpu/vision.onnx")
-    keep = 2  # demo: 3 SigLIP layers, NVILA uses hidden_states[-2]
+    cfg = NVILAConfig.from_preset("demo").vision
+    keep = cfg.num_hidden_layers - 1  # NVILA uses hidden_states[-2]: the last layer never runs
     assert s["int8_weight_matmuls"] == s["qdq_activation_matmuls"] == 6 * keep
     assert s["int8_initializers"] == 6 * keep and s["quantize_linear"] == 6 * keep  # activations only
     import onnx

@@ -93,3 +93,20 @@ def test_recipe_with_rendered_source_trains_and_round_trips(tmp_path):
     assert res.metrics["examples"] == 6 + captions
     saved = NVILAModel.from_pretrained(res.checkpoint)
     assert saved.config.preprocessing.image_aspect_ratio == "dynamic_s2"  # the override is the stage's only
+
+
+def test_single_tile_images_projected_in_one_call_match_one_by_one(processor):
+    import torch
+
+    model = NVILAModel(processor.config).eval()
+    rendered = RenderedImages(processor, 3, kinds=("object",), seed=4)
+    images = [rendered.record(i)[0] for i in range(3)]
+    ex = processor([{"from": "human", "value": "<image><image><image>\nWhich is red?"}], images=images)
+    assert [m.plan.mode for m in ex.media] == ["single"] * 3  # several images: one tile each
+    with torch.no_grad():
+        feats = model.encode_tiles(torch.as_tensor(ex.pixel_values))
+        batched = model.embed_features(feats, ex.media)
+        one_by_one = [c for m in ex.media for c in model.embed_image(feats[m.tile_start:m.tile_start + m.num_tiles], m.plan)]
+    assert len(batched) == len(one_by_one) == 3
+    for a, b in zip(batched, one_by_one):
+        torch.testing.assert_close(a, b)

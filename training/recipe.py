@@ -195,8 +195,9 @@ def demo_recipe(data_dir: str | Path) -> Recipe:
             # (715 object images: shape 56 % held out; 6 000: 91 %; docs/BENCHMARKS.md), and one tile
             # costs a sixth of the full Dynamic-S2 pass
             Stage("vep", ("vision_tower", "mm_projector"), 1e-3,
-                  (DataSource(synthetic=6000, tasks=("object",), seed=1), DataSource(synthetic=8000, tasks=("count", "ocr"), seed=2)),
-                  epochs=8.0, batch_size=32, objective="media_tags", scheduler="one_cycle",
+                  (DataSource(synthetic=6000, tasks=("object",), seed=1), DataSource(synthetic=4000, tasks=("count",), seed=2),
+                   DataSource(synthetic=6000, tasks=("ocr",), seed=3)),
+                  epochs=7.0, batch_size=32, objective="media_tags", scheduler="one_cycle",
                   preprocessing={"image_aspect_ratio": "resize"}),
             Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
             # the tower stays as VEP left it: trained on with the LM loss it lost part of what its mean

@@ -151,13 +151,31 @@ class NVILAModel(nn.Module):
     def embed_features(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[torch.Tensor]:
         """Embedding chunks from already-encoded tile features (``encode_tiles`` of the prompt's pixels)."""
         chunks: list[torch.Tensor] = []
+        singles = self._embed_single_tiles(feats, media)
         for item in media:
             f = feats[item.tile_start:item.tile_start + item.num_tiles]
             if item.kind == "video":
                 chunks.append(self.embed_video(f, item.plan))
+            elif item.plan.mode == "single":
+                chunks.extend(singles.pop(0))
             else:
                 chunks.extend(self.embed_image(f, item.plan))
         return chunks
+
+    def _embed_single_tiles(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[list[torch.Tensor]]:
+        """``embed_image`` of every one-tile-per-image item in one projector call (a batch of many small
+        images otherwise pays the call overhead per image), in media order."""
+        items = [m for m in media if m.kind != "video" and m.plan.mode == "single"]
+        if not items:
+            return []
+        index = torch.cat([torch.arange(m.tile_start, m.tile_start + m.num_tiles) for m in items]).to(feats.device)
+        proj = self.mm_projector(self._repeat_scales(feats[index]))  # (tiles, t*t, H)
+        end = self._end_embeds()
+        out, k = [], 0
+        for m in items:
+            out.append([torch.cat([p, end]) for p in proj[k:k + m.num_tiles]])
+            k += m.num_tiles
+        return out
 
     # ---- text + media → embeddings -------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor | np.ndarray, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
