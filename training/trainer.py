@@ -140,6 +140,7 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                               scheduler="constant" if stage.scheduler == "one_cycle" else stage.scheduler,
                               logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
     dataset = stage_dataset(stage, records, stage_processor(processor, stage))
+    log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), len(records))
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel
@@ -251,7 +252,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
         issues: list[DataIssue] = []
         records = stage_records(recipe, stage, on_error=on_error, issues=issues)
         _seed_everything(recipe.seed + i)
-        log.info("stage %d/%d %s: %d examples, trains %s", i + 1, len(recipe.stages), stage.name, len(records), stage.trains)
+        log.info("stage %d/%d %s: trains %s", i + 1, len(recipe.stages), stage.name, stage.trains)
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
         metrics = train_stage(model, processor, stage, records, ckpt, seed=recipe.seed + i,

@@ -151,13 +151,13 @@ class NVILAModel(nn.Module):
     def embed_features(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[torch.Tensor]:
         """Embedding chunks from already-encoded tile features (``encode_tiles`` of the prompt's pixels)."""
         chunks: list[torch.Tensor] = []
-        singles = self._embed_single_tiles(feats, media)
+        singles = iter(self._embed_single_tiles(feats, media))
         for item in media:
             f = feats[item.tile_start:item.tile_start + item.num_tiles]
             if item.kind == "video":
                 chunks.append(self.embed_video(f, item.plan))
             elif item.plan.mode == "single":
-                chunks.extend(singles.pop(0))
+                chunks.extend(next(singles))
             else:
                 chunks.extend(self.embed_image(f, item.plan))
         return chunks
@@ -169,11 +169,10 @@ class NVILAModel(nn.Module):
         if not items:
             return []
         index = torch.cat([torch.arange(m.tile_start, m.tile_start + m.num_tiles) for m in items]).to(feats.device)
-        proj = self.mm_projector(self._repeat_scales(feats[index]))  # (tiles, t*t, H)
-        end = self._end_embeds()
+        per_tile = self.embed_image(feats[index], items[0].plan)  # one chunk a tile, whatever the item
         out, k = [], 0
         for m in items:
-            out.append([torch.cat([p, end]) for p in proj[k:k + m.num_tiles]])
+            out.append(per_tile[k:k + m.num_tiles])
             k += m.num_tiles
         return out
 
