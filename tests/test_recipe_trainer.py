@@ -111,3 +111,40 @@ def test_cli_train(tmp_path, data_dir):
     assert main(["train", "--recipe", str(path), "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "stage1-projector_init" / "metrics.json").is_file()
     assert main(["train", "--recipe", str(path), "-o", str(tmp_path / "out"), "--stages", "nope"]) == 2
+
+
+def test_per_source_preprocessing_and_length_grouped_batches(tmp_path, data_dir):
+    from nvila_edge import NVILAConfig, NVILAProcessor
+    from nvila_edge.training.data import LengthGroupedSampler
+    from nvila_edge.training.tokenizer import demo_tokenizer
+    from nvila_edge.training.trainer import stage_dataset, stage_sources, stage_trainer, training_arguments
+
+    one_tile = DataSource("train.jsonl", tasks=("object",), preprocessing={"image_aspect_ratio": "resize"})
+    stage = Stage("image_it", ("mm_projector", "llm"), 1e-3, (one_tile, DataSource("train.jsonl", tasks=("count",)),
+                  DataSource(synthetic=3, tasks=("ocr",), preprocessing={"image_aspect_ratio": "resize"})),
+                  max_steps=2, batch_size=4, group_by_length=True)
+    recipe = Recipe(name="g", preset="demo", base_dir=str(data_dir), stages=(stage,))
+    back = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert back.stages[0].group_by_length and back.stages[0].data[0].preprocessing == {"image_aspect_ratio": "resize"}
+    with pytest.raises(ConfigError, match="PreprocessingConfig fields"):
+        DataSource("a.jsonl", preprocessing={"tile": 3})
+
+    processor = NVILAProcessor(NVILAConfig.from_preset("demo"), demo_tokenizer())
+    groups = stage_sources(recipe, stage)
+    ds = stage_dataset(stage, groups, processor)
+    n_obj, n_count = len(groups[0][1]), len(groups[1][1])
+    assert len(ds) == n_obj + n_count + 3
+    assert ds[0].pixel_values.shape[0] == 1  # the overridden source: one tile per image
+    assert ds[n_obj].pixel_values.shape[0] > 1  # the next source: the model's Dynamic-S2
+    assert ds[n_obj + n_count].pixel_values.shape[0] == 1  # rendered, overridden
+    assert processor.config.preprocessing.image_aspect_ratio == "dynamic_s2"
+
+    model = NVILAModel(processor.config)
+    args = training_arguments(tmp_path / "t", batch_size=4, learning_rate=1e-3, epochs=1, max_steps=1, warmup_ratio=0,
+                              weight_decay=0, scheduler="constant", seed=0, progress=False)
+    grouped = stage_trainer([3, 1, 2], model=model, args=args, train_dataset=ds)
+    assert isinstance(grouped._get_train_sampler(), LengthGroupedSampler)
+    plain = stage_trainer(None, model=model, args=args, train_dataset=ds)
+    assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)
+    (res,) = run_recipe(recipe, tmp_path / "ckpt", progress=False)
+    assert res.metrics["examples"] == len(ds) and res.metrics["global_step"] == 2

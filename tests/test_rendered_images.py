@@ -38,7 +38,7 @@ def test_rendered_images_are_deterministic_and_of_the_asked_kinds(processor):
 def test_rendered_images_cache_within_budget(processor):
     ds = RenderedImages(processor, 4, kinds=("count",), seed=1)
     first = ds[0]
-    assert 0 in ds.cache and ds.cached_bytes == first.pixel_values.size * 2
+    assert ds.key(0) in ds.cache and ds.cached_bytes == first.pixel_values.size * 2
     hit = ds[0]
     assert hit.pixel_values.dtype == np.float32
     np.testing.assert_allclose(hit.pixel_values, first.pixel_values, atol=1e-3)  # kept in float16

@@ -12,6 +12,7 @@ from nvila_edge import NVILAConfig, NVILAProcessor
 from nvila_edge.training.data import (
     DataError,
     DataIssue,
+    ExampleCache,
     NVILACollator,
     NVILADataset,
     Record,
@@ -168,6 +169,39 @@ def test_labels_supervise_only_the_answers(records, demo_processor):
                                                                                 skip_special_tokens=False)
 
 
+def test_example_cache_reuses_processed_examples_within_budget(records, demo_processor, monkeypatch):
+    cache = ExampleCache()
+    ds = NVILADataset(records, demo_processor, cache)
+    first = [ds[i] for i in range(len(ds))]
+    assert len(cache) == len(records) and cache.used_bytes == sum(e.pixel_values.size * 2 for e in first if e.pixel_values is not None)
+    calls = []
+    monkeypatch.setattr(NVILAProcessor, "__call__", lambda *a, **k: calls.append(a))
+    again = [NVILADataset(records, demo_processor, cache)[i] for i in range(len(records))]  # another stage
+    assert not calls  # served from the cache: no decoding, tiling or tokenizing
+    for a, b in zip(first, again):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        if a.pixel_values is not None:
+            assert b.pixel_values.dtype == np.float32
+            np.testing.assert_allclose(b.pixel_values, a.pixel_values, atol=1e-2)  # kept in float16
+    monkeypatch.undo()
+    # other preprocessing is another key; retain() frees everything else
+    one_tile = NVILAProcessor(_resize_config(), demo_processor.tokenizer)
+    NVILADataset(records[:1], one_tile, cache)[0]  # records[0] has an image
+    assert len(cache) == len(records) + 1
+    cache.retain(ExampleCache.processor_key(one_tile))
+    assert len(cache) == 1 and cache.used_bytes == NVILADataset(records[:1], one_tile)[0].pixel_values.size * 2
+    # a full budget keeps nothing more, and the example is still returned
+    small = ExampleCache(budget_bytes=1)
+    assert NVILADataset(records, demo_processor, small)[0].pixel_values is not None and len(small) == 0
+
+
+def _resize_config():
+    import dataclasses
+
+    cfg = NVILAConfig.from_preset("demo")
+    return dataclasses.replace(cfg, preprocessing=dataclasses.replace(cfg.preprocessing, image_aspect_ratio="resize"))
+
+
 def test_dataset_reports_processor_errors_with_file_and_line(media_dir, demo_processor):
     (rec,) = read_jsonl(write_jsonl(media_dir / "vanishing.jsonl", [record("<image>\nq", "a", image="square.png")]))
     broken = Record(rec.id, rec.conversations, [media_dir / "gone.png"], None, rec.source, rec.line)
@@ -247,3 +281,27 @@ def test_batched_model_loss_on_a_collated_batch(records, demo_processor):
             total += float(single.loss) * n
             count += n
         assert float(model(**batch).loss) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_example_lengths_match_the_processed_sequences(records, demo_processor):
+    ds = NVILADataset(records, demo_processor)
+    lengths = ds.lengths()
+    assert lengths == [ds[i].num_tokens for i in range(len(ds))]  # without decoding a pixel
+
+
+def test_length_grouped_sampler_batches_similar_lengths_in_random_order():
+    from nvila_edge.training.data import LengthGroupedSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([62, 83, 138], size=403).tolist()
+    s = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    first, second = list(s), list(s)
+    assert sorted(first) == list(range(403)) and first != second  # every example once, a new order each epoch
+    assert list(LengthGroupedSampler(lengths, 16, seed=3)) == first  # deterministic from the seed
+    batches = [first[k:k + 16] for k in range(0, 400, 16)]
+    padded = sum(16 * max(lengths[i] for i in b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    assert real / padded > 0.9  # a random batch of these would be ~62 % real tokens
+    kinds = [lengths[b[0]] for b in batches]
+    assert kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)  # batch order is shuffled
+    assert len(first[400:]) == 3  # the one short batch comes last, so batches stay aligned

@@ -38,16 +38,12 @@ def answer_turns(input_ids, labels, ignore_index: int = -100) -> list[tuple[np.n
     unlabelled tokens since the previous answer its question (template tokens included)."""
     ids = np.asarray(input_ids).reshape(-1)
     lab = np.asarray(labels).reshape(-1)
-    turns, start, k = [], 0, 0
-    while k < len(lab):
-        if lab[k] == ignore_index:
-            k += 1
-            continue
-        end = k
-        while end < len(lab) and lab[end] != ignore_index:
-            end += 1
-        turns.append((ids[start:k], lab[k:end]))
-        start = k = end
+    on = np.concatenate([[False], lab != ignore_index, [False]])
+    edges = np.flatnonzero(on[1:] != on[:-1])  # starts and ends of the labelled runs, alternating
+    turns, prev = [], 0
+    for start, end in zip(edges[::2], edges[1::2]):
+        turns.append((ids[prev:start], lab[start:end]))
+        prev = end
     return turns
 
 
@@ -71,25 +67,39 @@ class MediaTagModel(nn.Module):
         self.register_buffer("tag_mask", mask, persistent=False)
         self.media_ids = {cfg.image_token_id, cfg.video_token_id}
         self.last_tag_loss: float | None = None
+        self._classes: dict[bytes, int | None] = {}  # answer ids → class, question ids → key: memoised,
+        self._keys: dict[bytes, tuple[int, ...]] = {}  # the same few questions and answers come back every step
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def answer_class(self, answer_ids: np.ndarray) -> int | None:
         """The whole answer (turn markers dropped) as one class: a stable hash of its ids into the head's
         buckets. Whole answers, not tokens: BPE pieces are shared ("right" and "triangle" both hold "ri"),
         and one row serving two answers of different questions learned neither."""
-        ids = [int(i) for i in answer_ids if 0 <= int(i) < self.vocab_size and self.tag_mask[int(i)] > 0]
-        if not ids:
-            return None
-        return zlib.crc32(np.asarray(ids, np.int64).tobytes()) % ANSWER_CLASSES
+        raw = np.asarray(answer_ids, np.int64)
+        if (hit := self._classes.get(raw.tobytes(), -1)) != -1:
+            return hit
+        keep = self.tag_mask.cpu().numpy()
+        ids = [int(i) for i in raw if 0 <= int(i) < self.vocab_size and keep[int(i)] > 0]
+        cls = zlib.crc32(np.asarray(ids, np.int64).tobytes()) % ANSWER_CLASSES if ids else None
+        self._classes[raw.tobytes()] = cls
+        return cls
 
     def question_key(self, question_ids: np.ndarray) -> tuple[int, ...]:
-        return tuple(int(i) for i in question_ids if int(i) not in self.media_ids)
+        raw = np.asarray(question_ids, np.int64)
+        key = self._keys.get(raw.tobytes())
+        if key is None:
+            key = self._keys[raw.tobytes()] = tuple(int(i) for i in raw if int(i) not in self.media_ids)
+        return key
 
     def candidate_mask(self, key: tuple[int, ...], cls: int) -> torch.Tensor:
         """Remember the turn's answer under its question; return the question's answers seen so far."""
         seen = self.candidates.setdefault(key, set())
-        seen.add(cls)
-        mask = torch.zeros(ANSWER_CLASSES, dtype=torch.bool, device=self.tag_mask.device)
-        mask[list(seen)] = True
+        mask = self._masks.get(key)
+        if mask is None or cls not in seen:
+            seen.add(cls)
+            mask = torch.zeros(ANSWER_CLASSES, dtype=torch.bool, device=self.tag_mask.device)
+            mask[list(seen)] = True
+            self._masks[key] = mask  # a new tensor, never changed in place: earlier turns keep their own
         return mask
 
     def tag_loss(self, pooled: torch.Tensor, candidates: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

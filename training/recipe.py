@@ -22,7 +22,8 @@ POSITION_INITS = ("random", "sincos")
 class DataSource:
     """A JSONL file (relative paths resolve against the recipe file), optionally filtered by task; or, with
     ``synthetic`` > 0, that many synthetic image records rendered in memory (``tasks``: the image kinds,
-    ``seed``: their own, so none is a held-out image; training/synthetic.py ``RenderedImages``)."""
+    ``seed``: their own, so none is a held-out image; training/synthetic.py ``RenderedImages``).
+    ``preprocessing`` overrides the stage's for this source only (``Stage.preprocessing``)."""
 
     path: str = ""
     tasks: tuple[str, ...] | None = None
@@ -30,12 +31,26 @@ class DataSource:
     repeat: int = 1
     synthetic: int = 0
     seed: int = 1
+    preprocessing: dict | None = None
 
     def __post_init__(self):
         if self.synthetic < 0 or (not self.synthetic and not self.path):
             raise ConfigError(f"a data source needs a JSONL path or synthetic > 0, got {self}")
         if self.synthetic and self.tasks and set(self.tasks) - set(IMAGE_TASKS):
             raise ConfigError(f"rendered images come in the kinds {IMAGE_TASKS}, got tasks {list(self.tasks)}")
+        check_preprocessing(self.preprocessing, f"data source {self.path or f'synthetic={self.synthetic}'!r}")
+
+
+def check_preprocessing(overrides: dict | None, what: str) -> None:
+    """Preprocessing overrides must be a mapping of ``PreprocessingConfig`` fields."""
+    if not overrides:
+        return
+    from nvila_edge.config import PreprocessingConfig
+
+    known = {f.name for f in dataclasses.fields(PreprocessingConfig)}
+    if not isinstance(overrides, dict) or set(overrides) - known:
+        raise ConfigError(f"{what}: preprocessing overrides must be PreprocessingConfig fields {sorted(known)}, "
+                          f"got {overrides!r}")
 
 
 @dataclass
@@ -57,15 +72,11 @@ class Stage:
     # PreprocessingConfig fields this stage overrides, e.g. {"image_aspect_ratio": "resize"}: every image
     # as one tile (the first Dynamic-S2 scale's view) for a cheap vision stage
     preprocessing: dict | None = None
+    # batches of examples of similar length (data.LengthGroupedSampler): less padding in the LM steps
+    group_by_length: bool = False
 
     def __post_init__(self):
-        if self.preprocessing:
-            from nvila_edge.config import PreprocessingConfig
-
-            known = {f.name for f in dataclasses.fields(PreprocessingConfig)}
-            if not isinstance(self.preprocessing, dict) or set(self.preprocessing) - known:
-                raise ConfigError(f"stage {self.name!r}: preprocessing overrides must be PreprocessingConfig fields "
-                                  f"{sorted(known)}, got {self.preprocessing!r}")
+        check_preprocessing(self.preprocessing, f"stage {self.name!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"stage {self.name!r}: objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "media_tags" and "llm" in self.trains:
@@ -174,6 +185,9 @@ IMAGE_TASKS = ("object", "count", "ocr")  # image record kinds of the synthetic 
 VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
 
 
+ONE_TILE = {"image_aspect_ratio": "resize"}  # every image as one tile: the first Dynamic-S2 scale's view
+
+
 def demo_recipe(data_dir: str | Path) -> Recipe:
     """The embedded demo: the same five stages, set for a small model trained from scratch.
 
@@ -194,11 +208,15 @@ def demo_recipe(data_dir: str | Path) -> Recipe:
             # many images rendered in memory: shape and words need far more images than the data set's
             # (715 object images: shape 56 % held out; 6 000: 91 %; docs/BENCHMARKS.md), and one tile
             # costs a sixth of the full Dynamic-S2 pass
+            # a few images in the full Dynamic-S2 view, so the tower also learns the larger scale's tiles it
+            # reads at inference (counts read from the mean of the full view: 53 -> 83 %, docs/BENCHMARKS.md)
             Stage("vep", ("vision_tower", "mm_projector"), 1e-3,
-                  (DataSource(synthetic=6000, tasks=("object",), seed=1), DataSource(synthetic=4000, tasks=("count",), seed=2),
-                   DataSource(synthetic=6000, tasks=("ocr",), seed=3)),
-                  epochs=7.0, batch_size=32, objective="media_tags", scheduler="one_cycle",
-                  preprocessing={"image_aspect_ratio": "resize"}),
+                  (DataSource(synthetic=6000, tasks=("object",), seed=1, preprocessing=ONE_TILE),
+                   DataSource(synthetic=4000, tasks=("count",), seed=2, preprocessing=ONE_TILE),
+                   DataSource(synthetic=6000, tasks=("ocr",), seed=3, preprocessing=ONE_TILE),
+                   DataSource(synthetic=400, tasks=("object",), seed=4), DataSource(synthetic=600, tasks=("count",), seed=5),
+                   DataSource(synthetic=400, tasks=("ocr",), seed=6)),
+                  epochs=7.0, batch_size=32, objective="media_tags", scheduler="one_cycle"),
             Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
             # the tower stays as VEP left it: trained on with the LM loss it lost part of what its mean
             # carried (left / right 95 -> 73 %, count 96 -> 81 %; docs/BENCHMARKS.md)

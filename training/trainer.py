@@ -22,8 +22,9 @@ import torch
 from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, NVILATokenizer
 from nvila_edge.errors import ConfigError
 
-from .data import DataIssue, NVILACollator, NVILADataset, Record, read_jsonl
-from .recipe import MODULES, Recipe, Stage
+from .data import (DataIssue, ExampleCache, LengthGroupedSampler, NVILACollator, NVILADataset, Record,
+                   dataset_lengths, read_jsonl)
+from .recipe import MODULES, DataSource, Recipe, Stage
 
 log = logging.getLogger("nvila_edge.training")
 COMPLETE = "metrics.json"  # written inside the atomic checkpoint: its presence means the stage finished
@@ -45,37 +46,59 @@ def set_trainable(model: NVILAModel, modules: Sequence[str]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def stage_records(recipe: Recipe, stage: Stage, on_error: str = "skip",
-                  issues: list[DataIssue] | None = None) -> list[Record]:
-    out: list[Record] = []
+def stage_sources(recipe: Recipe, stage: Stage, on_error: str = "skip",
+                  issues: list[DataIssue] | None = None) -> list[tuple[DataSource, list[Record]]]:
+    """Each of the stage's sources with its JSONL records (filtered, capped, repeated); rendered sources
+    come with none (``stage_dataset`` renders them in memory)."""
+    out: list[tuple[DataSource, list[Record]]] = []
     for src in stage.data:
-        if src.synthetic:  # rendered in memory by stage_dataset
+        if src.synthetic:
+            out.append((src, []))
             continue
         recs = read_jsonl(recipe.resolve(src.path), on_error=on_error, issues=issues, tasks=src.tasks)
         if src.max_examples is not None:
             recs = recs[: src.max_examples]
-        out += recs * max(1, src.repeat)
+        out.append((src, recs * max(1, src.repeat)))
     return out
 
 
-def stage_processor(processor: NVILAProcessor, stage: Stage) -> NVILAProcessor:
-    """The processor with the stage's preprocessing overrides (the model's own config is untouched)."""
-    if not stage.preprocessing:
+def stage_records(recipe: Recipe, stage: Stage, on_error: str = "skip",
+                  issues: list[DataIssue] | None = None) -> list[Record]:
+    """All of the stage's JSONL records, source after source."""
+    return [r for _, recs in stage_sources(recipe, stage, on_error, issues) for r in recs]
+
+
+def stage_processor(processor: NVILAProcessor, stage: Stage, source: DataSource | None = None) -> NVILAProcessor:
+    """The processor with the stage's preprocessing overrides, then the source's (the model's own config is
+    untouched)."""
+    over = {**(stage.preprocessing or {}), **((source.preprocessing if source else None) or {})}
+    if not over:
         return processor
     cfg = processor.config
-    over = {k: tuple(v) if isinstance(v, list) else v for k, v in stage.preprocessing.items()}
+    over = {k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}
     pre = dataclasses.replace(cfg.preprocessing, **over)
     return NVILAProcessor(dataclasses.replace(cfg, preprocessing=pre), processor.tokenizer)
 
 
-def stage_dataset(stage: Stage, records: Sequence[Record], processor: NVILAProcessor) -> torch.utils.data.Dataset:
-    """The stage's examples: its JSONL records, then any in-memory rendered sources."""
+def stage_dataset(stage: Stage, records: Sequence[Record] | Sequence[tuple[DataSource, Sequence[Record]]],
+                  processor: NVILAProcessor, cache: ExampleCache | None = None) -> torch.utils.data.Dataset:
+    """The stage's examples: per source (``stage_sources``), its JSONL records or its rendered images, each
+    through the processor with the stage's and the source's preprocessing overrides. Plain ``records`` are
+    taken as the stage's JSONL data under the stage's overrides, then the rendered sources follow. With
+    ``cache``, each example is processed once for the whole run."""
     from .synthetic import RenderedImages
 
-    parts: list[torch.utils.data.Dataset] = [NVILADataset(records, processor)] if records else []
-    for src in stage.data:
-        if src.synthetic:
-            rendered = RenderedImages(processor, src.synthetic, src.tasks, seed=src.seed)
+    if records and not isinstance(records[0], tuple):
+        groups = [(None, records)] + [(src, []) for src in stage.data if src.synthetic]
+    else:
+        groups = list(records) or [(src, []) for src in stage.data if src.synthetic]
+    parts: list[torch.utils.data.Dataset] = []
+    for src, recs in groups:
+        proc = stage_processor(processor, stage, src)
+        if recs:
+            parts.append(NVILADataset(recs, proc, cache))
+        elif src is not None and src.synthetic:
+            rendered = RenderedImages(proc, src.synthetic, src.tasks, seed=src.seed, cache=cache)
             parts += [rendered] * max(1, src.repeat)
     if not parts:
         raise ConfigError(f"stage {stage.name!r} has no examples")
@@ -123,12 +146,26 @@ def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: floa
     )
 
 
-def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
-                out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
-                extra_files: dict[str, str] | None = None) -> dict:
-    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically)."""
+def stage_trainer(group_lengths: Sequence[int] | None = None, **kwargs):
+    """A transformers ``Trainer`` (imported here: it is slow to import) that samples with our
+    ``LengthGroupedSampler`` when given the examples' lengths."""
     from transformers import Trainer
 
+    class StageTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if group_lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(group_lengths, batch, seed=self.args.seed)
+
+    return StageTrainer(**kwargs)
+
+
+def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
+                out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
+                extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None) -> dict:
+    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically);
+    ``cache`` keeps processed examples for later epochs and stages."""
     n_trainable = set_trainable(model, stage.trains)
     if gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
@@ -139,8 +176,11 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                               weight_decay=stage.weight_decay, seed=seed, progress=progress,
                               scheduler="constant" if stage.scheduler == "one_cycle" else stage.scheduler,
                               logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
-    dataset = stage_dataset(stage, records, stage_processor(processor, stage))
-    log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), len(records))
+    if cache is not None:  # another stage's overrides will not come back: free their tiles
+        cache.retain({ExampleCache.processor_key(stage_processor(processor, stage, src)) for src in stage.data})
+    dataset = stage_dataset(stage, records, processor, cache)
+    n_jsonl = sum(len(g[1]) for g in records) if records and isinstance(records[0], tuple) else len(records)
+    log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), n_jsonl)
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel
@@ -151,8 +191,9 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
     optimizers = (None, None)
     if stage.scheduler == "one_cycle":
         optimizers = one_cycle(trained, stage, len(dataset))
-    trainer = Trainer(model=trained, args=args, train_dataset=dataset,
-                      data_collator=NVILACollator(), optimizers=optimizers)
+    lengths = dataset_lengths(dataset) if stage.group_by_length else None
+    trainer = stage_trainer(lengths, model=trained, args=args, train_dataset=dataset, data_collator=NVILACollator(),
+                            optimizers=optimizers)
     result = trainer.train()
     metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(dataset),
                "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
@@ -224,8 +265,12 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
 
 
 def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | None = None,
-               tokenizer: NVILATokenizer | None = None, on_error: str = "skip", progress: bool = True) -> list[StageResult]:
-    """Run ``stages`` (default: all) in recipe order, resuming after the last finished checkpoint."""
+               tokenizer: NVILATokenizer | None = None, on_error: str = "skip", progress: bool = True,
+               cache_bytes: int = 4 << 30) -> list[StageResult]:
+    """Run ``stages`` (default: all) in recipe order, resuming after the last finished checkpoint.
+
+    Processed examples are kept across epochs and stages up to ``cache_bytes`` of float16 pixels
+    (``ExampleCache``; 0 turns it off)."""
     output_dir = Path(output_dir)
     wanted = list(stages) if stages else [s.name for s in recipe.stages]
     for name in wanted:
@@ -233,6 +278,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
     results: list[StageResult] = []
     current: Path | None = None  # the checkpoint the next stage starts from
     model = processor = None
+    cache = ExampleCache(cache_bytes) if cache_bytes > 0 else None
     for i, stage in enumerate(recipe.stages):
         ckpt = stage_dir(output_dir, i, stage)
         done = (ckpt / COMPLETE).is_file()
@@ -250,13 +296,13 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
                 model, processor = base_model(recipe, tokenizer)
         model.train()
         issues: list[DataIssue] = []
-        records = stage_records(recipe, stage, on_error=on_error, issues=issues)
+        records = stage_sources(recipe, stage, on_error=on_error, issues=issues)
         _seed_everything(recipe.seed + i)
         log.info("stage %d/%d %s: trains %s", i + 1, len(recipe.stages), stage.name, stage.trains)
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
         metrics = train_stage(model, processor, stage, records, ckpt, seed=recipe.seed + i,
-                              gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra)
+                              gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra, cache=cache)
         model.eval()
         results.append(StageResult(stage.name, ckpt, metrics))
         current = ckpt
