@@ -189,7 +189,8 @@ class ExampleCache:
         hit = self.items.get(key)
         if hit is None or hit.pixel_values is None:
             return hit
-        return dataclasses.replace(hit, pixel_values=hit.pixel_values.astype(np.float32))
+        # torch converts float16 ~8x faster than numpy's astype
+        return dataclasses.replace(hit, pixel_values=torch.from_numpy(hit.pixel_values).float().numpy())
 
     def retain(self, processor_keys: str | set[str]) -> None:
         """Drop every example processed with other preprocessing (keys start with the processor key)."""
