@@ -287,6 +287,9 @@ def test_example_lengths_match_the_processed_sequences(records, demo_processor):
     ds = NVILADataset(records, demo_processor)
     lengths = ds.lengths()
     assert lengths == [ds[i].num_tokens for i in range(len(ds))]  # without decoding a pixel
+    gone = Record("x", records[0].conversations, [records[0].images[0].with_name("gone.png")], None, "f.jsonl", 7)
+    with pytest.raises(DataError, match="f.jsonl:7: cannot read"):
+        NVILADataset([gone], demo_processor).lengths()
 
 
 def test_length_grouped_sampler_batches_similar_lengths_in_random_order():

@@ -227,8 +227,11 @@ class NVILADataset(torch.utils.data.Dataset):
         for r in self.records:
             sizes = []
             for path in r.images:
-                with Image.open(path) as im:  # reads the header only
-                    sizes.append(im.size)
+                try:
+                    with Image.open(path) as im:  # reads the header only
+                        sizes.append(im.size)
+                except OSError as e:
+                    raise DataError(f"{r.source}:{r.line}: cannot read {path}: {e}") from e
             out.append(example_length(self.processor, r.conversations, sizes, int(r.video is not None)))
         return out
 
@@ -250,7 +253,8 @@ class NVILADataset(torch.utils.data.Dataset):
 def example_length(processor: NVILAProcessor, conversations, image_sizes: Sequence[tuple[int, int]] = (),
                    num_videos: int = 0) -> int:
     """An example's sequence length (text + visual tokens) from its text and image sizes alone: no pixels are
-    decoded, so a sampler can group thousands of examples by length in a second."""
+    decoded, so a sampler can group thousands of examples by length in a second. Exact for Dynamic-S2 and
+    one-tile images; NVILA-Lite's per-tile placeholders and short videos' fewer frames make it approximate."""
     ids = processor.tokenizer.encode(processor.apply_chat_template(conversations, add_generation_prompt=False))
     multi = len(image_sizes) != 1
     media = sum(processor.plan_image(sz, multi=multi).num_tokens for sz in image_sizes)
