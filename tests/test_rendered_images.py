@@ -67,9 +67,10 @@ def test_stage_preprocessing_override_gives_one_tile_per_image(processor):
     single = stage_processor(processor, stage)
     assert single.config.preprocessing.image_aspect_ratio == "resize"
     assert processor.config.preprocessing.image_aspect_ratio == "dynamic_s2"  # the model's config untouched
-    ex = stage_dataset(stage, [], single)[0]
+    ex = stage_dataset(stage, [(src, []) for src in stage.data], single)[0]
     assert ex.pixel_values.shape == (1, 3, 112, 112)
-    full = stage_dataset(Stage("x", ("vision_tower",), 1e-3, (DataSource(synthetic=4, tasks=("object",)),)), [], processor)[0]
+    plain = Stage("x", ("vision_tower",), 1e-3, (DataSource(synthetic=4, tasks=("object",)),))
+    full = stage_dataset(plain, [(src, []) for src in plain.data], processor)[0]
     assert full.pixel_values.shape[0] > 1  # Dynamic-S2: several tiles
     # the single tile is the first Dynamic-S2 scale's view of the same picture
     np.testing.assert_allclose(ex.pixel_values[0], full.pixel_values[0], atol=1e-6)

@@ -185,6 +185,11 @@ class ExampleCache:
     def __contains__(self, key) -> bool:
         return key in self.items
 
+    @staticmethod
+    def nbytes(out: ProcessedInputs) -> int:
+        """What ``out``'s pixels take kept in float16."""
+        return 0 if out.pixel_values is None else out.pixel_values.size * 2
+
     def get(self, key) -> ProcessedInputs | None:
         hit = self.items.get(key)
         if hit is None or hit.pixel_values is None:
@@ -196,11 +201,10 @@ class ExampleCache:
         """Drop every example processed with other preprocessing (keys start with the processor key)."""
         keep = {processor_keys} if isinstance(processor_keys, str) else set(processor_keys)
         for key in [k for k in self.items if not (isinstance(k, tuple) and k and k[0] in keep)]:
-            out = self.items.pop(key)
-            self.used_bytes -= 0 if out.pixel_values is None else out.pixel_values.size * 2
+            self.used_bytes -= self.nbytes(self.items.pop(key))
 
     def put(self, key, out: ProcessedInputs) -> None:
-        size = 0 if out.pixel_values is None else out.pixel_values.size * 2
+        size = self.nbytes(out)
         if self.used_bytes + size > self.budget_bytes:
             return
         pixels = None if out.pixel_values is None else out.pixel_values.astype(np.float16)

@@ -8,7 +8,6 @@ Writes a LLaVA/VILA-style JSONL data set with media paths relative to the file: 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass

@@ -63,12 +63,6 @@ def stage_sources(recipe: Recipe, stage: Stage, on_error: str = "skip",
     return out
 
 
-def stage_records(recipe: Recipe, stage: Stage, on_error: str = "skip",
-                  issues: list[DataIssue] | None = None) -> list[Record]:
-    """All of the stage's JSONL records, source after source."""
-    return [r for _, recs in stage_sources(recipe, stage, on_error, issues) for r in recs]
-
-
 def stage_processor(processor: NVILAProcessor, stage: Stage, source: DataSource | None = None) -> NVILAProcessor:
     """The processor with the stage's preprocessing overrides, then the source's (the model's own config is
     untouched)."""
@@ -81,24 +75,22 @@ def stage_processor(processor: NVILAProcessor, stage: Stage, source: DataSource 
     return NVILAProcessor(dataclasses.replace(cfg, preprocessing=pre), processor.tokenizer)
 
 
-def stage_dataset(stage: Stage, records: Sequence[Record] | Sequence[tuple[DataSource, Sequence[Record]]],
-                  processor: NVILAProcessor, cache: ExampleCache | None = None) -> torch.utils.data.Dataset:
+Sources = Sequence[tuple[DataSource, Sequence[Record]]]  # stage_sources: each source with its JSONL records
+
+
+def stage_dataset(stage: Stage, sources: Sources, processor: NVILAProcessor,
+                  cache: ExampleCache | None = None) -> torch.utils.data.Dataset:
     """The stage's examples: per source (``stage_sources``), its JSONL records or its rendered images, each
-    through the processor with the stage's and the source's preprocessing overrides. Plain ``records`` are
-    taken as the stage's JSONL data under the stage's overrides, then the rendered sources follow. With
-    ``cache``, each example is processed once for the whole run."""
+    through the processor with the stage's and the source's preprocessing overrides. With ``cache``, each
+    example is processed once for the whole run."""
     from .synthetic import RenderedImages
 
-    if records and not isinstance(records[0], tuple):
-        groups = [(None, records)] + [(src, []) for src in stage.data if src.synthetic]
-    else:
-        groups = list(records) or [(src, []) for src in stage.data if src.synthetic]
     parts: list[torch.utils.data.Dataset] = []
-    for src, recs in groups:
+    for src, recs in sources:
         proc = stage_processor(processor, stage, src)
         if recs:
             parts.append(NVILADataset(recs, proc, cache))
-        elif src is not None and src.synthetic:
+        elif src.synthetic:
             rendered = RenderedImages(proc, src.synthetic, src.tasks, seed=src.seed, cache=cache)
             parts += [rendered] * max(1, src.repeat)
     if not parts:
@@ -190,10 +182,11 @@ def stage_trainer(group_lengths: Sequence[int] | None = None, **kwargs):
     return StageTrainer(**kwargs)
 
 
-def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, records: Sequence[Record],
+def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sources: Sources,
                 out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
                 extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None) -> dict:
-    """Train one stage on ``records`` and save the checkpoint to ``out_dir`` (rank 0, atomically);
+    """Train one stage on its ``sources`` (``stage_sources``) and save the checkpoint to ``out_dir`` (rank 0,
+    atomically);
     ``cache`` keeps processed examples for later epochs and stages."""
     n_trainable = set_trainable(model, stage.trains)
     if gradient_checkpointing:
@@ -207,9 +200,8 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, reco
                               logging_steps=max(1, min(25, stage.max_steps if stage.max_steps > 0 else 25)))
     if cache is not None:  # another stage's overrides will not come back: free their tiles
         cache.retain({ExampleCache.processor_key(stage_processor(processor, stage, src)) for src in stage.data})
-    dataset = stage_dataset(stage, records, processor, cache)
-    n_jsonl = sum(len(g[1]) for g in records) if records and isinstance(records[0], tuple) else len(records)
-    log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), n_jsonl)
+    dataset = stage_dataset(stage, sources, processor, cache)
+    log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), sum(len(r) for _, r in sources))
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel
@@ -326,12 +318,12 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
                 model, processor = base_model(recipe, tokenizer)
         model.train()
         issues: list[DataIssue] = []
-        records = stage_sources(recipe, stage, on_error=on_error, issues=issues)
+        sources = stage_sources(recipe, stage, on_error=on_error, issues=issues)
         _seed_everything(recipe.seed + i)
         log.info("stage %d/%d %s: trains %s", i + 1, len(recipe.stages), stage.name, stage.trains)
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
-        metrics = train_stage(model, processor, stage, records, ckpt, seed=recipe.seed + i,
+        metrics = train_stage(model, processor, stage, sources, ckpt, seed=recipe.seed + i,
                               gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra, cache=cache)
         model.eval()
         results.append(StageResult(stage.name, ckpt, metrics))
