@@ -309,7 +309,11 @@ def dataset_lengths(dataset: torch.utils.data.Dataset) -> list[int]:
 
 
 class NVILACollator:
-    """Processor outputs → one batch for ``NVILAModel.forward`` (tiles concatenated, media re-indexed)."""
+    """Processor outputs → one batch for ``NVILAModel.forward`` (tiles concatenated, media re-indexed).
+    ``packed``: the batch asks the model to pack its sequences into shared rows (``NVILAModel.pack_batch``)."""
+
+    def __init__(self, packed: bool = False):
+        self.packed = packed
 
     def __call__(self, examples: Sequence[ProcessedInputs]) -> dict:
         pixels, media, start = [], [], 0
@@ -323,4 +327,5 @@ class NVILACollator:
             "labels": [torch.as_tensor(e.labels[0]) for e in examples],
             "pixel_values": torch.as_tensor(np.concatenate(pixels)) if pixels else None,
             "media": media,
+            **({"packed": True} if self.packed else {}),
         }

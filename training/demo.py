@@ -26,7 +26,7 @@ from .synthetic import SyntheticConfig, make_dataset
 from .tokenizer import demo_tokenizer
 from .trainer import last_checkpoint, run_recipe
 
-DEMO_VERSION = "v6"
+DEMO_VERSION = "v7"
 EVAL_QUESTIONS = 200  # held-out image questions scored before / after quantization and on the bundle
 CALIBRATION_SAMPLES = 64  # bump when the data, recipe or preset change so old caches are not reused
 

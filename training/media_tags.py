@@ -106,14 +106,13 @@ class MediaTagModel(nn.Module):
         logits = self.head(pooled).masked_fill(~candidates, float("-inf"))
         return F.cross_entropy(logits, classes)
 
-    def forward(self, input_ids, labels, pixel_values=None, media=None, **kwargs):
+    def forward(self, input_ids, labels, pixel_values=None, media=None, packed: bool = False, **kwargs):
         m = self.model
         chunks = m.embed_media(pixel_values, [x for items in media for x in items])
         if self.objective == "media_tags":
             out = CausalLMOutputWithPast(loss=torch.zeros((), device=m.device))
         else:
-            embeds, mask, labs = m.embed_batch(input_ids, None, media, labels, chunks=chunks)
-            out = m.llm(inputs_embeds=embeds, attention_mask=mask, labels=labs)
+            out = m.llm_loss(input_ids, media, labels, chunks, packed=packed)
         if self.objective == "lm":
             return out
         pooled, candidates, classes, it = [], [], [], iter(chunks)

@@ -74,6 +74,8 @@ class Stage:
     preprocessing: dict | None = None
     # batches of examples of similar length (data.LengthGroupedSampler): less padding in the LM steps
     group_by_length: bool = False
+    # LM steps pack several examples into each row (NVILAModel.pack_batch): the same loss, no padding computed
+    packing: bool = True
 
     def __post_init__(self):
         check_preprocessing(self.preprocessing, f"stage {self.name!r}")

@@ -213,7 +213,7 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
     if stage.scheduler == "one_cycle":
         optimizers = one_cycle(trained, stage, len(dataset))
     lengths = dataset_lengths(dataset) if stage.group_by_length else None
-    trainer = stage_trainer(lengths, model=trained, args=args, train_dataset=dataset, data_collator=NVILACollator(),
+    trainer = stage_trainer(lengths, model=trained, args=args, train_dataset=dataset, data_collator=NVILACollator(packed=stage.packing),
                             optimizers=optimizers)
     with linear_patch_embedding(model):
         result = trainer.train()

@@ -25,6 +25,7 @@ from ..media.tiling import ImagePlan
 from ..media.video import VideoPlan
 from ..sampling import SamplingParams
 from .generate import stream_tokens
+from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
 
 
@@ -200,10 +201,10 @@ class NVILAModel(nn.Module):
             input_ids, pixel_values, media = inputs.input_ids, inputs.pixel_values, inputs.media
         return self.embed_inputs(input_ids, self.embed_media(pixel_values, media or []))
 
-    def embed_batch(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
-                    labels: Sequence | None = None, ignore_index: int = -100,
-                    chunks: Sequence[torch.Tensor] | None = None):
-        """A batch of prompts → right-padded (inputs_embeds, attention_mask, labels).
+    def embed_rows(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
+                   labels: Sequence | None = None, ignore_index: int = -100,
+                   chunks: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """A batch of prompts → per example, its media-expanded embeddings (L_i, H) and labels (L_i,).
 
         ``input_ids`` / ``labels``: one 1-D sequence per example; ``media``: per example, its items with
         ``tile_start`` indexing the shared ``pixel_values`` (one vision pass for the whole batch).
@@ -226,11 +227,18 @@ class NVILAModel(nn.Module):
                     pos = p + 1
                 pieces.append(lab[pos:])
                 labs.append(torch.cat(pieces))
+        return rows, (labs if labels is not None else None)
+
+    def embed_batch(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
+                    labels: Sequence | None = None, ignore_index: int = -100,
+                    chunks: Sequence[torch.Tensor] | None = None):
+        """A batch of prompts → right-padded (inputs_embeds, attention_mask, labels); see ``embed_rows``."""
+        rows, labs = self.embed_rows(input_ids, pixel_values, media, labels, ignore_index, chunks)
         length = max(r.shape[0] for r in rows)
         hdim = rows[0].shape[-1]
         embeds = rows[0].new_zeros(len(rows), length, hdim)
         mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
-        out_labels = torch.full((len(rows), length), ignore_index, dtype=torch.long, device=self.device) if labels is not None else None
+        out_labels = torch.full((len(rows), length), ignore_index, dtype=torch.long, device=self.device) if labs is not None else None
         for b, r in enumerate(rows):
             embeds[b, :r.shape[0]] = r
             mask[b, :r.shape[0]] = 1
@@ -238,12 +246,31 @@ class NVILAModel(nn.Module):
                 out_labels[b, :r.shape[0]] = labs[b]
         return embeds, mask, out_labels
 
+    def pack_batch(self, input_ids: Sequence, pixel_values, media: Sequence[Sequence[MediaItem]],
+                   labels: Sequence | None = None, ignore_index: int = -100,
+                   chunks: Sequence[torch.Tensor] | None = None, capacity: int | None = None) -> PackedBatch:
+        """``embed_batch`` without padding: examples packed into shared rows (``modeling.packing``)."""
+        rows, labs = self.embed_rows(input_ids, pixel_values, media, labels, ignore_index, chunks)
+        return pack_sequences(rows, labs, capacity=capacity, ignore_index=ignore_index)
+
+    def llm_loss(self, input_ids: Sequence, media: Sequence[Sequence[MediaItem]], labels: Sequence,
+                 chunks: Sequence[torch.Tensor], packed: bool = False, **kwargs):
+        """The LM forward of a training batch whose media are already embedded (``chunks``): padded, or
+        ``packed`` (same loss, no compute spent on padding)."""
+        if packed:
+            batch = self.pack_batch(input_ids, None, media, labels, chunks=chunks)
+            return self.llm(inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids, labels=batch.labels,
+                            use_cache=False, **kwargs)
+        embeds, mask, labs = self.embed_batch(input_ids, None, media, labels, chunks=chunks)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labs, **kwargs)
+
     def forward(self, input_ids=None, pixel_values=None, media=None, inputs_embeds=None, labels=None,
-                attention_mask=None, **kwargs):
+                attention_mask=None, packed: bool = False, **kwargs):
         """Training / scoring forward over the media-expanded sequences.
 
         ``input_ids`` as a list of sequences with ``media`` as a list of per-example item lists is a
-        batch (see ``embed_batch``); a (1, L) array with a flat ``media`` list is a single prompt."""
+        batch (see ``embed_batch``); a (1, L) array with a flat ``media`` list is a single prompt.
+        ``packed``: a labelled batch runs packed (``pack_batch``): the same loss without padding."""
         if inputs_embeds is None:
             batched = media is not None and len(media) and isinstance(media[0], (list, tuple))
             if not batched and labels is None:
@@ -251,6 +278,9 @@ class NVILAModel(nn.Module):
             else:
                 if not batched:  # one prompt with labels: a batch of one
                     input_ids, media, labels = [np.asarray(input_ids).reshape(-1)], [list(media or [])], [labels]
+                if packed and labels is not None:
+                    chunks = self.embed_media(pixel_values, [m for items in media for m in items])
+                    return self.llm_loss(input_ids, media, labels, chunks, packed=True, **kwargs)
                 inputs_embeds, attention_mask, labels = self.embed_batch(input_ids, pixel_values, media, labels)
         return self.llm(inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask, **kwargs)
 
