@@ -153,6 +153,31 @@ def test_labels_mask_everything_but_answers(tiny_processor, tokenizer):
 
 
 @torch.no_grad()
+def test_dynamic_s2_images_of_a_batch_share_one_projector_call(tiny_model, tiny_processor):
+    """embed_features projects every Dynamic-S2 image's blocks in one call: the same as one image at a time."""
+    from nvila_edge.media.processor import MediaItem
+
+    c = tiny_model.config.vision.hidden_size
+    plans = [tiny_processor.plan_image(size) for size in [(1920, 1080), (700, 300), (300, 700)]]
+    media, start = [], 0
+    for plan in plans:
+        media.append(MediaItem(kind="image", plan=plan, tile_start=start, num_tiles=plan.num_tiles))
+        start += plan.num_tiles
+    feats = torch.randn(start, tiny_model.config.vision.grid ** 2, c)
+    calls = []
+    hook = tiny_model.mm_projector.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ours = tiny_model.embed_features(feats, media)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and len(ours) == len(plans)
+    for chunk, m in zip(ours, media):
+        (ref,) = tiny_model.embed_image(feats[m.tile_start:m.tile_start + m.num_tiles], m.plan)
+        assert chunk.shape[0] == m.plan.num_tokens
+        torch.testing.assert_close(chunk, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_batched_forward_equals_single_examples(tiny_model, tiny_processor):
     exs = [tiny_processor([{"role": "user", "content": q}, {"role": "assistant", "content": a}], images=ims,
                           add_generation_prompt=False, return_labels=True)

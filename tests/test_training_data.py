@@ -195,6 +195,58 @@ def test_example_cache_reuses_processed_examples_within_budget(records, demo_pro
     assert NVILADataset(records, demo_processor, small)[0].pixel_values is not None and len(small) == 0
 
 
+def test_warm_cache_processes_in_worker_processes_what_lazy_loading_would(records, demo_processor, monkeypatch):
+    import torch.utils.data as tud
+
+    from nvila_edge.training.data import warm_cache
+    from nvila_edge.training.synthetic import RenderedImages
+
+    cache = ExampleCache()
+    jsonl = NVILADataset(records, demo_processor, cache)
+    rendered = RenderedImages(demo_processor, 5, ("ocr",), seed=3, cache=cache)
+    ds = tud.ConcatDataset([jsonl, rendered, rendered])  # a repeated part is processed once
+    jsonl[0]  # already cached: not processed again
+    assert warm_cache(ds, cache, workers=2) == len(records) - 1 + 5
+    assert len(cache) == len(records) + 5
+    assert warm_cache(ds, cache, workers=2) == 0  # nothing left to do
+    calls = []
+    monkeypatch.setattr(NVILAProcessor, "__call__", lambda *a, **k: calls.append(a))
+    served = [ds[i] for i in range(len(jsonl) + 5)]
+    assert not calls  # the epochs only train
+    monkeypatch.undo()
+    lazy = [NVILADataset(records, demo_processor)[i] for i in range(len(records))] + \
+           [RenderedImages(demo_processor, 5, ("ocr",), seed=3)[i] for i in range(5)]
+    for a, b in zip(served, lazy):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        if a.pixel_values is not None:
+            np.testing.assert_allclose(a.pixel_values, b.pixel_values, atol=1e-2)
+    # a full budget stops the workers; one worker means nothing to gain
+    small = ExampleCache(budget_bytes=1)
+    assert warm_cache(NVILADataset(records, demo_processor, small), small, workers=2) == 0 and len(small) == 0
+    assert warm_cache(NVILADataset(records, demo_processor, ExampleCache()), ExampleCache(), workers=1) == 0
+
+
+def test_warm_workers_only_when_the_stage_draws_enough_examples(monkeypatch):
+    from nvila_edge.training.recipe import DataSource, Stage
+    from nvila_edge.training.trainer import warm_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def stage(**kw):
+        return Stage("s", ("llm",), 1e-3, (DataSource("a.jsonl"),), **kw)
+
+    assert warm_workers(stage(epochs=2.0), 1000) == 2
+    assert warm_workers(stage(epochs=0.5), 1000) == 2  # half the examples, two cores: the same time, all cached
+    assert warm_workers(stage(epochs=0.25), 1000) == 0
+    assert warm_workers(stage(max_steps=10, batch_size=8), 1000) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert warm_workers(stage(epochs=2.0), 1000) == 0  # each torchrun rank keeps its own cache
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert warm_workers(stage(epochs=2.0), 1000) == 0
+
+
 def _resize_config():
     import dataclasses
 

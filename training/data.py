@@ -203,13 +203,72 @@ class ExampleCache:
         for key in [k for k in self.items if not (isinstance(k, tuple) and k and k[0] in keep)]:
             self.used_bytes -= self.nbytes(self.items.pop(key))
 
-    def put(self, key, out: ProcessedInputs) -> None:
+    def put(self, key, out: ProcessedInputs) -> bool:
+        """Keep ``out`` (False when it would pass the budget)."""
         size = self.nbytes(out)
         if self.used_bytes + size > self.budget_bytes:
-            return
-        pixels = None if out.pixel_values is None else out.pixel_values.astype(np.float16)
-        self.items[key] = dataclasses.replace(out, pixel_values=pixels)
+            return False
+        self.items[key] = compact(out)
         self.used_bytes += size
+        return True
+
+
+def compact(out: ProcessedInputs) -> ProcessedInputs:
+    """``out`` with its pixels in float16, as ``ExampleCache`` keeps them."""
+    if out.pixel_values is None or out.pixel_values.dtype == np.float16:
+        return out
+    return dataclasses.replace(out, pixel_values=out.pixel_values.astype(np.float16))
+
+
+def _datasets(dataset) -> list:
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [d for part in dataset.datasets for d in _datasets(part)]
+    return [dataset]
+
+
+_WORKER_DATA: list = []  # the dataset a warm_cache worker process serves (set once per forked worker)
+
+
+def _warm_init(parts) -> None:
+    _WORKER_DATA[:] = [parts]
+
+
+def _warm_chunk(job: tuple[int, list[int]]) -> list[tuple[int, ProcessedInputs]]:
+    part, indices = job
+    ds = _WORKER_DATA[0][part]
+    return [(i, compact(ds.process(i))) for i in indices]
+
+
+def warm_cache(dataset, cache: ExampleCache, workers: int = 2, chunk: int = 64, progress: bool = False,
+               desc: str = "process examples") -> int:
+    """Process every example of ``dataset`` (or of its ``ConcatDataset`` parts) that ``cache`` lacks, with
+    ``workers`` forked processes, so the epochs that follow only train: rendering and tiling are one
+    process's work, while the training step's small matrices use two cores poorly (1.4x) — a DataLoader worker
+    beside the step was slower (docs/BENCHMARKS.md). Parts need ``key(i)`` and ``process(i)``; others are
+    left to load lazily. Stops once the cache's budget is full. Returns how many examples were added."""
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    parts = [d for d in dict.fromkeys(_datasets(dataset)) if hasattr(d, "key") and hasattr(d, "process")]
+    jobs = []
+    for p, ds in enumerate(parts):
+        todo = [i for i in range(len(ds)) if ds.key(i) not in cache]
+        jobs += [(p, todo[k:k + chunk]) for k in range(0, len(todo), chunk)]
+    total = sum(len(j) for _, j in jobs)
+    if not total or workers < 2 or "fork" not in mp.get_all_start_methods():
+        return 0
+    added = 0
+    with mp.get_context("fork").Pool(workers, initializer=_warm_init, initargs=(parts,)) as pool, \
+            tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        for (p, _), done in zip(jobs, pool.imap(_warm_chunk, jobs)):
+            for i, out in done:
+                if not cache.put(parts[p].key(i), out):
+                    pool.terminate()  # the budget is full: the rest loads lazily
+                    return added
+                added += 1
+            bar.update(len(done))
+    return added
 
 
 class NVILADataset(torch.utils.data.Dataset):
@@ -239,18 +298,25 @@ class NVILADataset(torch.utils.data.Dataset):
             out.append(example_length(self.processor, r.conversations, sizes, int(r.video is not None)))
         return out
 
-    def __getitem__(self, i: int) -> ProcessedInputs:
+    def key(self, i: int) -> tuple:
         r = self.records[i]
-        key = (self._pkey, r.source, r.line, r.id)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return hit
+        return (self._pkey, r.source, r.line, r.id)
+
+    def process(self, i: int) -> ProcessedInputs:
+        """Record ``i`` through the processor (no cache)."""
+        r = self.records[i]
         try:
-            out = self.processor(r.conversations, images=r.images or None, videos=[r.video] if r.video else None,
-                                 add_generation_prompt=False, return_labels=True)
+            return self.processor(r.conversations, images=r.images or None, videos=[r.video] if r.video else None,
+                                  add_generation_prompt=False, return_labels=True)
         except MediaError as e:
             raise DataError(f"{r.source}:{r.line}: {e}") from e
+
+    def __getitem__(self, i: int) -> ProcessedInputs:
+        if self.cache is not None and (hit := self.cache.get(self.key(i))) is not None:
+            return hit
+        out = self.process(i)
         if self.cache is not None:
-            self.cache.put(key, out)
+            self.cache.put(self.key(i), out)
         return out
 
 

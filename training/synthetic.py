@@ -198,12 +198,16 @@ class RenderedImages(torch.utils.data.Dataset):
     def key(self, i: int) -> tuple:
         return (self._pkey, "rendered", self.seed, self.kinds, i)
 
+    def process(self, i: int):
+        """Example ``i`` rendered and through the processor (no cache)."""
+        img, rec = self.record(i)
+        return self.processor(rec["conversations"], images=[img], add_generation_prompt=False, return_labels=True)
+
     def __getitem__(self, i: int):
         hit = self.cache.get(self.key(i))
         if hit is not None:
             return hit
-        img, rec = self.record(i)
-        out = self.processor(rec["conversations"], images=[img], add_generation_prompt=False, return_labels=True)
+        out = self.process(i)
         self.cache.put(self.key(i), out)
         return out
 

@@ -24,7 +24,7 @@ from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, NVILATokenizer
 from nvila_edge.errors import ConfigError
 
 from .data import (DataIssue, ExampleCache, LengthGroupedSampler, NVILACollator, NVILADataset, Record,
-                   dataset_lengths, read_jsonl)
+                   dataset_lengths, read_jsonl, warm_cache)
 from .recipe import MODULES, DataSource, Recipe, Stage
 
 log = logging.getLogger("nvila_edge.training")
@@ -182,6 +182,17 @@ def stage_trainer(group_lengths: Sequence[int] | None = None, **kwargs):
     return StageTrainer(**kwargs)
 
 
+def warm_workers(stage: Stage, num_examples: int) -> int:
+    """Processes for ``warm_cache`` before ``stage`` trains: all the cores, when the stage draws at least
+    1/cores of its examples (then processing all of them in parallel costs no more time than the drawn ones
+    one by one); 0 under torchrun (each rank has its own cache) or with one core."""
+    cores = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if cores < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or num_examples == 0:
+        return 0
+    drawn = stage.max_steps * stage.batch_size if stage.max_steps > 0 else stage.epochs * num_examples
+    return cores if drawn * cores >= num_examples else 0
+
+
 def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sources: Sources,
                 out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
                 extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None) -> dict:
@@ -202,6 +213,8 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
         cache.retain({ExampleCache.processor_key(stage_processor(processor, stage, src)) for src in stage.data})
     dataset = stage_dataset(stage, sources, processor, cache)
     log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), sum(len(r) for _, r in sources))
+    if cache is not None and (workers := warm_workers(stage, len(dataset))) > 1:
+        warm_cache(dataset, cache, workers=workers, progress=progress and _is_main(), desc=f"{stage.name}: process examples")
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel

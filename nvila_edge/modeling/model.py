@@ -117,15 +117,18 @@ class NVILAModel(nn.Module):
     def embed_image(self, feats: torch.Tensor, plan: ImagePlan) -> list[torch.Tensor]:
         """Projected embeddings of one image, one chunk per ``<image>`` placeholder, each ending with
         the "\\n" end embedding."""
-        end = self._end_embeds()
         if plan.mode == "dynamic_s2":
-            blocks = self.mm_projector(self.merge_dynamic_s2(feats, plan))  # (R*C, t*t, H)
-            rows, cols = plan.block_size
-            t = math.isqrt(blocks.shape[1])
-            tokens = blocks.reshape(rows, cols, t, t, -1).permute(0, 2, 1, 3, 4).reshape(rows * t * cols * t, -1)
-            return [torch.cat([tokens, end])]
+            return [self._s2_tokens(self.mm_projector(self.merge_dynamic_s2(feats, plan)), plan)]
+        end = self._end_embeds()
         proj = self.mm_projector(self._repeat_scales(feats))  # (tiles, t*t, H)
         return [torch.cat([p, end]) for p in proj]
+
+    def _s2_tokens(self, blocks: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
+        """Projected Dynamic-S2 blocks (R*C, t*t, H) → the image's tokens in row-major order + "\\n"."""
+        rows, cols = plan.block_size
+        t = math.isqrt(blocks.shape[1])
+        tokens = blocks.reshape(rows, cols, t, t, -1).permute(0, 2, 1, 3, 4).reshape(rows * t * cols * t, -1)
+        return torch.cat([tokens, self._end_embeds()])
 
     def embed_video(self, feats: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
         """Per-frame projection, then temporal pooling (TSP) by (t, h, w) windows; "\\n" after each group."""
@@ -153,15 +156,28 @@ class NVILAModel(nn.Module):
         """Embedding chunks from already-encoded tile features (``encode_tiles`` of the prompt's pixels)."""
         chunks: list[torch.Tensor] = []
         singles = iter(self._embed_single_tiles(feats, media))
+        s2 = iter(self._embed_dynamic_s2(feats, media))
         for item in media:
             f = feats[item.tile_start:item.tile_start + item.num_tiles]
             if item.kind == "video":
                 chunks.append(self.embed_video(f, item.plan))
             elif item.plan.mode == "single":
                 chunks.extend(next(singles))
+            elif item.plan.mode == "dynamic_s2":
+                chunks.append(next(s2))
             else:
                 chunks.extend(self.embed_image(f, item.plan))
         return chunks
+
+    def _embed_dynamic_s2(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[torch.Tensor]:
+        """``embed_image`` of every Dynamic-S2 item with one projector call (it maps each block on its own, so
+        the blocks of several images can share a call), in media order."""
+        items = [m for m in media if m.kind != "video" and m.plan.mode == "dynamic_s2"]
+        if not items:
+            return []
+        merged = [self.merge_dynamic_s2(feats[m.tile_start:m.tile_start + m.num_tiles], m.plan) for m in items]
+        blocks = self.mm_projector(torch.cat(merged)).split([b.shape[0] for b in merged])
+        return [self._s2_tokens(b, m.plan) for b, m in zip(blocks, items)]
 
     def _embed_single_tiles(self, feats: torch.Tensor, media: Sequence[MediaItem]) -> list[list[torch.Tensor]]:
         """``embed_image`` of every one-tile-per-image item in one projector call (a batch of many small
