@@ -169,6 +169,23 @@ def test_time_token_answers(dataset):
         assert len(tok.encode(f"<t{t}>")) == 1
 
 
+def test_demo_tokenizer_keeps_roles_and_image_answers_whole(dataset):
+    """Each chat role and each image answer is one token: turns stay short, answers are one prediction."""
+    from nvila_edge.chat import apply_chat_template
+    from nvila_edge.training.synthetic import CHAT_ROLES
+
+    _, paths, _ = dataset
+    tok = demo_tokenizer()
+    for word in CHAT_ROLES:
+        assert len(tok.encode(word)) == 1, word
+    answers = {t["value"] for r in _rows(paths["train"]) if r["kind"] == "image"
+               for t in r["conversations"] if t["from"] == "gpt"}
+    assert answers and all(len(tok.encode(a)) == 1 for a in answers), [a for a in answers if len(tok.encode(a)) > 1]
+    turn = apply_chat_template([{"role": "user", "content": "What color is the shape?"},
+                                {"role": "assistant", "content": "red"}], add_generation_prompt=False)
+    assert len(tok.encode(turn)) <= 25
+
+
 def _colour_mask(img: np.ndarray, name: str) -> np.ndarray:
     return (np.abs(img.astype(np.int16) - np.asarray(COLORS[name], np.int16)).max(axis=-1) <= 2).astype(np.uint8)
 
