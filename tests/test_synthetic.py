@@ -183,7 +183,7 @@ def test_demo_tokenizer_keeps_roles_and_image_answers_whole(dataset):
     assert answers and all(len(tok.encode(a)) == 1 for a in answers), [a for a in answers if len(tok.encode(a)) > 1]
     turn = apply_chat_template([{"role": "user", "content": "What color is the shape?"},
                                 {"role": "assistant", "content": "red"}], add_generation_prompt=False)
-    assert len(tok.encode(turn)) <= 25
+    assert len(tok.encode(turn)) <= 28  # 37 with the roles and the answer in pieces
 
 
 def _colour_mask(img: np.ndarray, name: str) -> np.ndarray:

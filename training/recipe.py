@@ -219,8 +219,10 @@ def demo_recipe(data_dir: str | Path) -> Recipe:
                    DataSource(synthetic=400, tasks=("object",), seed=4), DataSource(synthetic=1000, tasks=("count",), seed=5),
                    DataSource(synthetic=400, tasks=("ocr",), seed=6)),
                   epochs=8.0, batch_size=32, objective="media_tags", scheduler="one_cycle"),
-            # random batches: batches of one length (group_by_length) cut the LM stages' time by a quarter, but
-            # then each record kind comes in its own steps, and position / shape fell 94 -> 81 / 76 -> 56 %
+            # random batches, packed (Stage.packing): batches of one length (group_by_length) put each record
+            # kind in its own steps, and position / shape fell 94 -> 81 / 76 -> 56 %
+            # 8 VEP epochs and 2.25 image-IT epochs: what packing and warm_cache saved (745 -> 474 s) bought
+            # one more VEP epoch and a quarter more image IT (89.3 -> 91.4 % held out; docs/BENCHMARKS.md)
             Stage("token_processor", ("mm_projector", "llm"), 1e-3, (captions, images), epochs=0.5, batch_size=16),
             # the tower stays as VEP left it: trained on with the LM loss it lost part of what its mean
             # carried (left / right 95 -> 73 %, count 96 -> 81 %; docs/BENCHMARKS.md)
