@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -256,7 +257,8 @@ def warm_cache(dataset, cache: ExampleCache, workers: int = 2, chunk: int = 64, 
         todo = [i for i in range(len(ds)) if ds.key(i) not in cache]
         jobs += [(p, todo[k:k + chunk]) for k in range(0, len(todo), chunk)]
     total = sum(len(j) for _, j in jobs)
-    if not total or workers < 2 or "fork" not in mp.get_all_start_methods():
+    # fork only where it is safe beside torch's threads (Linux; macOS's system libraries are not fork-safe)
+    if not total or workers < 2 or not sys.platform.startswith("linux"):
         return 0
     added = 0
     with mp.get_context("fork").Pool(workers, initializer=_warm_init, initargs=(parts,)) as pool, \
