@@ -123,10 +123,11 @@ def test_per_source_preprocessing_and_length_grouped_batches(tmp_path, data_dir)
     one_tile = DataSource("train.jsonl", tasks=("object",), preprocessing={"image_aspect_ratio": "resize"})
     stage = Stage("image_it", ("mm_projector", "llm"), 1e-3, (one_tile, DataSource("train.jsonl", tasks=("count",)),
                   DataSource(synthetic=3, tasks=("ocr",), preprocessing={"image_aspect_ratio": "resize"})),
-                  max_steps=2, batch_size=4, group_by_length=True)
+                  max_steps=2, batch_size=4, group_by_length=True, packing=False)
     recipe = Recipe(name="g", preset="demo", base_dir=str(data_dir), stages=(stage,))
     back = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
     assert back.stages[0].group_by_length and back.stages[0].data[0].preprocessing == {"image_aspect_ratio": "resize"}
+    assert back.stages[0].packing is False and Stage("s", ("llm",), 1e-3, (one_tile,)).packing  # packed by default
     with pytest.raises(ConfigError, match="PreprocessingConfig fields"):
         DataSource("a.jsonl", preprocessing={"tile": 3})
 
