@@ -222,6 +222,7 @@ def compact(out: ProcessedInputs) -> ProcessedInputs:
 
 
 def _datasets(dataset) -> list:
+    """The parts of a (nested) ``ConcatDataset`` in order, repeats kept; a plain dataset is its own part."""
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         return [d for part in dataset.datasets for d in _datasets(part)]
     return [dataset]
@@ -314,11 +315,13 @@ class NVILADataset(torch.utils.data.Dataset):
             raise DataError(f"{r.source}:{r.line}: {e}") from e
 
     def __getitem__(self, i: int) -> ProcessedInputs:
-        if self.cache is not None and (hit := self.cache.get(self.key(i))) is not None:
+        if self.cache is None:
+            return self.process(i)
+        key = self.key(i)
+        if (hit := self.cache.get(key)) is not None:
             return hit
         out = self.process(i)
-        if self.cache is not None:
-            self.cache.put(self.key(i), out)
+        self.cache.put(key, out)
         return out
 
 
@@ -368,12 +371,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 def dataset_lengths(dataset: torch.utils.data.Dataset) -> list[int]:
     """``lengths`` of a dataset, or of each part of a ``ConcatDataset``."""
-    if isinstance(dataset, torch.utils.data.ConcatDataset):
-        return [n for part in dataset.datasets for n in dataset_lengths(part)]
-    lengths = getattr(dataset, "lengths", None)
-    if lengths is None:
-        raise DataError(f"{type(dataset).__name__} has no example lengths to group batches by")
-    return list(lengths() if callable(lengths) else lengths)
+    out: list[int] = []
+    for part in _datasets(dataset):
+        lengths = getattr(part, "lengths", None)
+        if lengths is None:
+            raise DataError(f"{type(part).__name__} has no example lengths to group batches by")
+        out += lengths() if callable(lengths) else lengths
+    return out
 
 
 class NVILACollator:

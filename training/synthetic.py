@@ -204,11 +204,11 @@ class RenderedImages(torch.utils.data.Dataset):
         return self.processor(rec["conversations"], images=[img], add_generation_prompt=False, return_labels=True)
 
     def __getitem__(self, i: int):
-        hit = self.cache.get(self.key(i))
-        if hit is not None:
+        key = self.key(i)
+        if (hit := self.cache.get(key)) is not None:
             return hit
         out = self.process(i)
-        self.cache.put(self.key(i), out)
+        self.cache.put(key, out)
         return out
 
 

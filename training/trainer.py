@@ -102,6 +102,10 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -134,7 +138,7 @@ def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: floa
         bf16=cuda and torch.cuda.is_bf16_supported(),
         seed=seed,
         disable_tqdm=not progress,
-        ddp_backend=("nccl" if cuda else "gloo") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend=("nccl" if cuda else "gloo") if _world_size() > 1 else None,
         ddp_find_unused_parameters=True,  # frozen towers / text-only batches leave parameters unused
     )
 
@@ -187,7 +191,7 @@ def warm_workers(stage: Stage, num_examples: int) -> int:
     1/cores of its examples (then processing all of them in parallel costs no more time than the drawn ones
     one by one); 0 under torchrun (each rank has its own cache) or with one core."""
     cores = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    if cores < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or num_examples == 0:
+    if cores < 2 or _world_size() > 1 or num_examples == 0:
         return 0
     drawn = stage.max_steps * stage.batch_size if stage.max_steps > 0 else stage.epochs * num_examples
     return cores if drawn * cores >= num_examples else 0
@@ -255,7 +259,7 @@ def one_cycle(model: torch.nn.Module, stage: Stage, num_records: int):
     with warm-up + cosine at the same steps it did not (64 %) — docs/BENCHMARKS.md."""
     import math
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     per_epoch = math.ceil(math.ceil(num_records / world) / stage.batch_size)
     steps = stage.max_steps if stage.max_steps > 0 else math.ceil(stage.epochs * per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
