@@ -14,7 +14,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
-from nvila_edge.training.personalize import PersonalizeConfig, personalize
+from nvila_edge.pipelines.personalize import PersonalizeConfig, personalize
 
 
 def draw_robot(seed: int, size: int = 224) -> Image.Image:

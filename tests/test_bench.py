@@ -15,8 +15,8 @@ pytest.importorskip("onnx")
 cv2 = pytest.importorskip("cv2")
 
 from nvila_edge.cli import main  # noqa: E402
-from nvila_edge import bench_report as report  # noqa: E402
-from nvila_edge.bench import genai_available, run_bench  # noqa: E402
+from nvila_edge.pipelines import bench_report as report  # noqa: E402
+from nvila_edge.pipelines.bench import genai_available, run_bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 
-import nvila_edge.training.demo as demo
+import nvila_edge.pipelines.demo as demo
 from nvila_edge.training.recipe import demo_recipe
 from nvila_edge.training.synthetic import SyntheticConfig
 

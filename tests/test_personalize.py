@@ -87,12 +87,12 @@ def test_verb_with_a_folder_of_pictures(base, sample, tmp_path, capsys):
 
 
 def test_missing_demo_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
-    from nvila_edge.training.personalize import default_checkpoint
+    from nvila_edge.pipelines.personalize import default_checkpoint
 
     monkeypatch.setenv("NVILA_EDGE_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="nvila-edge demo"):
         default_checkpoint()
-    from nvila_edge.training.demo import DEMO_VERSION
+    from nvila_edge.pipelines.demo import DEMO_VERSION
 
     done = tmp_path / f"demo-{DEMO_VERSION}" / "checkpoints"
     for name in ("stage1-a", "stage2-b", "stage10-c", "stage11-unfinished"):

@@ -5,7 +5,7 @@
     nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: eager fp16 vs CUDA graph
     nvila-edge bench --report result.json           # re-render the docs from a saved result
 
-On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.bench PHASE spec out``)
+On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.pipelines.bench PHASE spec out``)
 so each reports its own peak RSS and the fp32 torch model's memory is gone before our runtime is timed:
 ``torch`` (model, torch eager vision + fp32/bf16 LLM, the exports the run needs, onnxruntime-genai's
 builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph), ``genai``
@@ -143,7 +143,7 @@ def run_child(phase: str, spec: dict) -> dict:
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "nvila_edge.bench", phase, str(spec_path), str(out_path)]).returncode
+    rc = subprocess.run([sys.executable, "-m", "nvila_edge.pipelines.bench", phase, str(spec_path), str(out_path)]).returncode
     if rc != 0 or not out_path.is_file():
         return {"error": f"phase {phase} failed (exit status {rc}; see its output above)"}
     res = json.loads(out_path.read_text())

@@ -96,7 +96,7 @@ def default_checkpoint() -> Path:
     from nvila_edge.errors import CheckpointError
 
     from .demo import DEMO_VERSION, cache_root
-    from .trainer import COMPLETE
+    from nvila_edge.training.trainer import COMPLETE
 
     root = cache_root() / f"demo-{DEMO_VERSION}" / "checkpoints"
     done = sorted((d for d in root.glob("stage*-*") if (d / COMPLETE).is_file()),
@@ -185,7 +185,7 @@ def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpo
     from nvila_edge.errors import ConfigError
     from nvila_edge.export import export_bundle
 
-    from .finetune import FinetuneConfig, finetune, merge
+    from nvila_edge.training.finetune import FinetuneConfig, finetune, merge
 
     cfg = config or PersonalizeConfig()
     out = out or sys.stdout

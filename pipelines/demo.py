@@ -19,12 +19,12 @@ from typing import TextIO
 from nvila_edge import NVILAModel, NVILAProcessor
 from nvila_edge.io import atomic_write_text
 
-from .data import read_jsonl
-from .evaluate import evaluate, single_questions
-from .recipe import demo_recipe
-from .synthetic import SyntheticConfig, make_dataset
-from .tokenizer import demo_tokenizer
-from .trainer import last_checkpoint, run_recipe
+from nvila_edge.training.data import read_jsonl
+from nvila_edge.training.evaluate import evaluate, single_questions
+from nvila_edge.training.recipe import demo_recipe
+from nvila_edge.training.synthetic import SyntheticConfig, make_dataset
+from nvila_edge.training.tokenizer import demo_tokenizer
+from nvila_edge.training.trainer import last_checkpoint, run_recipe
 
 DEMO_VERSION = "v7"
 EVAL_QUESTIONS = 200  # held-out image questions scored before / after quantization and on the bundle
@@ -169,7 +169,7 @@ def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int =
     from nvila_edge.calibration import load_calibrated
     from nvila_edge.runtime import Runtime
 
-    from .evaluate import normalize_answer
+    from nvila_edge.training.evaluate import normalize_answer
 
     model = load_calibrated(calibrated)
     processor = NVILAProcessor(model.config, model.tokenizer)

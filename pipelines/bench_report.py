@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .resources import package_versions
-from .resources import peak_rss_mb as _peak_rss_mb
+from nvila_edge.resources import package_versions
+from nvila_edge.resources import peak_rss_mb as _peak_rss_mb
 
 NA = "–"
 # (label, ratio key, threshold): the runtime issue's targets; "met" when ratio >= threshold
