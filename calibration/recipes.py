@@ -85,13 +85,9 @@ def list_recipes(part: str | None = None) -> list[QuantRecipe]:
 
 # ---- ModelOpt configs ---------------------------------------------------------------------------------
 def _mtq():
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        from nvila_edge.errors import BackendUnavailable
+    from nvila_edge.optional import require
 
-        raise BackendUnavailable("nvidia-modelopt", "calib", "calibration") from e
-    return mtq
+    return require("modelopt.torch.quantization", "calib", "calibration", name="nvidia-modelopt")
 
 
 def _vision_int8() -> Callable[[], dict]:

@@ -10,15 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nvila_edge.errors import BackendUnavailable, ExportError
+from nvila_edge.errors import ExportError
+from nvila_edge.optional import require
 
 
 def _tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailable("tensorrt", "gpu", "building TensorRT engines") from e
-    return trt
+    return require("tensorrt", "gpu", "building TensorRT engines")
 
 
 def build_vision_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, max_tiles: int,

@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from nvila_edge.errors import BackendUnavailable, ExportError
+from nvila_edge.errors import ExportError
+from nvila_edge.optional import require
 
 REQUIRED_CONFIG_KEYS = ("architecture", "dtype", "num_hidden_layers", "hidden_size", "vocab_size", "quantization")
 
@@ -59,11 +60,10 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, engine_dir: str | os.
                         max_seq_len: int, max_batch_size: int = 1) -> dict:
     """Build the engine with the TensorRT-LLM Python API (the same as ``trtllm-build``). Prompt-table
     (visual embeddings) input is enabled so the runtime can feed image features."""
-    try:
-        from tensorrt_llm.builder import BuildConfig, build
-        from tensorrt_llm.models import QWenForCausalLM
-    except ImportError as e:
-        raise BackendUnavailable("tensorrt_llm", "gpu", "building TensorRT-LLM engines") from e
+    purpose = "building TensorRT-LLM engines"
+    builder = require("tensorrt_llm.builder", "gpu", purpose)
+    BuildConfig, build = builder.BuildConfig, builder.build
+    QWenForCausalLM = require("tensorrt_llm.models", "gpu", purpose).QWenForCausalLM
     model = QWenForCausalLM.from_checkpoint(str(checkpoint_dir))
     config = BuildConfig(max_input_len=max_input_len, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                          max_prompt_embedding_table_size=max_input_len)
