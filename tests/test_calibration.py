@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import cv2
 import numpy as np
@@ -15,7 +14,7 @@ from nvila_edge import CalibrationError, CheckpointError, NVILAConfig, NVILAProc
 from conftest import make_model, random_image
 
 pytest.importorskip("modelopt.torch.quantization")
-warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore")  # ModelOpt / ONNX warnings, this module only
 
 
 @pytest.fixture(scope="module")

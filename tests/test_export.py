@@ -4,7 +4,6 @@ torch model (Dynamic-S2, Lite tiling, video), TensorRT-LLM checkpoint, torch tar
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from conftest import make_model, random_image
 
 pytest.importorskip("modelopt.torch.quantization")
 ort = pytest.importorskip("onnxruntime")
-warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore")  # ModelOpt / ONNX warnings, this module only
 
 
 def _items(n):
@@ -52,7 +51,7 @@ def _cos(a, b):
 
 
 def test_bundle_manifest(demo_bundle):
-    _, path, _ = demo_bundle
+    cal, path, _ = demo_bundle
     b = Bundle.open(path)
     assert b.targets == ["cpu", "tensorrt", "torch"]
     cpu = b.target("cpu")
@@ -61,7 +60,9 @@ def test_bundle_manifest(demo_bundle):
     assert cpu["io"]["decoder"]["past_key"] == "past_key_values.{i}.key"
     assert b.quantization["vision"]["name"] == "w8a8-smoothquant" and b.quantization["llm"]["block_size"] == 128
     assert b.manifest["producer"]["onnx"] and b.manifest["producer"]["nvidia-modelopt"]
-    assert b.manifest["source"]["fidelity"]["greedy_agreement"] >= 0
+    fidelity = json.loads((cal / "fidelity.json").read_text())  # the calibration's report travels with the bundle
+    assert b.manifest["source"]["fidelity"]["greedy_agreement"] == pytest.approx(fidelity["greedy_agreement"])
+    assert 0.0 <= fidelity["greedy_agreement"] <= 1.0 and fidelity["num_tokens"] > 0
     assert (b.tokenizer_dir / "tokenizer.json").is_file()
     for role in ("vision", "projector", "decoder", "embeddings"):
         assert b.file(role).is_file()
@@ -159,8 +160,10 @@ def test_torch_target_carries_the_quantization(demo_bundle):
     assert torch.allclose(a, b, atol=1e-4)  # weight-only INT4 is exactly representable in plain weights
 
 
-def test_bad_input(tmp_path, tokenizer, demo_bundle):
-    from nvila_edge.calibration import QuantRecipe, register
+def test_bad_input(tmp_path, tokenizer, demo_bundle, monkeypatch):
+    from nvila_edge.calibration import QuantRecipe, recipes, register
+
+    monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))  # the experimental recipe is this test's only
     from nvila_edge.cli import main
     from nvila_edge.export import export_bundle
 
