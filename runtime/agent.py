@@ -34,7 +34,7 @@ from nvila_edge.errors import GenerationError, NVILAEdgeError
 from nvila_edge.events import FinishEvent
 
 from .planner import PlanEvent
-from .runtime import RunResult
+from .results import RunResult
 
 log = logging.getLogger("nvila_edge.agent")
 _SKIP = object()  # sentinel: a queued request that was cancelled or timed out before it started
@@ -213,7 +213,7 @@ class Agent:
             return
         finally:
             if gen is not None:
-                gen.close()  # stops the decode loop; the backend is reset by the next request
+                gen.close()  # stops the decode loop and returns its KV cache to the runtime's pool
         if req.stop == "timeout":
             if self._fail(req, AnswerTimeout("the answer ran past its timeout")):
                 self.stats["timed_out"] += 1

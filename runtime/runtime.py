@@ -5,6 +5,9 @@
         ...                                              # PlanEvent, TokenEvent..., FinishEvent
     rt.generate(...)  /  rt.session(system=...)  /  rt.video_stream(fps=2, window_s=8)
 
+Every answer runs on a KV cache its caller owns: a session or a video stream keeps its own, and a one-shot
+request borrows one from a small pool (kept allocated, emptied on return), so no call spoils another's.
+
 One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode_tiles`` →
 ``nvila_edge.visual`` (Dynamic-S2 merge, TSP, splicing) → ``backend.prefill`` → the core decode loop.
 """
@@ -12,48 +15,27 @@ One pipeline for every backend: core processor (tiling, video sampling) → ``ba
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from nvila_edge import visual
 from nvila_edge.config import NVILAConfig
-from nvila_edge.errors import GenerationError
-from nvila_edge.events import FinishEvent, GenerationResult, Timings
+from nvila_edge.events import Timings
 from nvila_edge.generation import stream_tokens
 from nvila_edge.media.processor import ProcessedInputs
 from nvila_edge.sampling import SamplingParams
 
-from .backends import Backend, load_backend
-from .planner import MediaPlanner, PlanEvent, Planned
+from .backends import Backend, KVCache, load_backend
+from .planner import MediaPlanner, Planned
+from .results import RunResult, collect, sampling_params
+from .session import Session
+from .video_stream import VideoStream
 
 TARGET_OF = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "torch": "torch"}
-
-
-@dataclass
-class RunResult(GenerationResult):
-    """``GenerationResult`` plus the media plan the runtime chose (tiling, tiles, dropped frames)."""
-
-    plan: PlanEvent | None = None
-
-
-def sampling_params(sampling: dict) -> SamplingParams:
-    try:
-        return SamplingParams(**sampling)
-    except TypeError as e:
-        raise GenerationError(f"unknown sampling argument: {e}") from None
-
-
-def collect(events) -> RunResult:
-    plan = final = None
-    for ev in events:
-        if isinstance(ev, PlanEvent):
-            plan = ev
-        elif isinstance(ev, FinishEvent):
-            final = ev
-    return RunResult(final.text, final.token_ids, final.reason, final.usage, final.timings, plan)
+POOLED_CACHES = 2  # one-shot requests' caches kept allocated between requests (more are made when needed)
 
 
 class Runtime:
@@ -71,6 +53,8 @@ class Runtime:
         self.planner = MediaPlanner(config, tokenizer, max_tiles=max_tiles, latency_budget_ms=latency_budget_ms,
                                     max_frames=limits.get("max_frames"))
         self._end: np.ndarray | None = None
+        self._pool: list[KVCache] = []
+        self._pool_lock = threading.Lock()  # the agent and the server take caches from other threads
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
@@ -122,6 +106,22 @@ class Runtime:
             timings.vision_ms += (time.perf_counter() - t0) * 1000
         return embeds
 
+    # ---- KV caches -----------------------------------------------------------------------------------
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A KV cache of the caller's own (``Session`` / ``VideoStream`` / an app's conversation)."""
+        return self.backend.new_cache(capacity)
+
+    def _borrow(self) -> KVCache:
+        with self._pool_lock:
+            cache = self._pool.pop() if self._pool else None
+        return cache if cache is not None else self.backend.new_cache()
+
+    def _give_back(self, cache: KVCache) -> None:
+        cache.clear()
+        with self._pool_lock:
+            if len(self._pool) < POOLED_CACHES:
+                self._pool.append(cache)
+
     # ---- generation ----------------------------------------------------------------------------------
     def plan(self, prompt, images=None, video=None, *, videos=None, system: str | None = None,
              overflow: str = "error", max_tiles: int | None = None, latency_budget_ms: float | None = None,
@@ -138,13 +138,22 @@ class Runtime:
                                  add_generation_prompt=add_generation_prompt)
 
     def decode(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0,
-               owner=None) -> Iterator:
-        """Prefill ``embeds`` after what the cache holds, then the shared decode loop."""
+               cache: KVCache | None = None) -> Iterator:
+        """Prefill ``embeds`` after what ``cache`` holds, then the shared decode loop on that cache."""
         be = self.backend
-        be.owner = owner
-        prompt_tokens = be.cache_length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill(embeds), be.decode_step, self.tokenizer, params,
-                             self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens, self.context_length, timings)
+        cache = be.default_cache if cache is None else cache
+        prompt_tokens = cache.length + embeds.shape[1]
+        return stream_tokens(lambda: be.prefill(embeds, cache), lambda tok: be.decode_step(tok, cache),
+                             self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
+                             self.context_length, timings)
+
+    def answer(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0) -> Iterator:
+        """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""
+        cache = self._borrow()
+        try:
+            yield from self.decode(embeds, params, timings, visual_tokens, cache)
+        finally:
+            self._give_back(cache)
 
     def stream(self, prompt, images=None, video=None, *, videos: Sequence | None = None, system: str | None = None,
                overflow: str = "error", max_tiles: int | None = None, latency_budget_ms: float | None = None,
@@ -162,23 +171,18 @@ class Runtime:
     def _run(self, planned: Planned, params: SamplingParams, timings: Timings):
         yield planned.event
         embeds = self.embed(planned.inputs, timings)
-        self.backend.reset()
-        yield from self.decode(embeds, params, timings, planned.event.visual_tokens)
+        yield from self.answer(embeds, params, timings, planned.event.visual_tokens)
 
     def generate(self, prompt, images=None, video=None, **kwargs) -> RunResult:
         """Like ``stream`` but returns the final result (text, token ids, usage, timings, plan)."""
         return collect(self.stream(prompt, images, video, **kwargs))
 
-    def session(self, system: str | None = None):
-        """Multi-turn chat that keeps the KV cache between turns (only new tokens are prefilled)."""
-        from .session import Session
-
+    def session(self, system: str | None = None) -> Session:
+        """Multi-turn chat with its own KV cache, kept between turns (only new tokens are prefilled)."""
         return Session(self, system=system)
 
-    def video_stream(self, fps: float = 1.0, window_s: float = 8.0, **kwargs):
+    def video_stream(self, fps: float = 1.0, window_s: float = 8.0, **kwargs) -> VideoStream:
         """Live frames in, questions about the recent window out; each frame is encoded once."""
-        from .video_stream import VideoStream
-
         return VideoStream(self, fps=fps, window_s=window_s, **kwargs)
 
     def describe(self) -> dict:

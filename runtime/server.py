@@ -287,14 +287,14 @@ def _require(module: str):
 
 
 class _Engine:
-    """The runtime behind one worker thread: FIFO order keeps one generation's steps (and a cancelled
-    generator's close) ahead of the next request's, so the KV cache is never shared."""
+    """The runtime behind one worker thread. Each request answers on its own KV cache (borrowed from the
+    runtime), so admitted requests interleave step by step on that thread instead of waiting for each
+    other's last token; the single thread keeps every backend's compute serial (CUDA graphs included)."""
 
     def __init__(self, rt, max_queue: int):
         self.rt, self.max_queue = rt, max_queue
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvila-gen")
         self.active = 0  # admitted requests (running + waiting); only touched on the event loop
-        self.lock: asyncio.Lock | None = None
 
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -416,17 +416,12 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
                                       f"{engine.max_queue}); retry shortly", "queue_full", type_="rate_limit_error"),
                          headers={"Retry-After": "1"})
         engine.active += 1
-        engine.lock = engine.lock or asyncio.Lock()
-        locked = handed_off = False
+        handed_off = False
         gen = None
 
         def release():
-            nonlocal locked
             if gen is not None:
-                engine.close_later(gen)  # a no-op when the generator finished
-            if locked:
-                engine.lock.release()
-                locked = False
+                engine.close_later(gen)  # a no-op when the generator finished; returns its cache
             engine.active -= 1
 
         try:
@@ -434,9 +429,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
 
             req = await run_in_threadpool(parse, await read_body(request))
             try:
-                await engine.lock.acquire()
-                locked = True
-                if await request.is_disconnected():  # the client gave up while waiting
+                if await request.is_disconnected():  # the client gave up while its body was read
                     return JSONResponse({}, status_code=499)
                 gen = await engine.call(start, req)
             finally:

@@ -1,4 +1,4 @@
-"""Session: multi-turn chat that keeps the backend's KV cache between turns.
+"""Session: multi-turn chat with its own KV cache, kept between turns.
 
 Each turn prefills only what is new: the closing of the previous answer and the new user turn. The
 closing is the *canonical* tokenization of the answer text (what a fresh prompt of the whole
@@ -6,8 +6,8 @@ conversation would contain): the cache is rolled back to where the generated ids
 part, so a session answers exactly like ``rt.generate(full_conversation)``. Each turn's media are planned
 as that turn's own (one image → tiled, as in a fresh single-image prompt).
 
-The session also keeps the embeddings its cache holds, so when another call used the runtime's cache
-in between (``rt.generate``, another session) it re-prefills them instead of answering from a wrong cache.
+The cache is the session's own (``runtime.new_cache()``), so other calls in between (``rt.generate``, other
+sessions, a video stream) never touch it and a turn never re-prefills the history.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from nvila_edge.chat import DEFAULT_SYSTEM, Message, render_turns
 from nvila_edge.events import FinishEvent, Timings, TokenEvent
 
-from .runtime import RunResult, collect, sampling_params
+from .results import RunResult, collect, sampling_params
 
 GEN_PROMPT = "<|im_start|>assistant\n"
 CLOSE = "<|im_end|>\n"
@@ -46,18 +46,23 @@ class Session:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation (and free the cache when this session holds it)."""
+        """Forget the conversation and empty its cache (kept allocated for the next turn)."""
         self.messages: list[Message] = [Message("system", self.system)]
-        self._segments: list[np.ndarray] = []  # (n, H) embeddings, in cache order
-        self._length = 0  # cache positions this session's conversation fills
         self._tail: list[int] = []  # "<|im_start|>assistant\n" + fed answer ids, as held in the cache
         self._tail_start = 0
-        if self.rt.backend.owner is self:
-            self.rt.backend.reset()
+        if getattr(self, "_cache", None) is not None:
+            self._cache.clear()
+
+    @property
+    def cache(self):
+        """This session's KV cache (made on the first turn)."""
+        if getattr(self, "_cache", None) is None:
+            self._cache = self.rt.new_cache()
+        return self._cache
 
     @property
     def cache_length(self) -> int:
-        return self._length
+        return self.cache.length
 
     # ---- one turn ------------------------------------------------------------------------------------
     def stream(self, text: str, images=None, video=None, *, videos=None, overflow: str = "error",
@@ -84,41 +89,29 @@ class Session:
 
     def _turn(self, event, inputs, keep, params, timings, text) -> Iterator:
         yield event
-        rt, be = self.rt, self.rt.backend
-        turn = rt.embed(inputs, timings)
-        held = self._truncate_segments(keep)
-        embeds = turn
-        if be.owner is self and be.cache_length == self._length:
-            be.truncate(keep)
-        else:  # the cache was used by someone else: rebuild it from our embeddings in the same prefill
-            be.reset()
-            if held:
-                embeds = np.concatenate([np.concatenate(held)[None], turn], axis=1)
-        after_prefill = be.cache_length + embeds.shape[1]
+        rt, cache = self.rt, self.cache
+        embeds = rt.embed(inputs, timings)
+        cache.truncate(keep)
+        after_prefill = keep + embeds.shape[1]
         answer: list[int] = []
         final = None
         try:
-            for ev in rt.decode(embeds, params, timings, event.visual_tokens, owner=self):
+            for ev in rt.decode(embeds, params, timings, event.visual_tokens, cache):
                 if isinstance(ev, TokenEvent) and ev.index == len(answer):
                     answer.append(ev.token_id)
                 elif isinstance(ev, FinishEvent):
                     final = ev
                 yield ev
         finally:
-            if be.cache_length < after_prefill:  # the prefill failed: keep what is valid, rebuild next turn
-                self._segments, self._length = held, -1
+            if cache.length < after_prefill:  # the prefill failed: back to the turn's start, ready to retry
+                cache.truncate(keep)
             else:
-                self._segments = held + [turn[0]]
                 self._finish(text, answer, final, after_prefill)
 
     def _finish(self, text: str, answer: list[int], final, after_prefill: int) -> None:
-        be = self.rt.backend
-        fed = answer[:max(0, be.cache_length - after_prefill)]  # the last sampled token is never fed
-        if fed:
-            self._segments.append(be.embed_tokens(np.asarray(fed, dtype=np.int64)))
+        fed = answer[:max(0, self.cache.length - after_prefill)]  # the last sampled token is never fed
         self._tail_start = after_prefill - len(self._gen_ids)
         self._tail = self._gen_ids + fed
-        self._length = be.cache_length
         reply = final.text if final is not None else self.rt.tokenizer.decode(answer, skip_special_tokens=True)
         self.messages += [Message("user", text), Message("assistant", reply)]
 
@@ -129,16 +122,6 @@ class Session:
         canonical = self.rt.tokenizer.encode(GEN_PROMPT + self.messages[-1].content + CLOSE)
         k = _common_prefix(canonical, self._tail)
         return canonical[k:], self._tail_start + k
-
-    def _truncate_segments(self, keep: int) -> list[np.ndarray]:
-        out, n = [], 0
-        for seg in self._segments:
-            if n >= keep:
-                break
-            take = seg[:keep - n]
-            out.append(take)
-            n += take.shape[0]
-        return out
 
     def generate(self, text: str, images=None, video=None, **kwargs) -> RunResult:
         return collect(self.stream(text, images, video, **kwargs))

@@ -23,7 +23,7 @@ from nvila_edge.events import Timings
 from nvila_edge.media.image import load_image
 from nvila_edge.media.video import VideoClip, VideoPlan, sample_frame_indices
 
-from .runtime import RunResult, collect, sampling_params
+from .results import RunResult, collect, sampling_params
 
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)  # the planner needs frames; the pixels here are never encoded
 
@@ -129,8 +129,7 @@ class VideoStream:
 
     def _run(self, planned, embeds, params, timings):
         yield planned.event
-        self.rt.backend.reset()
-        yield from self.rt.decode(embeds, params, timings, planned.event.visual_tokens)
+        yield from self.rt.answer(embeds, params, timings, planned.event.visual_tokens)
 
     def generate(self, question: str, **kwargs) -> RunResult:
         return collect(self.ask(question, **kwargs))

@@ -23,14 +23,14 @@ class Counting(TorchBackend):
         self.calls["encode_tiles"] += 1
         return super().encode_tiles(pixels)
 
-    def prefill(self, embeds):
+    def prefill(self, embeds, cache=None):
         self.calls["prefill"] += 1
         self.prefill_lengths.append(embeds.shape[1])
-        return super().prefill(embeds)
+        return super().prefill(embeds, cache)
 
-    def decode_step(self, token_id):
+    def decode_step(self, token_id, cache=None):
         self.calls["decode_step"] += 1
-        return super().decode_step(token_id)
+        return super().decode_step(token_id, cache)
 
 
 def make_runtime(model, tokenizer, **kw) -> Runtime:

@@ -130,6 +130,28 @@ def test_session_on_ort_equals_fresh_prompt(ort_rt, bundle, one_thread):
     assert a2.token_ids == fresh_rt.generate(conv, images=[img], max_new_tokens=6).token_ids
 
 
+def test_interleaved_sessions_on_ort(ort_rt, bundle, one_thread):
+    """Two sessions' turns and a one-shot request between them: each answers as it would alone."""
+    alone = Runtime.load(bundle, backend="onnxruntime", threads=1)
+    img = random_image(320, 240, seed=9)
+
+    def conversation(rt):
+        a, b = rt.session(), rt.session()
+        out = [a.generate("What is it?", images=[img], max_new_tokens=5).token_ids,
+               b.generate("Say a word.", max_new_tokens=5).token_ids]
+        out.append(rt.generate("One-shot question.", max_new_tokens=4).token_ids)
+        out += [a.generate("And then?", max_new_tokens=5).token_ids, b.generate("Another.", max_new_tokens=5).token_ids]
+        return out
+
+    got = conversation(ort_rt)
+    sa, sb = alone.session(), alone.session()
+    want = [sa.generate("What is it?", images=[img], max_new_tokens=5).token_ids]
+    want.append(sa.generate("And then?", max_new_tokens=5).token_ids)
+    want += [sb.generate("Say a word.", max_new_tokens=5).token_ids, sb.generate("Another.", max_new_tokens=5).token_ids]
+    one = alone.generate("One-shot question.", max_new_tokens=4).token_ids
+    assert [got[0], got[3], got[1], got[4], got[2]] == want + [one]
+
+
 def test_video_stream_on_ort(ort_rt, one_thread):
     frames = [random_image(48, 48, seed=s) for s in range(8)]
     vs = ort_rt.video_stream(fps=1, window_s=8)

@@ -89,3 +89,21 @@ def test_present_to_past_decoding_matches_full_recompute(toy):
     seq = np.concatenate([seq[:, :4], table[[10]][None]], axis=1)
     np.testing.assert_allclose(be.decode_step(10), _reference(model, seq), atol=1e-5)
     assert be.cache_length == 5
+
+
+def test_caller_owned_caches_interleave(toy):
+    """Two caches on one backend, stepped in turn: each sees only its own sequence (both KV modes share
+    this code path: the cache holds its buffers and its own IOBinding)."""
+    model, be, table = toy
+    a, b = be.new_cache(), be.new_cache()
+    sa, sb = table[[1, 2, 3]][None], table[[4, 5]][None]
+    np.testing.assert_allclose(be.prefill(sa, a), _reference(model, sa), atol=1e-5)
+    np.testing.assert_allclose(be.prefill(sb, b), _reference(model, sb), atol=1e-5)
+    for ta, tb in ((6, 7), (8, 9)):
+        sa = np.concatenate([sa, table[[ta]][None]], axis=1)
+        sb = np.concatenate([sb, table[[tb]][None]], axis=1)
+        np.testing.assert_allclose(be.decode_step(ta, a), _reference(model, sa), atol=1e-5)
+        np.testing.assert_allclose(be.decode_step(tb, b), _reference(model, sb), atol=1e-5)
+    assert (a.length, b.length) == (5, 4)
+    a.clear()
+    assert a.length == 0 and b.length == 4

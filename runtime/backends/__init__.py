@@ -10,7 +10,7 @@ import importlib.util
 
 from nvila_edge.errors import BackendUnavailable, BundleError
 
-from .base import Backend, check_embeds
+from .base import Backend, KVCache, check_embeds
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -53,4 +53,4 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
     return TorchBackend.from_checkpoint(bundle.file("checkpoint", target="torch"), device=device, threads=threads)
 
 
-__all__ = ["Backend", "BACKENDS", "check_embeds", "choose_backend", "load_backend"]
+__all__ = ["Backend", "KVCache", "BACKENDS", "check_embeds", "choose_backend", "load_backend"]

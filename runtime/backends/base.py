@@ -1,8 +1,14 @@
-"""The one small interface every runtime backend implements (numpy in, numpy out).
+"""The one small interface every runtime backend implements (numpy in, numpy out), and the KV cache it fills.
 
-A backend owns one KV cache. ``prefill`` and ``decode_step`` append to it, so a chat session extends the
-same cache turn after turn; ``truncate`` rolls it back (a session re-aligns it with the canonical
-tokenization of the last answer) and ``reset`` empties it.
+The caller owns the cache: ``cache = backend.new_cache(capacity)``, then ``backend.prefill(embeds, cache)``
+and ``backend.decode_step(token, cache)`` append to it. A chat session keeps its own cache turn after turn
+(``cache.truncate`` rolls it back to re-align with the canonical tokenization of the last answer), a request
+or an agent takes one for its answer, and no call can spoil another's cache. Where the backend runs on a
+GPU the cache lives there.
+
+``cache=None`` uses the backend's own default cache (``default_cache``; ``cache_length`` / ``truncate`` /
+``reset`` act on it): the single-cache API of 0.1, kept for scripts and benchmarks that drive a backend
+directly.
 """
 
 from __future__ import annotations
@@ -14,11 +20,28 @@ import numpy as np
 from nvila_edge.config import NVILAConfig
 
 
+class KVCache(ABC):
+    """Positions one sequence holds in a backend's KV cache. Made by ``Backend.new_cache``; each backend
+    subclasses it with its own storage (ONNX Runtime buffers, a transformers cache, a CUDA static cache)."""
+
+    capacity: int  # positions it can hold (a backend may grow it up to its max_length)
+    length: int = 0  # positions held
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` positions (the rest is overwritten by later steps)."""
+
+    def clear(self) -> None:
+        self.truncate(0)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class Backend(ABC):
     name: str = "base"
     config: NVILAConfig
     device: str = "cpu"
-    owner: object | None = None  # who filled the cache last (sessions check it before reusing it)
 
     # ---- vision --------------------------------------------------------------------------------------
     @abstractmethod
@@ -35,25 +58,40 @@ class Backend(ABC):
         """(n,) int64 token ids → (n, H) float32 input embeddings."""
 
     @abstractmethod
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        """Append (1, L, H) embeddings to the cache; return the last position's logits (V,) float32."""
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for one sequence of up to ``capacity`` positions (default: what the engine holds)."""
 
     @abstractmethod
-    def decode_step(self, token_id: int) -> np.ndarray:
-        """Append one token to the cache; return its logits (V,) float32."""
+    def prefill(self, embeds: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
+        """Append (1, L, H) embeddings to ``cache``; return the last position's logits (V,) float32."""
+
+    @abstractmethod
+    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
+        """Append one token to ``cache``; return its logits (V,) float32."""
+
+    # ---- the default cache (``cache=None``) ----------------------------------------------------------
+    @property
+    def default_cache(self) -> KVCache:
+        cache = self.__dict__.get("_default_cache")
+        if cache is None:
+            cache = self.__dict__["_default_cache"] = self.new_cache()
+        return cache
+
+    def _cache(self, cache: KVCache | None) -> KVCache:
+        return self.default_cache if cache is None else cache
 
     @property
-    @abstractmethod
     def cache_length(self) -> int:
-        """Positions held in the KV cache."""
+        """Positions held in the default cache."""
+        return self.default_cache.length
 
-    @abstractmethod
     def truncate(self, length: int) -> None:
-        """Keep only the first ``length`` cache positions."""
+        """Keep only the first ``length`` positions of the default cache."""
+        self.default_cache.truncate(length)
 
     def reset(self) -> None:
-        self.truncate(0)
-        self.owner = None
+        """Empty the default cache."""
+        self.default_cache.clear()
 
     @property
     def max_length(self) -> int:

@@ -4,14 +4,19 @@ Eager decoding of a 1.5B Qwen2 on an H100 is bound by kernel launches and Python
 mostly idle). Replaying one captured graph per token removes both. The transformers ``StaticCache``
 keeps its write position in a device tensor, so the captured step appends at the right place; positions
 come from a static tensor set before each replay. Prefill runs eagerly on the same cache.
+
+A ``GraphDecoder`` is one sequence's ``KVCache`` (the torch backend's ``new_cache`` on CUDA): each holds its
+own static cache and graph, so several conversations decode side by side without copying caches.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .base import KVCache
 
-class GraphDecoder:
+
+class GraphDecoder(KVCache):
     def __init__(self, llm, capacity: int):
         import torch
         from transformers import StaticCache
@@ -35,7 +40,7 @@ class GraphDecoder:
         self.length = n
 
     def truncate(self, n: int) -> None:
-        self._set_length(min(n, self.length))  # stale entries beyond are masked, then overwritten
+        self._set_length(max(0, min(int(n), self.length)))  # stale entries beyond are masked, then overwritten
 
     def _forward(self, **kw):
         return self.llm(cache=self.cache, use_cache=True, logits_to_keep=1, **kw).logits

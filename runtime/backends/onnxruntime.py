@@ -1,7 +1,7 @@
 """ONNX Runtime backend: vision.onnx + projector.onnx + decoder.onnx + the numpy embedding table.
 
-Decoding is the speed path. The decoder's KV cache lives in buffers allocated once and bound with
-IOBinding, so a step copies nothing but one embedding row in and the logits out:
+Decoding is the speed path. Each ``OrtKVCache`` (one per sequence, owned by its caller) holds buffers
+allocated once and its own IOBinding, so a step copies nothing but one embedding row in and the logits out:
 
 - ``past_present_share_buffer`` graphs (GroupQueryAttention, as onnxruntime-genai's builder and our
   exporter make them): past and present are the *same* (1, kv_heads, capacity, head_dim) buffer; the
@@ -22,7 +22,7 @@ import numpy as np
 from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BackendUnavailable, BundleError, GenerationError
 
-from .base import Backend, check_embeds
+from .base import Backend, KVCache, check_embeds
 
 _NP = {"float32": np.float32, "float16": np.float16}
 INITIAL_CAPACITY = 4096  # KV positions allocated up front; grows (doubling) up to the graph's max_length
@@ -45,6 +45,87 @@ def providers_for(device: str | None) -> list[str]:
     if device is not None and str(device).startswith("cuda"):
         raise BackendUnavailable("onnxruntime-gpu", "gpu", "the ONNX Runtime CUDA provider")
     return ["CPUExecutionProvider"]
+
+
+class OrtKVCache(KVCache):
+    """One sequence's KV buffers and the decoder IOBinding bound to them (several can be alive at once)."""
+
+    def __init__(self, backend: "OrtBackend", capacity: int):
+        self.be = backend
+        self.binding = backend.decoder.io_binding()
+        self.order: list[str] = []  # output names in binding order
+        self.length = 0
+        self.kv: list[list] = []
+        self.step = np.zeros((1, 1, backend.config.llm.hidden_size), np.float32)  # one step's embedding
+        self.logits = np.zeros((1, 1, backend._vocab), np.float32)  # the logits of one position
+        self.alloc(min(backend.graph_max, capacity))
+
+    # ---- buffers -------------------------------------------------------------------------------------
+    def alloc(self, capacity: int) -> None:
+        """(Re)allocate the KV buffers for ``capacity`` positions, keeping the cached ones."""
+        be, b, old = self.be, self.binding, self.kv
+        kv = []
+        for i, names in enumerate(be._names):
+            pair = []
+            for j in range(2):
+                if be.shared:
+                    arr = np.zeros(be._kv_shape[:2] + (capacity,) + be._kv_shape[3:], be.kv_dtype)
+                    if old and self.length:
+                        arr[:, :, :self.length] = _host(old[i][j])[:, :, :self.length]
+                else:
+                    arr = np.zeros(be._kv_shape[:2] + (self.length,) + be._kv_shape[3:], be.kv_dtype)
+                    if old and self.length:
+                        arr[:] = _host(old[i][j])[:, :, :self.length]
+                value = be._ortvalue(arr)
+                pair.append((arr, value) if be.device == "cpu" else (None, value))
+                b.bind_ortvalue_input(names[j], value)
+                if be.shared:
+                    if names[2 + j] not in self.order:
+                        self.order.append(names[2 + j])
+                    b.bind_ortvalue_output(names[2 + j], value)
+                else:
+                    self.bind_output(names[2 + j], be.device)
+            kv.append(pair)
+        self.kv = kv
+        self.capacity = capacity
+
+    def ensure(self, total: int) -> None:
+        be = self.be
+        if total > be.graph_max:
+            raise GenerationError(f"the sequence needs {total} positions but the decoder was exported for "
+                                  f"{be.graph_max}; re-export with a larger max_length")
+        if be.shared and total > self.capacity:
+            cap = self.capacity
+            while cap < total:
+                cap *= 2
+            self.alloc(min(cap, be.graph_max))
+
+    def output(self, name: str):
+        return self.binding.get_outputs()[self.order.index(name)].numpy()
+
+    def bind_output(self, name: str, *args) -> None:
+        # IOBinding keeps outputs in first-bound order (re-binding a name replaces it in place)
+        if name not in self.order:
+            self.order.append(name)
+        self.binding.bind_output(name, *args)
+
+    def rebind_presents(self) -> None:
+        """Non-shared graphs: this step's presents become the next step's pasts (no numpy round trip)."""
+        outs, b = self.binding.get_outputs(), self.binding
+        for i, (pk, pv, ok, ov) in enumerate(self.be._names):
+            k, v = outs[self.order.index(ok)], outs[self.order.index(ov)]
+            b.bind_ortvalue_input(pk, k)
+            b.bind_ortvalue_input(pv, v)
+            self.bind_output(ok, self.be.device)
+            self.bind_output(ov, self.be.device)
+            self.kv[i] = [(None, k), (None, v)]
+
+    def truncate(self, length: int) -> None:
+        length = max(0, min(int(length), self.length))
+        if not self.be.shared and length < self.length:
+            self.length = length
+            self.alloc(self.capacity)  # copies the kept positions into fresh past inputs
+        self.length = length  # shared buffers: positions past the mask's length are simply overwritten
 
 
 class OrtBackend(Backend):
@@ -72,24 +153,15 @@ class OrtBackend(Backend):
         self.kv_dtype = _NP[io.get("kv_dtype", "float32")]
         self.shared = bool(io.get("past_present_share_buffer", False))
         self.graph_max = int(io.get("max_length") or config.llm.context_length)
-        self._cap = min(self.graph_max, capacity or INITIAL_CAPACITY)
+        self.capacity = min(self.graph_max, capacity or INITIAL_CAPACITY)  # a new cache's first allocation
         self._names = [(io["past_key"].format(i=i), io["past_value"].format(i=i),
                         io["present_key"].format(i=i), io["present_value"].format(i=i)) for i in range(self.num_layers)]
         self._kv_shape = (1, int(io["num_kv_heads"]), 0, int(io["head_dim"]))
         self._vocab = int(io.get("vocab_size") or config.llm.vocab_size)
         self._last_only = io.get("logits_positions") == "last"
-        self._outputs = [o.name for o in self.decoder.get_outputs()]
-        # fixed buffers bound by pointer: the mask (ones; its bound length grows), one step's embedding,
-        # positions, and the logits of one position
+        # read-only buffers every cache binds by pointer: the mask (ones; its bound length grows), positions
         self._mask = np.ones((1, self.graph_max), np.int64)
         self._positions = np.arange(self.graph_max, dtype=np.int64)[None]
-        self._step = np.zeros((1, 1, config.llm.hidden_size), np.float32)
-        self._logits = np.zeros((1, 1, self._vocab), np.float32)
-        self._binding = self.decoder.io_binding()
-        self._order: list[str] = []  # output names in binding order
-        self._length = 0
-        self._kv: list[list] = []
-        self._alloc(self._cap)
         self._vision_io = _io_names(self.vision)
         self._projector_io = _io_names(self.projector)
         self.tile_batch = max(1, 8192 // (config.vision.grid ** 2))  # bounds activation memory, like torch
@@ -118,51 +190,14 @@ class OrtBackend(Backend):
             raise BundleError(f"ONNX graph not found: {path}")
         return ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
 
-    # ---- KV buffers ----------------------------------------------------------------------------------
     def _ortvalue(self, array: np.ndarray):
         ort = _ort()
         if self.device == "cpu":
             return ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
-    def _alloc(self, capacity: int) -> None:
-        """(Re)allocate the KV buffers for ``capacity`` positions, keeping the cached ones."""
-        b = self._binding
-        old = self._kv
-        kv = []
-        for i, names in enumerate(self._names):
-            pair = []
-            for j in range(2):
-                if self.shared:
-                    arr = np.zeros(self._kv_shape[:2] + (capacity,) + self._kv_shape[3:], self.kv_dtype)
-                    if old and self._length:
-                        arr[:, :, :self._length] = _host(old[i][j])[:, :, :self._length]
-                else:
-                    arr = np.zeros(self._kv_shape[:2] + (self._length,) + self._kv_shape[3:], self.kv_dtype)
-                    if old and self._length:
-                        arr[:] = _host(old[i][j])[:, :, :self._length]
-                value = self._ortvalue(arr)
-                pair.append((arr, value) if self.device == "cpu" else (None, value))
-                b.bind_ortvalue_input(names[j], value)
-                if self.shared:
-                    if names[2 + j] not in self._order:
-                        self._order.append(names[2 + j])
-                    b.bind_ortvalue_output(names[2 + j], value)
-                else:
-                    self._bind_output(names[2 + j], self.device)
-            kv.append(pair)
-        self._kv = kv
-        self._cap = capacity
-
-    def _ensure(self, total: int) -> None:
-        if total > self.graph_max:
-            raise GenerationError(f"the sequence needs {total} positions but the decoder was exported for "
-                                  f"{self.graph_max}; re-export with a larger max_length")
-        if self.shared and total > self._cap:
-            cap = self._cap
-            while cap < total:
-                cap *= 2
-            self._alloc(min(cap, self.graph_max))
+    def new_cache(self, capacity: int | None = None) -> OrtKVCache:
+        return OrtKVCache(self, capacity or self.capacity)
 
     # ---- vision --------------------------------------------------------------------------------------
     def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
@@ -185,68 +220,37 @@ class OrtBackend(Backend):
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         return self.table(np.asarray(ids, dtype=np.int64).reshape(-1))
 
-    def _run(self, embeds: np.ndarray) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, cache: OrtKVCache) -> np.ndarray:
         """Feed (1, L, H) embeddings after the cached positions; return the last position's logits."""
         n = embeds.shape[1]
-        total = self._length + n
-        self._ensure(total)
-        b, io = self._binding, self.io
+        total = cache.length + n
+        cache.ensure(total)
+        b, io = cache.binding, self.io
         b.bind_input(io["inputs_embeds"], "cpu", 0, np.float32, list(embeds.shape), embeds.ctypes.data)
         b.bind_input(io["attention_mask"], "cpu", 0, np.int64, [1, total], self._mask.ctypes.data)
         if io.get("position_ids"):
-            pos = self._positions[:, self._length:total]
+            pos = self._positions[:, cache.length:total]
             b.bind_input(io["position_ids"], "cpu", 0, np.int64, [1, n], pos.ctypes.data)
         one = n == 1 or self._last_only
         if one:
-            self._bind_output(io["logits"], "cpu", 0, np.float32, [1, 1, self._vocab], self._logits.ctypes.data)
+            cache.bind_output(io["logits"], "cpu", 0, np.float32, [1, 1, self._vocab], cache.logits.ctypes.data)
         else:
-            self._bind_output(io["logits"], "cpu")
+            cache.bind_output(io["logits"], "cpu")
         self.decoder.run_with_iobinding(b)
-        self._length = total
+        cache.length = total
         if not self.shared:
-            self._rebind_presents()
+            cache.rebind_presents()
         if one:
-            return self._logits[0, -1].copy()
-        return self._output(io["logits"])[0, -1].astype(np.float32)
+            return cache.logits[0, -1].copy()
+        return cache.output(io["logits"])[0, -1].astype(np.float32)
 
-    def _output(self, name: str):
-        return self._binding.get_outputs()[self._order.index(name)].numpy()
+    def prefill(self, embeds: np.ndarray, cache: OrtKVCache | None = None) -> np.ndarray:
+        return self._run(check_embeds(embeds, self.config.llm.hidden_size), self._cache(cache))
 
-    def _bind_output(self, name: str, *args) -> None:
-        # IOBinding keeps outputs in first-bound order (re-binding a name replaces it in place)
-        if name not in self._order:
-            self._order.append(name)
-        self._binding.bind_output(name, *args)
-
-    def _rebind_presents(self) -> None:
-        """Non-shared graphs: this step's presents become the next step's pasts (no numpy round trip)."""
-        outs = self._binding.get_outputs()
-        b = self._binding
-        for i, (pk, pv, ok, ov) in enumerate(self._names):
-            k, v = outs[self._order.index(ok)], outs[self._order.index(ov)]
-            b.bind_ortvalue_input(pk, k)
-            b.bind_ortvalue_input(pv, v)
-            self._bind_output(ok, self.device)
-            self._bind_output(ov, self.device)
-            self._kv[i] = [(None, k), (None, v)]
-
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
-        return self._run(check_embeds(embeds, self.config.llm.hidden_size))
-
-    def decode_step(self, token_id: int) -> np.ndarray:
-        self._step[0, 0] = self.table(np.asarray([int(token_id)]))[0]
-        return self._run(self._step)
-
-    @property
-    def cache_length(self) -> int:
-        return self._length
-
-    def truncate(self, length: int) -> None:
-        length = max(0, min(int(length), self._length))
-        if not self.shared and length < self._length:
-            self._length = length
-            self._alloc(self._cap)  # copies the kept positions into fresh past inputs
-        self._length = length  # shared buffers: positions past the mask's length are simply overwritten
+    def decode_step(self, token_id: int, cache: OrtKVCache | None = None) -> np.ndarray:
+        cache = self._cache(cache)
+        cache.step[0, 0] = self.table(np.asarray([int(token_id)]))[0]
+        return self._run(cache.step, cache)
 
     @property
     def max_length(self) -> int:
@@ -254,7 +258,7 @@ class OrtBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "providers": self.providers,
-                "kv": "shared-buffer" if self.shared else "present→past", "kv_capacity": self._cap,
+                "kv": "shared-buffer" if self.shared else "present→past", "kv_capacity": getattr(self.__dict__.get("_default_cache"), "capacity", self.capacity),
                 "threads": self.threads}
 
 

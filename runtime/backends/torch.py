@@ -9,7 +9,28 @@ import numpy as np
 
 from nvila_edge.errors import BackendUnavailable
 
-from .base import Backend, check_embeds
+from .base import Backend, KVCache, check_embeds
+
+
+class TorchKVCache(KVCache):
+    """Eager decoding's cache: a transformers ``DynamicCache`` (made by the first prefill) and its length."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.cache = None
+
+    def truncate(self, length: int) -> None:
+        length = max(0, min(int(length), self.length))
+        if length == 0:
+            self.cache = None
+        elif self.cache is not None:
+            # per layer, so a prefill that failed halfway (some layers appended, others not) is consistent again
+            for layer in self.cache.layers:
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)  # transformers 5: a negative count removes that many positions
+        self.length = length
 
 
 class TorchBackend(Backend):
@@ -31,11 +52,13 @@ class TorchBackend(Backend):
         self.model = model.to(device).eval()
         self.config = model.config
         self.device = str(device)
-        self._cache = None
-        self._length = 0
-        self._graph = None
-        if cuda_graph and self.device.startswith("cuda"):
-            self._graph = self._make_graph(min(self.config.llm.context_length, max_cache_len))
+        self.capacity = min(self.config.llm.context_length, max_cache_len)  # a static (CUDA-graph) cache's size
+        self.cuda_graph = bool(cuda_graph and self.device.startswith("cuda"))
+        if self.cuda_graph:  # capture once up front: a failure falls back to eager now, not mid-answer
+            probe = self._make_graph(self.capacity)
+            self.cuda_graph = probe is not None
+            if probe is not None:
+                self._default_cache = probe
 
     def _make_graph(self, capacity: int):
         """Static cache + captured decode step; None (eager decoding) where capture fails."""
@@ -50,6 +73,14 @@ class TorchBackend(Backend):
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
             warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
             return None
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache."""
+        if self.cuda_graph:
+            from .cuda_graph import GraphDecoder
+
+            return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
+        return TorchKVCache(int(capacity or self.config.llm.context_length))
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
@@ -84,51 +115,32 @@ class TorchBackend(Backend):
         with self._torch.inference_mode():
             return self._numpy(self.model.llm.get_input_embeddings()(ids))
 
-    def _run(self, **kwargs) -> np.ndarray:
+    def _run(self, cache: TorchKVCache, n: int, **kwargs) -> np.ndarray:
+        if cache.length + n > cache.capacity:
+            raise OverflowError(f"{cache.length + n} positions exceed the cache of {cache.capacity}")
         with self._torch.inference_mode():
-            out = self.model.llm(cache=self._cache, use_cache=True, logits_to_keep=1, **kwargs)
-        self._cache = out.cache
+            out = self.model.llm(cache=cache.cache, use_cache=True, logits_to_keep=1, **kwargs)
+        cache.cache = out.cache
+        cache.length += n
         return out.logits[0, -1].float().cpu().numpy()
 
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         embeds = check_embeds(embeds, self.config.llm.hidden_size)
-        if self._graph is not None:
-            logits = self._graph.prefill(self._tensor(embeds))
-            self._length = self._graph.length
-            return logits
-        logits = self._run(inputs_embeds=self._tensor(embeds))
-        self._length += embeds.shape[1]
-        return logits
+        cache = self._cache(cache)
+        if isinstance(cache, TorchKVCache):
+            return self._run(cache, embeds.shape[1], inputs_embeds=self._tensor(embeds))
+        return cache.prefill(self._tensor(embeds))
 
-    def decode_step(self, token_id: int) -> np.ndarray:
-        if self._graph is not None:
-            logits = self._graph.decode_step(token_id)
-            self._length = self._graph.length
-            return logits
-        logits = self._run(input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
-        self._length += 1
-        return logits
-
-    @property
-    def cache_length(self) -> int:
-        return self._length
-
-    def truncate(self, length: int) -> None:
-        length = max(0, int(length))
-        if self._graph is not None:
-            self._graph.truncate(length)
-            self._length = self._graph.length
-            return
-        if length == 0:
-            self._cache = None
-        elif length < self._length:
-            self._cache.crop(length - self._length)  # transformers 5: a negative count removes tokens
-        self._length = min(self._length, length)
+    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
+        cache = self._cache(cache)
+        if isinstance(cache, TorchKVCache):
+            return self._run(cache, 1, input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
+        return cache.decode_step(token_id)
 
     @property
     def max_length(self) -> int:
-        return self._graph.capacity if self._graph is not None else self.config.llm.context_length
+        return self.capacity if self.cuda_graph else self.config.llm.context_length
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "dtype": str(self.model.dtype).replace("torch.", ""),
-                "decode": "cuda-graph" if self._graph is not None else "eager"}
+                "decode": "cuda-graph" if self.cuda_graph else "eager"}
