@@ -14,19 +14,19 @@ from .errors import NVILAEdgeError
 
 # every stage, pipeline and app registers its own verbs (in --help order); each module imports nothing heavy
 STAGE_CLIS = ("nvila_edge.pipelines.cli", "nvila_edge.training.cli", "nvila_edge.calibration.cli", "nvila_edge.export.cli",
-              "nvila_edge.runtime.cli", "nvila_edge.runtime.camera_app", "nvila_edge.pipelines.bench",
-              "nvila_edge.runtime.server_cli", "nvila_edge.pipelines.personalize")
+              "nvila_edge.runtime.cli", "nvila_edge.apps.camera_app", "nvila_edge.pipelines.bench",
+              "nvila_edge.apps.server_cli", "nvila_edge.pipelines.personalize")
 
 OPTIONAL_BACKENDS = {
     # module: (pip distribution, extra, purpose)
-    "torch": ("torch", "core", "reference model"),
-    "transformers": ("transformers", "core", "reference model"),
+    "torch": ("torch", "torch", "reference model"),
+    "transformers": ("transformers", "torch", "reference model"),
     "peft": ("peft", "train", "LoRA / QLoRA fine-tuning"),
     "bitsandbytes": ("bitsandbytes", "train", "NF4 base weights for QLoRA"),
     "accelerate": ("accelerate", "train", "distributed training"),
     "modelopt": ("nvidia-modelopt", "calib", "W8A8 / W4A16 calibration"),
     "onnx": ("onnx", "export", "ONNX export"),
-    "onnxruntime": ("onnxruntime", "export", "CPU runtime"),
+    "onnxruntime": ("onnxruntime", "runtime", "CPU runtime"),
     "onnxruntime_genai": ("onnxruntime-genai", "export", "int4 decoder baseline"),
     "tensorrt": ("tensorrt", "gpu", "TensorRT vision engine"),
     "tensorrt_llm": ("tensorrt-llm", "gpu", "TensorRT-LLM decoder"),

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from nvila_edge.runtime import Runtime
-from nvila_edge.runtime.camera_app import CameraApp, add_arguments
+from nvila_edge.apps.camera_app import CameraApp, add_arguments
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from nvila_edge.runtime import Runtime
-from nvila_edge.runtime.agent import Agent, AnswerFormatError, parse_json_answer
+from nvila_edge.apps.agent import Agent, AnswerFormatError, parse_json_answer
 
 QUESTION = ('Where is the red obstacle? Reply with JSON only: {"action": "forward" | "left" | "right" | "stop", '
             '"confidence": 0..1}')

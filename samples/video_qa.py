@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from nvila_edge.runtime import Runtime
-from nvila_edge.runtime.video_qa import VideoQA, probe
+from nvila_edge.apps.video_qa import VideoQA, probe
 
 
 def main(argv=None) -> int:

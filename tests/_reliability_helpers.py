@@ -82,6 +82,6 @@ def report(name: str, text: str, capsys=None, base: Path | None = None) -> Path 
 
 
 def write_bundle(path: Path, model, tokenizer) -> Path:
-    from test_runtime_ort import write_bundle as _write
+    from conftest import write_bundle as _write
 
     return _write(path, model, tokenizer)

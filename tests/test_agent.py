@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_image
 from nvila_edge.events import FinishEvent, TokenEvent, Timings, Usage
-from nvila_edge.runtime.agent import Agent, AnswerCancelled, AnswerFormatError, AnswerTimeout, parse_json_answer
+from nvila_edge.apps.agent import Agent, AnswerCancelled, AnswerFormatError, AnswerTimeout, parse_json_answer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "robot_agent.py"
 
@@ -135,7 +135,7 @@ def test_parse_json_answer():
 
 
 def test_agent_on_a_real_runtime(tiny_model, tokenizer, one_thread):
-    from test_runtime import make_runtime
+    from conftest import make_runtime
 
     rt = make_runtime(tiny_model, tokenizer)
     seen = []
@@ -147,7 +147,7 @@ def test_agent_on_a_real_runtime(tiny_model, tokenizer, one_thread):
 
 def test_robot_sample_falls_back_safely(tmp_path, tiny_model, tokenizer, capsys, one_thread):
     pytest.importorskip("onnxruntime")
-    from test_runtime_ort import write_bundle
+    from conftest import write_bundle
 
     bundle = write_bundle(tmp_path / "bundle", tiny_model, tokenizer)
     sample = runpy.run_path(str(SAMPLE))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvila_edge.runtime.camera import CameraSource, parse_source, validate_frame
+from conftest import FakeCapture
+from nvila_edge.apps.camera import CameraSource, parse_source, validate_frame
 from nvila_edge.errors import MediaError
 
 cv2 = pytest.importorskip("cv2")
@@ -25,28 +26,6 @@ def write_video(path: Path, n: int = 20, fps: float = 10.0, size=(96, 64)) -> Pa
         w.write(f)
     w.release()
     return path
-
-
-class FakeCapture:
-    """A live source whose frames are scripted: arrays, None (read fails → the stream is lost)."""
-
-    def __init__(self, script):
-        self.script = script
-
-    def isOpened(self):
-        return True
-
-    def get(self, prop):
-        return 0.0
-
-    def read(self):
-        if not self.script:
-            return False, None
-        f = self.script.pop(0)
-        return (f is not None), f
-
-    def release(self):
-        pass
 
 
 def test_parse_source_kinds():
@@ -124,7 +103,7 @@ def test_lost_stream_reconnects_and_bad_frames_are_rejected():
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_model, tokenizer):
     pytest.importorskip("onnxruntime")
-    from test_runtime_ort import write_bundle
+    from conftest import write_bundle
 
     return write_bundle(tmp_path_factory.mktemp("camera") / "bundle", tiny_model, tokenizer)
 

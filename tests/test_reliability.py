@@ -49,8 +49,8 @@ def cases(tmp_path_factory):
 def server(rt, tmp_path_factory):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from nvila_edge.runtime.server import create_app
-    from nvila_edge.runtime.server_cli import ServerThread
+    from nvila_edge.apps.server import create_app
+    from nvila_edge.apps.server_cli import ServerThread
 
     media = tmp_path_factory.mktemp("media")
     srv = ServerThread(create_app(rt, media_dir=media, max_images=64, max_queue=32)).start()
@@ -98,7 +98,7 @@ def _run_layers(c, rt) -> dict:
         "runtime": outcome(lambda: rt.generate(prompt, **args, max_new_tokens=MAX_NEW)),
     }
     if c.kind == "frame":
-        from nvila_edge.runtime.camera import validate_frame
+        from nvila_edge.apps.camera import validate_frame
 
         out["camera"] = outcome(lambda: validate_frame(c.frame))
         out["stream"] = outcome(lambda: rt.video_stream(fps=1).push(c.frame, 0.0))
@@ -236,13 +236,13 @@ def test_cancelled_stream_frees_the_runtime(rt):
 
 
 def test_camera_disconnect_reconnect_keeps_the_video_stream_answering(rt):
-    camera = pytest.importorskip("nvila_edge.runtime.camera")
+    camera = pytest.importorskip("nvila_edge.apps.camera")
     good = [np.full((48, 64, 3), v, np.uint8) for v in (20, 90, 160, 230)]
     bad = np.full((48, 64, 3), np.nan, np.float32)
     scripts = [[good[0], good[1], None], [bad, good[2], good[3]]]  # lost after two frames; one NaN frame later
     opens = []
 
-    from test_camera import FakeCapture as Cap  # one scripted capture for the camera tests
+    from conftest import FakeCapture as Cap  # one scripted capture for the camera tests
 
     def factory(target, api):
         opens.append(target)

@@ -52,8 +52,8 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(rt, media):
-    from nvila_edge.runtime.server import create_app
-    from nvila_edge.runtime.server_cli import ServerThread
+    from nvila_edge.apps.server import create_app
+    from nvila_edge.apps.server_cli import ServerThread
 
     app = create_app(rt, media_dir=media, max_queue=32, max_images=4, max_request_bytes=1 << 20)
     srv = ServerThread(app).start()

@@ -4,37 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import random_image
+from conftest import Counting, make_runtime, random_image
 from nvila_edge.errors import ContextOverflowError, GenerationError
 from nvila_edge.events import FinishEvent, TokenEvent
 from nvila_edge.runtime import PlanEvent, Runtime
-from nvila_edge.runtime.backends.torch import TorchBackend
-
-
-class Counting(TorchBackend):
-    """Counts compute calls, to show refusals happen before any."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.calls = {"encode_tiles": 0, "prefill": 0, "decode_step": 0}
-        self.prefill_lengths: list[int] = []
-
-    def encode_tiles(self, pixels):
-        self.calls["encode_tiles"] += 1
-        return super().encode_tiles(pixels)
-
-    def prefill(self, embeds, cache=None):
-        self.calls["prefill"] += 1
-        self.prefill_lengths.append(embeds.shape[1])
-        return super().prefill(embeds, cache)
-
-    def decode_step(self, token_id, cache=None):
-        self.calls["decode_step"] += 1
-        return super().decode_step(token_id, cache)
-
-
-def make_runtime(model, tokenizer, **kw) -> Runtime:
-    return Runtime(model.config, tokenizer, Counting(model), **kw)
 
 
 @pytest.fixture(scope="module")

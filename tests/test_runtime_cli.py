@@ -11,7 +11,7 @@ import pytest
 from conftest import random_image
 from nvila_edge.errors import BundleError, GenerationError
 from nvila_edge.runtime.cli import add_run_parser
-from test_runtime_ort import write_bundle
+from conftest import write_bundle
 
 pytest.importorskip("onnxruntime")
 

@@ -8,13 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import random_image, write_bundle
 from nvila_edge.runtime import Runtime
 from nvila_edge.runtime.backends.onnxruntime import OrtBackend
 from nvila_edge.runtime.backends.torch import TorchBackend
@@ -23,26 +22,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 QUESTION = "What is in the image?"
-
-
-def write_bundle(path: Path, model, tokenizer, *, precision: str = "fp32", torch_target: bool = False) -> Path:
-    """A cpu-target bundle through the exporter's own target builder (no calibration step)."""
-    from nvila_edge.bundle import BundleWriter
-    from nvila_edge.export.llm_onnx import export_decoder
-    from nvila_edge.export.targets import get_target
-
-    recipes = {"llm": SimpleNamespace(quantized=False, block_size=None), "vision": SimpleNamespace(quantized=False)}
-    with BundleWriter(path, model.config, tokenizer) as w:
-        get_target("cpu").build(model, w, recipes, {"embeddings_dtype": "float32"})
-        if precision == "int4":  # replace the decoder by an RTN int4 one (block 32: hidden is only 128)
-            io = export_decoder(model, w.path_for("cpu/x").parent, precision="int4", block_size=32, lm_head="int8")
-            w.targets["cpu"]["io"]["decoder"] = io
-            w.targets["cpu"]["precision"]["llm"] = "int4"
-        if torch_target:
-            model.save_pretrained(w.path_for("torch/checkpoint/x").parent, tokenizer=tokenizer)
-            w.add_target("torch", files={"checkpoint": "torch/checkpoint"}, precision="fp32",
-                         limits=w.targets["cpu"]["limits"])
-    return path
 
 
 @pytest.fixture(scope="module")

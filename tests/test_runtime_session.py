@@ -7,7 +7,7 @@ import pytest
 from conftest import random_image
 from nvila_edge.errors import ContextOverflowError
 from nvila_edge.runtime import Runtime
-from test_runtime import Counting, make_runtime
+from conftest import Counting, make_runtime
 
 SYSTEM = "You are a careful assistant"
 

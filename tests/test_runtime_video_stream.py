@@ -7,7 +7,7 @@ import pytest
 
 from conftest import random_image
 from nvila_edge.errors import MediaError
-from test_runtime import make_runtime
+from conftest import make_runtime
 
 QUESTION = "What happens in the video?"
 

@@ -22,8 +22,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from nvila_edge.runtime.server import create_app, parse_chat_request  # noqa: E402
-from nvila_edge.runtime.server_cli import ServerThread  # noqa: E402
+from nvila_edge.apps.server import create_app, parse_chat_request  # noqa: E402
+from nvila_edge.apps.server_cli import ServerThread  # noqa: E402
 
 QUESTION = "What is in the image?"
 
@@ -46,7 +46,7 @@ def image_message(url: str, text: str = QUESTION) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def rt(tmp_path_factory, tiny_model, tokenizer):
-    from test_runtime_ort import write_bundle
+    from conftest import write_bundle
 
     from nvila_edge.runtime import Runtime
 
@@ -324,7 +324,7 @@ def test_serve_cli(rt, monkeypatch, tmp_path):
 
     import uvicorn
 
-    from nvila_edge.runtime.server_cli import add_parser
+    from nvila_edge.apps.server_cli import add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers(dest="verb"))

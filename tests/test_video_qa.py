@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nvila_edge import NVILAConfig, NVILATokenizer
-from nvila_edge.runtime.video_qa import VideoQA, load_segment, probe, time_tokens_to_seconds
+from nvila_edge.apps.video_qa import VideoQA, load_segment, probe, time_tokens_to_seconds
 
 cv2 = pytest.importorskip("cv2")
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "video_qa.py"
@@ -70,7 +70,7 @@ def test_segments_and_time_tokens_with_a_time_token_model(video, one_thread):
 
 def test_sample_on_a_tiny_bundle(video, tmp_path, tiny_model, tokenizer, capsys, one_thread):
     pytest.importorskip("onnxruntime")
-    from test_runtime_ort import write_bundle
+    from conftest import write_bundle
 
     bundle = write_bundle(tmp_path / "bundle", tiny_model, tokenizer)
     main = runpy.run_path(str(SAMPLE))["main"]

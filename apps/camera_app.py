@@ -239,7 +239,7 @@ def add_parser(sub) -> None:
 def camera_main(args) -> int:
     from nvila_edge.errors import GenerationError
 
-    from .runtime import Runtime
+    from nvila_edge.runtime import Runtime
 
     if not args.headless:
         try:

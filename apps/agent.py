@@ -33,8 +33,8 @@ from typing import Any, Callable
 from nvila_edge.errors import GenerationError, NVILAEdgeError
 from nvila_edge.events import FinishEvent
 
-from .planner import PlanEvent
-from .results import RunResult
+from nvila_edge.runtime.planner import PlanEvent
+from nvila_edge.runtime.results import RunResult
 
 log = logging.getLogger("nvila_edge.agent")
 _SKIP = object()  # sentinel: a queued request that was cancelled or timed out before it started

@@ -323,7 +323,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
         raise ConfigError(f"media_dir {media_dir!r} is not a folder")
     rt = runtime_or_bundle
     if isinstance(rt, (str, os.PathLike)):
-        from .runtime import Runtime
+        from nvila_edge.runtime import Runtime
 
         rt = Runtime.load(rt, backend=backend, threads=threads)
     name = model_name or getattr(getattr(rt, "config", None), "name", None) or "nvila-edge"
