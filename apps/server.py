@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from nvila_edge.errors import (BackendUnavailable, ConfigError, ContextOverflowError, GenerationError, MediaError,
+from nvila_edge.errors import (ConfigError, ContextOverflowError, GenerationError, MediaError,
                                NVILAEdgeError)
 from nvila_edge.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
@@ -278,12 +278,9 @@ def sse(obj) -> bytes:
 
 # ---- the app --------------------------------------------------------------------------------------------
 def _require(module: str):
-    import importlib
+    from nvila_edge.optional import require
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise BackendUnavailable(module, "server", "nvila-edge serve") from None
+    return require(module, "server", "nvila-edge serve")
 
 
 class _Engine:

@@ -1,4 +1,4 @@
-"""``nvila-edge serve BUNDLE``: the OpenAI-compatible server (``runtime/server.py``) on uvicorn, and the
+"""``nvila-edge serve BUNDLE``: the OpenAI-compatible server (``apps/server.py``) on uvicorn, and the
 runners: ``serve`` (blocking) and ``ServerThread`` (a background server, for tests and embedding apps).
 
 Registered by ``nvila_edge.cli`` through ``STAGE_CLIS``; fastapi / uvicorn are imported only when it runs.
