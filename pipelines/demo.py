@@ -49,8 +49,12 @@ class DemoResult:
     train_seconds: float
 
 
-def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, out: TextIO = sys.stdout) -> tuple[Path, bool, float]:
-    """Data + tokenizer + the five stages; returns (final checkpoint, trained now?, seconds)."""
+def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, out: TextIO = sys.stdout,
+                     verbose: bool = False) -> tuple[Path, bool, float]:
+    """Data + tokenizer + the five stages; returns (final checkpoint, trained now?, seconds).
+
+    Per stage one progress bar and one summary line; the Trainer's logs go to the stage's metrics.json
+    (``verbose``: also to the terminal, as transformers prints them)."""
     data = root / "data"
     cfg = SyntheticConfig()
     if retrain and (root / "checkpoints").exists():
@@ -66,18 +70,21 @@ def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, o
         return done, False, 0.0
     print(f"[demo] training the demo model through {len(recipe.stages)} stages (cached in {root})", file=out, flush=True)
     t0 = time.perf_counter()
-    results = run_recipe(recipe, root / "checkpoints", tokenizer=demo_tokenizer(cfg), progress=progress)
-    for r in results:
+
+    def summary(r):
         loss = r.metrics.get("loss_history") or [r.metrics.get("train_loss", float("nan"))]
         print(f"[demo]   {r.name:16s} {r.metrics.get('examples', 0):5d} examples  final loss {loss[-1]:.3f}"
-              f"{'  (cached)' if r.skipped else ''}", file=out, flush=True)
+              f"{'  (cached)' if r.skipped else ''}  logs: {r.checkpoint / 'metrics.json'}", file=out, flush=True)
+
+    run_recipe(recipe, root / "checkpoints", tokenizer=demo_tokenizer(cfg), progress=progress, verbose=verbose,
+               on_stage=summary)
     return last_checkpoint(recipe, root / "checkpoints"), True, time.perf_counter() - t0
 
 
 def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questions: int = 4,
-             progress: bool = True, out: TextIO = sys.stdout) -> DemoResult:
+             progress: bool = True, out: TextIO = sys.stdout, verbose: bool = False) -> DemoResult:
     root = Path(cache_dir) if cache_dir else cache_root() / f"demo-{DEMO_VERSION}"
-    ckpt, trained, secs = build_demo_model(root, retrain=retrain, progress=progress, out=out)
+    ckpt, trained, secs = build_demo_model(root, retrain=retrain, progress=progress, out=out, verbose=verbose)
     model = NVILAModel.from_pretrained(ckpt)
     processor = NVILAProcessor.from_pretrained(ckpt)
     held = single_questions(read_jsonl(root / "data" / "heldout.jsonl"))
@@ -95,7 +102,7 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
           file=out, flush=True)
     print("[demo] per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in {**img["per_task"], **vid["per_task"]}.items()),
           file=out, flush=True)
-    bundle = deploy_demo(root, ckpt, held, progress=progress, out=out)
+    bundle = deploy_demo(root, ckpt, held, progress=progress, out=out, verbose=verbose)
     from nvila_edge.runtime import Runtime
 
     rt = Runtime.load(bundle, backend="onnxruntime")
@@ -117,7 +124,8 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
     return DemoResult(ckpt, img["accuracy"], vid["accuracy"], {**img["per_task"], **vid["per_task"]}, trained, secs)
 
 
-def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO = sys.stdout) -> Path:
+def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO = sys.stdout,
+                verbose: bool = False) -> Path:
     """Calibrate (W8A8 SmoothQuant vision, W4A16 AWQ LLM) and export the CPU bundle, both cached."""
     from nvila_edge.bundle import Bundle
     from nvila_edge.calibration import calibrate, is_calibrated
@@ -133,7 +141,7 @@ def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO
         res = calibrate(ckpt, cal, vision="w8a8-smoothquant", llm="w4a16-awq", data=root / "data" / "train.jsonl",
                         num_samples=CALIBRATION_SAMPLES, heldout=root / "data" / "heldout.jsonl", num_heldout=16,
                         eval_records=images, progress=progress)
-        print(res.fidelity.table(), file=out, flush=True)
+        print(res.fidelity.table() if verbose else f"[demo] fidelity report: {cal / 'fidelity.json'}", file=out, flush=True)
         state = {"checkpoint": str(ckpt), "fidelity": res.fidelity.to_dict()}
         atomic_write_text(stamp, json.dumps(state, indent=2))
         if bundle.exists():

@@ -11,7 +11,7 @@ from nvila_edge.training.recipe import demo_recipe
 from nvila_edge.training.synthetic import SyntheticConfig
 
 
-def test_demo_trains_caches_and_streams(tmp_path, monkeypatch):
+def test_demo_trains_caches_and_streams(tmp_path, monkeypatch, capsys):
     small = SyntheticConfig(num_images=30, num_videos=8, heldout_fraction=0.3)
     monkeypatch.setattr(demo, "SyntheticConfig", lambda: small)
 
@@ -31,6 +31,11 @@ def test_demo_trains_caches_and_streams(tmp_path, monkeypatch):
     image = report["image"]  # the accuracy returned is the one scored on the held-out images and saved
     assert image["total"] > 0 and res.image_accuracy == image["correct"] / image["total"] == image["accuracy"]
     assert report["checkpoint"] == str(res.checkpoint)
+    # quiet by default: the Trainer's dict logs are kept in each stage's metrics.json, whose path is printed
+    printed = capsys.readouterr()
+    assert "'train_runtime'" not in printed.out + printed.err
+    metrics = json.loads((res.checkpoint / "metrics.json").read_text())
+    assert "train_runtime" in metrics["log_history"][-1] and f"logs: {res.checkpoint / 'metrics.json'}" in text
     # the pipeline went on: ModelOpt calibration, CPU bundle export, answers streamed from ONNX Runtime
     assert "calibrating with ModelOpt" in text and "greedy-token agreement" in text
     assert "exporting the CPU bundle" in text and "answering with the bundle on onnxruntime" in text

@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +186,26 @@ def stage_trainer(group_lengths: Sequence[int] | None = None, **kwargs):
     return StageTrainer(**kwargs)
 
 
+def quiet_progress(trainer, desc: str, progress: bool) -> None:
+    """The Trainer's terminal output cut to one progress bar named ``desc`` (none without ``progress``): its
+    dict logs stay in ``trainer.state.log_history`` (saved in the stage's metrics.json), not on the terminal."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class StageProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(desc)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass  # kept in state.log_history
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(StageProgress())
+
+
 def warm_workers(stage: Stage, num_examples: int) -> int:
     """Processes for ``warm_cache`` before ``stage`` trains: all the cores, when the stage draws at least
     1/cores of its examples (then processing all of them in parallel costs no more time than the drawn ones
@@ -199,10 +219,12 @@ def warm_workers(stage: Stage, num_examples: int) -> int:
 
 def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sources: Sources,
                 out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
-                extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None) -> dict:
+                extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None,
+                verbose: bool = True) -> dict:
     """Train one stage on its ``sources`` (``stage_sources``) and save the checkpoint to ``out_dir`` (rank 0,
     atomically);
-    ``cache`` keeps processed examples for later epochs and stages."""
+    ``cache`` keeps processed examples for later epochs and stages. ``verbose=False``: one progress bar, the
+    Trainer's logs only in the checkpoint's metrics.json (``log_history``)."""
     n_trainable = set_trainable(model, stage.trains)
     if gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
@@ -218,7 +240,8 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
     dataset = stage_dataset(stage, sources, processor, cache)
     log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), sum(len(r) for _, r in sources))
     if cache is not None and (workers := warm_workers(stage, len(dataset))) > 1:
-        warm_cache(dataset, cache, workers=workers, progress=progress and _is_main(), desc=f"{stage.name}: process examples")
+        warm_cache(dataset, cache, workers=workers, progress=progress and verbose and _is_main(),
+                   desc=f"{stage.name}: process examples")
     trained = model
     if stage.objective != "lm":  # the tag head is a training-time module: the checkpoint below never holds it
         from .media_tags import MediaTagModel
@@ -232,10 +255,13 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
     lengths = dataset_lengths(dataset) if stage.group_by_length else None
     trainer = stage_trainer(lengths, model=trained, args=args, train_dataset=dataset, data_collator=NVILACollator(packed=stage.packing),
                             optimizers=optimizers)
+    if not verbose:
+        quiet_progress(trainer, stage.name, progress and _is_main())
     with linear_patch_embedding(model):
         result = trainer.train()
     metrics = {**result.metrics, "trainable_parameters": n_trainable, "examples": len(dataset),
-               "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+               "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+               "log_history": trainer.state.log_history}
     if gradient_checkpointing:
         model.llm.gradient_checkpointing_disable()
         model.vision_tower.gradient_checkpointing_disable()
@@ -305,8 +331,12 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
 
 def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | None = None,
                tokenizer: NVILATokenizer | None = None, on_error: str = "skip", progress: bool = True,
-               cache_bytes: int = 4 << 30) -> list[StageResult]:
+               cache_bytes: int = 4 << 30, verbose: bool = True,
+               on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
     """Run ``stages`` (default: all) in recipe order, resuming after the last finished checkpoint.
+
+    ``verbose=False``: per stage one progress bar, the Trainer's logs in its metrics.json only; ``on_stage``
+    is called with each stage's result as it finishes (or is found cached).
 
     Processed examples are kept across epochs and stages up to ``cache_bytes`` of float16 pixels
     (``ExampleCache``; 0 turns it off)."""
@@ -327,6 +357,8 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
                 model = None
                 if stage.name in wanted:
                     results.append(StageResult(stage.name, ckpt, json.loads((ckpt / COMPLETE).read_text()), skipped=True))
+                    if on_stage:
+                        on_stage(results[-1])
             continue
         if model is None:
             if current is not None:
@@ -341,9 +373,12 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
         metrics = train_stage(model, processor, stage, sources, ckpt, seed=recipe.seed + i,
-                              gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra, cache=cache)
+                              gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra, cache=cache,
+                              verbose=verbose)
         model.eval()
         results.append(StageResult(stage.name, ckpt, metrics))
+        if on_stage:
+            on_stage(results[-1])
         current = ckpt
     return results
 
