@@ -246,3 +246,13 @@ def test_processor_hf_conventions(vila_path):
         proc(text=QUESTION, return_tensors="tf")
     with pytest.raises(ConfigError, match="unknown"):
         NVILAProcessor.from_pretrained(vila_path, image_size=3)
+
+
+@pytest.mark.gpu
+def test_device_map_cuda(vila_path):
+    cpu = NVILAModel.from_pretrained(vila_path)
+    gpu = NVILAModel.from_pretrained(vila_path, torch_dtype=torch.float32, device_map="cuda")
+    assert gpu.device.type == "cuda" and not any(t.device.type != "cuda" for t in gpu.parameters())
+    proc = NVILAProcessor.from_pretrained(vila_path, device_map="cuda")
+    inputs = proc(QUESTION, images=[random_image(500, 300, seed=5)])
+    assert gpu.generate(**inputs, max_new_tokens=4).token_ids == cpu.generate(**inputs, max_new_tokens=4).token_ids
