@@ -348,12 +348,14 @@ class NVILAConfig:
         llm: dict | None = None,
         vision: dict | None = None,
         projector: dict | None = None,
+        tokenizer: Any = None,
     ) -> "NVILAConfig":
         """Build from a VILA / ``-hf`` top config plus (optionally) the sub-folder configs.
 
         Sub-configs are looked up in the arguments first, then inline in ``top`` under the VILA
         (``llm_cfg``, ``vision_tower_cfg``, ``mm_projector_cfg``) or the ``-hf`` (``text_config``,
-        ``vision_config``) names.
+        ``vision_config``) names. ``tokenizer`` (the checkpoint's): media / end token ids come from it
+        unless ``top`` states them (see ``media_token_ids``).
         """
         llm = llm or _sub(top, "llm_cfg", "text_config")
         vision = vision or _sub(top, "vision_tower_cfg", "vision_config")
@@ -364,8 +366,9 @@ class NVILAConfig:
         if ptype is None:
             ptype = "mlp_downsample_3x3_fix" if top.get("model_type") == "nvila_lite" else "mlp_downsample_2x2_fix"
         aspect = top.get("image_aspect_ratio")
-        if aspect is None:
-            aspect = "dynamic_s2" if top.get("dynamic_s2") else ("dynamic" if top.get("model_type") == "nvila_lite" else "resize")
+        if aspect is None:  # the -hf configs state none: NVILA is Dynamic-S2, NVILA-Lite tiles (as SGLang reads them)
+            aspect = {"nvila": "dynamic_s2", "nvila_lite": "dynamic"}.get(top.get("model_type"))
+            aspect = aspect or ("dynamic_s2" if top.get("dynamic_s2") else "resize")
         if aspect not in ASPECT_MODES:
             raise ConfigError(f"image_aspect_ratio {aspect!r} is not supported; supported: {ASPECT_MODES}")
         scales = top.get("s2_scales", "448,896,1344")
@@ -401,11 +404,47 @@ class NVILAConfig:
             llm=LLMConfig.from_hf_dict(llm, context_length=top.get("model_max_length")),
             preprocessing=pre,
             video=vid,
-            image_token_id=int(ours.get("image_token_id", top.get("image_token_id", 151649))),
-            video_token_id=int(ours.get("video_token_id", top.get("video_token_id", 151650))),
-            end_token_ids=tuple(ours.get("end_token_ids", (QWEN2_NEWLINE_ID,))),
             model_dtype=dtype.replace("torch.", ""),
+            **media_token_ids(top, tokenizer),
         )
+
+
+# Stock Qwen2 NVILA ids: used only when neither the config nor a tokenizer gives them (weights-only folders).
+_STOCK_TOKEN_IDS = {"image_token_id": 151649, "video_token_id": 151650, "end_token_ids": (QWEN2_NEWLINE_ID,)}
+
+
+def tokenizer_token_ids(tokenizer: Any) -> dict:
+    """The reference's ids from a tokenizer: ``<image>``, ``<vila/video>`` and the tokenization of "\n"
+    (an ``NVILATokenizer`` or a transformers tokenizer)."""
+    if hasattr(tokenizer, "newline_ids"):
+        return {"image_token_id": tokenizer.image_token_id, "video_token_id": tokenizer.video_token_id,
+                "end_token_ids": tuple(tokenizer.newline_ids)}
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<image>"), ("video_token_id", "<vila/video>"))}
+    ids["end_token_ids"] = tuple(tokenizer.encode("\n", add_special_tokens=False))
+    return ids
+
+
+def media_token_ids(top: dict, tokenizer: Any = None) -> dict:
+    """The one rule for ``image_token_id`` / ``video_token_id`` / ``end_token_ids`` (the reference's):
+    the tokenizer gives them; a config that states one (the ``-hf`` layouts, our ``nvila_edge`` block)
+    must agree with it, else ``ConfigError``. Without a tokenizer: the stated ids, else the stock ones."""
+    ours = top.get("nvila_edge") or {}
+    stated = {}
+    for key in _STOCK_TOKEN_IDS:
+        value = ours.get(key, top.get(key))
+        if value is not None and value != -1:  # SGLang writes -1 for "not given"
+            stated[key] = tuple(int(v) for v in value) if key == "end_token_ids" else int(value)
+    if tokenizer is None:
+        return {**_STOCK_TOKEN_IDS, **stated}
+    found = tokenizer_token_ids(tokenizer)
+    for key, value in stated.items():
+        if value != found[key]:
+            raise ConfigError(
+                f"config.json states {key} = {value} but the checkpoint's tokenizer gives {found[key]}; the config and "
+                f"tokenizer come from different models: remove {key} from config.json (the tokenizer's id is used, "
+                "as in the reference) or put back the tokenizer the model was trained with"
+            )
+    return found
 
 
 # transformers bookkeeping fields that never describe the architecture

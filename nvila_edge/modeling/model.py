@@ -47,11 +47,18 @@ class NVILAModel(nn.Module):
     # ---- checkpoint I/O (implemented in nvila_edge.checkpoint) -------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-                        device: str | torch.device = "cpu") -> "NVILAModel":
-        """Load a VILA-layout or ``-hf``-layout checkpoint directory (safetensors only)."""
+                        device: str | torch.device = "cpu", *, torch_dtype: torch.dtype | str | None = None,
+                        device_map: str | dict | int | None = None, attn_implementation: str | None = None,
+                        **kwargs) -> "NVILAModel":
+        """Load any published NVILA layout (VILA directory, ``-hf-preview``, ``-hf``; safetensors only).
+
+        transformers conventions work too: ``torch_dtype=`` (alias of ``dtype``; "auto" = the checkpoint's),
+        ``device_map="cpu"|"cuda"|"cuda:N"|"auto"``, ``trust_remote_code=`` (accepted, nothing remote runs).
+        ``dtype=None`` keeps the stored dtype."""
         from ..checkpoint import load_model
 
-        return load_model(cls, path, dtype=dtype, device=device)
+        return load_model(cls, path, dtype=dtype, device=device, torch_dtype=torch_dtype, device_map=device_map,
+                          attn_implementation=attn_implementation, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, layout: str = "vila", tokenizer=None,
                         extra_files: dict[str, str] | None = None) -> None:
