@@ -6,7 +6,7 @@ examples) of which all but the answers' were thrown away. Here the final hidden 
 positions are gathered first, and the head + cross-entropy run ``chunk_tokens`` positions at a time, each
 chunk under activation checkpointing, so at most one chunk's logits exist, in forward and in backward.
 The result equals transformers' ``ForCausalLMLoss`` (shift by one, -100 ignored, mean or sum /
-``num_items_in_batch``) to float tolerance (tests/test_model_loss.py).
+``num_items_in_batch``) to float tolerance (tests/test_lm_loss.py).
 """
 
 from __future__ import annotations
