@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -55,7 +56,7 @@ def normalize_conversation(conversation: str | Sequence[Mapping | Message]) -> l
         if not isinstance(m, Mapping):
             raise GenerationError(f"conversation turn {i} must be a dict or Message, got {type(m).__name__}")
         role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
+        content = _content_text(m.get("content", m.get("value")), i)
         if role not in _ROLES or not isinstance(content, str):
             raise GenerationError(
                 f"conversation turn {i} needs a role in {sorted(_ROLES)} and string content, got {dict(m)!r:.200}"
@@ -64,6 +65,52 @@ def normalize_conversation(conversation: str | Sequence[Mapping | Message]) -> l
     if not out:
         raise GenerationError("the conversation is empty")
     return out
+
+
+_PART_PLACEHOLDERS = {"image": "<image>", "image_url": "<image>", "video": "<vila/video>"}
+
+
+def _content_text(content, turn: int):
+    """transformers-style content (a list of ``{"type": "text"|"image"|"video", ...}`` parts) → text with
+    one media placeholder per media part; other content is returned as is."""
+    if not isinstance(content, (list, tuple)):
+        return content
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in _PART_PLACEHOLDERS:
+            out.append(_PART_PLACEHOLDERS[kind])
+        else:
+            raise GenerationError(f"conversation turn {turn}: content parts must be {{'type': 'text', 'text': ...}} or "
+                                  f"{{'type': 'image'|'video'}}, got {part!r:.200}")
+    return "".join(out)
+
+
+_TURN_RE = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n?", re.S)
+_GENERATION_PROMPT = "<|im_start|>assistant\n"
+
+
+def parse_chat_template(text: str) -> tuple[list[Message], bool]:
+    """Text rendered by ``apply_chat_template`` → (messages, add_generation_prompt): so a prompt that was
+    already templated (the transformers ``processor(text=...)`` convention) is not templated twice."""
+    messages, pos = [], 0
+    for m in _TURN_RE.finditer(text):
+        if text[pos:m.start()].strip():
+            break
+        messages.append(Message(m.group(1), _text(m.group(2), len(messages))))
+        pos = m.end()
+    rest = text[pos:]
+    generation = rest == _GENERATION_PROMPT
+    if not messages or not (generation or not rest.strip()):
+        raise GenerationError(f"the prompt is not a chat-template rendering (<|im_start|>role\\n...<|im_end|> turns): "
+                              f"{rest[:80]!r} is left over; pass plain text or the conversation instead")
+    return messages, generation
+
+
+def is_templated(text: str) -> bool:
+    return text.lstrip().startswith("<|im_start|>")
 
 
 def _text(content: str, turn: int) -> str:

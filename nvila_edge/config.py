@@ -1,4 +1,5 @@
-"""NVILAConfig: one dataclass with sub-configs, named presets, and translation to/from the VILA config.json.
+"""NVILAConfig: the whole model in one dataclass (sub-configs in ``subconfigs.py``), its named presets
+(``presets.py``) and its VILA ``config.json`` form (``vila_format.py``).
 
 Pure Python (no torch / transformers import) so the runtime and the processor can read it anywhere.
 """
@@ -12,154 +13,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import vila_format
 from .errors import ConfigError
-
-PROJECTOR_DOWNSAMPLE = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
-ASPECT_MODES = ("dynamic_s2", "dynamic", "resize")
-
-# Reference special tokens of the Qwen2-based NVILA tokenizers (see docs/ARCHITECTURE.md).
-QWEN2_NEWLINE_ID = 198
-
-
-@dataclass
-class VisionConfig:
-    """SigLIP vision tower (transformers ``SiglipVisionModel``)."""
-
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    patch_size: int = 14
-    image_size: int = 448
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    select_layer: int = -2  # NVILA feature = hidden_states[-2], all patch tokens
-    use_head: bool = True  # the pooling head is unused but present in real checkpoints
-    extra: dict = field(default_factory=dict)  # other SiglipVisionConfig fields, passed through
-
-    @property
-    def grid(self) -> int:
-        """Patch tokens per side of one tile (448 / 14 = 32)."""
-        return self.image_size // self.patch_size
-
-    def to_hf_dict(self) -> dict:
-        d = dict(self.extra)
-        d.update(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            patch_size=self.patch_size,
-            image_size=self.image_size,
-            layer_norm_eps=self.layer_norm_eps,
-            hidden_act=self.hidden_act,
-            vision_use_head=self.use_head,
-            num_channels=3,
-            model_type="siglip_vision_model",
-        )
-        return d
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> "VisionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: d[k] for k in known & d.keys() if k not in ("extra", "use_head", "select_layer")}
-        if "vision_use_head" in d:
-            kw["use_head"] = bool(d["vision_use_head"])
-        skip = _HF_BOOKKEEPING | {"vision_use_head", "num_channels"}
-        extra = {k: v for k, v in d.items() if k not in known and k not in skip}
-        return cls(**kw, extra=extra)
-
-
-@dataclass
-class ProjectorConfig:
-    """Multimodal projector (``mlp_downsample*``), reference state-dict keys ``layers.N.*``."""
-
-    type: str = "mlp_downsample_2x2_fix"
-
-    @property
-    def downsample(self) -> int:
-        return PROJECTOR_DOWNSAMPLE[self.type]
-
-
-@dataclass
-class LLMConfig:
-    """Qwen2 language model (transformers ``Qwen2ForCausalLM``)."""
-
-    vocab_size: int = 151648
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 32768
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    hidden_act: str = "silu"
-    context_length: int = 32768  # model_max_length: the prompt + answer limit we enforce
-    extra: dict = field(default_factory=dict)
-
-    def to_hf_dict(self) -> dict:
-        d = dict(self.extra)
-        d.update(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_theta=self.rope_theta,
-            rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act=self.hidden_act,
-            model_type="qwen2",
-        )
-        return d
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, context_length: int | None = None) -> "LLMConfig":
-        d = dict(d)
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
-        if "rope_theta" not in d and "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: d[k] for k in known & d.keys() if k not in ("extra", "context_length")}
-        extra = {k: v for k, v in d.items() if k not in known and k not in _HF_BOOKKEEPING}
-        if rope and rope.get("rope_type", "default") != "default":
-            extra["rope_scaling"] = rope
-        ctx = context_length or d.get("model_max_length") or kw.get("max_position_embeddings", 32768)
-        return cls(**kw, context_length=int(ctx), extra=extra)
-
-
-@dataclass
-class PreprocessingConfig:
-    """Image preprocessing: Dynamic-S2 (NVILA), InternVL-style dynamic tiling (NVILA-Lite) or plain resize."""
-
-    image_aspect_ratio: str = "dynamic_s2"
-    s2_scales: tuple[int, ...] = (448, 896, 1344)
-    s2_max_split_size: int = 448
-    s2_resize_output_to_scale_idx: int = -1
-    max_tiles: int = 12
-    min_tiles: int = 1
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    max_image_pixels: int = 178_956_970  # 2x Pillow's default bomb limit; larger inputs raise MediaError
-
-
-@dataclass
-class VideoConfig:
-    """Video sampling and temporal pooling (TSP)."""
-
-    num_frames: int = 8
-    fps: float = 0.0
-    # TSP pool sizes (t, h, w); empty = one group per frame (reference BasicVideoEncoder)
-    pool_sizes: tuple[tuple[int, int, int], ...] = ()
-    num_time_tokens: int = 0
-    time_token_format: str = "<t{t}>"
-
-    def effective_pool_sizes(self) -> tuple[tuple[int, int, int], ...]:
-        return self.pool_sizes or ((1, 1, 1),)
+from .presets import PRESET_FIELDS, TINY_BASE_VOCAB
+from .subconfigs import (ASPECT_MODES, PROJECTOR_DOWNSAMPLE, QWEN2_NEWLINE_ID, LLMConfig, PreprocessingConfig,
+                         ProjectorConfig, VideoConfig, VisionConfig, _dataclass_from_dict)
+from .vila_format import media_token_ids, tokenizer_token_ids
 
 
 @dataclass
@@ -285,213 +144,30 @@ class NVILAConfig:
         except TypeError as e:
             raise ConfigError(f"invalid nvila-edge config: {e}") from e
 
-    # ---- VILA config.json ----------------------------------------------------------------------------
+    # ---- VILA config.json (vila_format.py) -----------------------------------------------------------
     def to_vila_dict(self) -> dict:
         """Top-level VILA ``config.json`` (``LlavaLlamaModel``) with the sub-configs inline."""
-        p, v = self.preprocessing, self.video
-        video_encoder = {"_target_": "llava.model.encoders.BasicVideoEncoder"}
-        if v.pool_sizes:
-            video_encoder = {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [list(s) for s in v.pool_sizes]}
-        return {
-            "architectures": ["LlavaLlamaModel"],
-            "model_type": "llava_llama",
-            "llm_cfg": self.llm_hf_config(),
-            "vision_tower_cfg": self.vision_hf_config(),
-            "mm_projector_cfg": self.projector_hf_config(),
-            "hidden_size": self.llm.hidden_size,
-            "mm_hidden_size": self.mm_hidden_size,
-            "mm_projector_type": self.projector.type,
-            "mm_vision_select_layer": self.vision.select_layer,
-            "mm_vision_select_feature": "cls_patch",
-            "image_aspect_ratio": p.image_aspect_ratio,
-            "dynamic_s2": p.image_aspect_ratio == "dynamic_s2",
-            "s2": False,
-            "s2_scales": ",".join(str(s) for s in p.s2_scales),
-            "s2_max_split_size": p.s2_max_split_size,
-            "s2_resize_output_to_scale_idx": p.s2_resize_output_to_scale_idx,
-            "max_tiles": p.max_tiles,
-            "min_tiles": p.min_tiles,
-            "num_video_frames": v.num_frames,
-            "fps": v.fps,
-            "num_time_tokens": v.num_time_tokens,
-            "time_token_format": v.time_token_format,
-            "image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder"}),
-            "video_encoder": json.dumps(video_encoder),
-            "model_max_length": self.llm.context_length,
-            "model_dtype": f"torch.{self.model_dtype}",
-            "nvila_edge": {
-                "name": self.name,
-                "image_token_id": self.image_token_id,
-                "video_token_id": self.video_token_id,
-                "end_token_ids": list(self.end_token_ids),
-            },
-        }
+        return vila_format.to_vila_dict(self)
 
     def llm_hf_config(self) -> dict:
-        d = self.llm.to_hf_dict()
-        d["architectures"] = ["Qwen2ForCausalLM"]
-        d["model_max_length"] = self.llm.context_length
-        return d
+        return vila_format.llm_hf_config(self)
 
     def vision_hf_config(self) -> dict:
-        d = self.vision.to_hf_dict()
-        d["architectures"] = ["SiglipVisionModel"]
-        return d
+        return vila_format.vision_hf_config(self)
 
     def projector_hf_config(self) -> dict:
-        return {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector", "mm_projector_type": self.projector.type}
+        return vila_format.projector_hf_config(self)
 
     @classmethod
-    def from_vila_dict(
-        cls,
-        top: dict,
-        llm: dict | None = None,
-        vision: dict | None = None,
-        projector: dict | None = None,
-    ) -> "NVILAConfig":
-        """Build from a VILA / ``-hf`` top config plus (optionally) the sub-folder configs.
-
-        Sub-configs are looked up in the arguments first, then inline in ``top`` under the VILA
-        (``llm_cfg``, ``vision_tower_cfg``, ``mm_projector_cfg``) or the ``-hf`` (``text_config``,
-        ``vision_config``) names.
-        """
-        llm = llm or _sub(top, "llm_cfg", "text_config")
-        vision = vision or _sub(top, "vision_tower_cfg", "vision_config")
-        projector = projector or _sub(top, "mm_projector_cfg") or {}
-        if not llm or not vision:
-            raise ConfigError("config.json has no LLM or vision-tower sub-config (llm_cfg / vision_tower_cfg)")
-        ptype = projector.get("mm_projector_type") or top.get("mm_projector_type")
-        if ptype is None:
-            ptype = "mlp_downsample_3x3_fix" if top.get("model_type") == "nvila_lite" else "mlp_downsample_2x2_fix"
-        aspect = top.get("image_aspect_ratio")
-        if aspect is None:
-            aspect = "dynamic_s2" if top.get("dynamic_s2") else ("dynamic" if top.get("model_type") == "nvila_lite" else "resize")
-        if aspect not in ASPECT_MODES:
-            raise ConfigError(f"image_aspect_ratio {aspect!r} is not supported; supported: {ASPECT_MODES}")
-        scales = top.get("s2_scales", "448,896,1344")
-        if isinstance(scales, str):
-            scales = [int(s) for s in scales.split(",") if s.strip()]
-        vcfg = VisionConfig.from_hf_dict(vision)
-        vcfg.select_layer = int(top.get("mm_vision_select_layer", -2))
-        pre = PreprocessingConfig(
-            image_aspect_ratio=aspect,
-            s2_scales=tuple(sorted(scales)) if aspect == "dynamic_s2" else (vcfg.image_size,),
-            s2_max_split_size=int(top.get("s2_max_split_size", vcfg.image_size)),
-            s2_resize_output_to_scale_idx=int(top.get("s2_resize_output_to_scale_idx", -1)),
-            max_tiles=int(top.get("max_tiles", 12)),
-            min_tiles=int(top.get("min_tiles", 1)),
-        )
-        video_encoder = top.get("video_encoder") or {}
-        if isinstance(video_encoder, str):
-            video_encoder = json.loads(video_encoder)
-        pools = tuple(tuple(int(x) for x in s) for s in video_encoder.get("pool_sizes", ()))
-        vid = VideoConfig(
-            num_frames=int(top.get("num_video_frames", 8)),
-            fps=float(top.get("fps", 0.0) or 0.0),
-            pool_sizes=pools,
-            num_time_tokens=int(top.get("num_time_tokens", 0) or 0),
-            time_token_format=top.get("time_token_format") or "<t{t}>",
-        )
-        ours = top.get("nvila_edge", {})
-        dtype = str(top.get("model_dtype") or llm.get("dtype") or llm.get("torch_dtype") or "bfloat16")
-        return cls(
-            name=ours.get("name", top.get("_name_or_path") or top.get("model_type", "custom")),
-            vision=vcfg,
-            projector=ProjectorConfig(type=ptype),
-            llm=LLMConfig.from_hf_dict(llm, context_length=top.get("model_max_length")),
-            preprocessing=pre,
-            video=vid,
-            image_token_id=int(ours.get("image_token_id", top.get("image_token_id", 151649))),
-            video_token_id=int(ours.get("video_token_id", top.get("video_token_id", 151650))),
-            end_token_ids=tuple(ours.get("end_token_ids", (QWEN2_NEWLINE_ID,))),
-            model_dtype=dtype.replace("torch.", ""),
-        )
+    def from_vila_dict(cls, top: dict, llm: dict | None = None, vision: dict | None = None,
+                       projector: dict | None = None, tokenizer: Any = None) -> "NVILAConfig":
+        """Build from a VILA / ``-hf`` top config plus (optionally) the sub-folder configs; ``tokenizer``
+        (the checkpoint's) gives the media / end token ids unless ``top`` states them (``media_token_ids``)."""
+        return cls(**vila_format.vila_fields(top, llm, vision, projector, tokenizer))
 
 
-# transformers bookkeeping fields that never describe the architecture
-_HF_BOOKKEEPING = {
-    "architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
-    "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
-    "chunk_size_feed_forward", "is_encoder_decoder", "use_cache", "model_max_length", "layer_types",
-    "auto_map", "tokenizer_padding_side",
-}
+PRESETS: dict[str, NVILAConfig] = {name: NVILAConfig(**fields) for name, fields in PRESET_FIELDS.items()}
 
-
-def _sub(top: dict, *names: str) -> dict | None:
-    for n in names:
-        v = top.get(n)
-        if isinstance(v, dict):
-            return v
-    return None
-
-
-def _dataclass_from_dict(cls, d: dict):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    kw = {}
-    for k, v in d.items():
-        if isinstance(v, list):
-            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        kw[k] = v
-    return cls(**kw)
-
-
-# ---- presets ---------------------------------------------------------------------------------------------
-_SIGLIP_SO400M = VisionConfig()  # so400m patch14-448
-_QWEN2_7B = LLMConfig()
-_QWEN25_1_5B = LLMConfig(
-    hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-    num_key_value_heads=2, tie_word_embeddings=True,
-)
-# tiny: a 496-token byte-level BPE (NVILATokenizer.train default) + the 8 NVILA special tokens after it
-TINY_BASE_VOCAB = 496
-# tiny: same structure, a few layers, hidden sizes multiples of 128 (AWQ group 128 later)
-_TINY_VISION = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2)
-_TINY_LLM = LLMConfig(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=8192, context_length=8192,
-)
-_S2 = PreprocessingConfig()
-_LITE = PreprocessingConfig(image_aspect_ratio="dynamic", s2_scales=(448,))
-
-PRESETS: dict[str, NVILAConfig] = {
-    "nvila-8b": NVILAConfig(
-        name="nvila-8b", vision=_SIGLIP_SO400M, projector=ProjectorConfig("mlp_downsample"), llm=_QWEN2_7B,
-        preprocessing=_S2,
-    ),
-    "nvila-lite-2b": NVILAConfig(
-        name="nvila-lite-2b", vision=_SIGLIP_SO400M, projector=ProjectorConfig("mlp_downsample_3x3_fix"),
-        llm=_QWEN25_1_5B, preprocessing=_LITE,
-    ),
-    "nvila-lite-8b": NVILAConfig(
-        name="nvila-lite-8b", vision=_SIGLIP_SO400M, projector=ProjectorConfig("mlp_downsample_3x3_fix"),
-        llm=_QWEN2_7B, preprocessing=_LITE,
-    ),
-    "tiny": NVILAConfig(
-        name="tiny", vision=_TINY_VISION, projector=ProjectorConfig("mlp_downsample_2x2_fix"), llm=_TINY_LLM,
-        preprocessing=_S2, video=VideoConfig(num_frames=8, pool_sizes=((2, 1, 1),)), model_dtype="float32",
-        image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7,
-    ),
-    # the embedded demo model (`nvila-edge demo`): NVILA-8B's structure (Dynamic-S2, 2x2 projector, TSP) at
-    # 112-pixel tiles of 28-pixel patches and two scales (5-7 tiles, 16-24 visual tokens an image) so it
-    # trains on 2 CPU cores in minutes; 4 layers (3 used: hidden_states[-2]) read words better than 3
-    # (held-out OCR 50 -> 60 % in the VEP probe, docs/BENCHMARKS.md)
-    "demo": NVILAConfig(
-        name="demo",
-        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=112, patch_size=28),
-        projector=ProjectorConfig("mlp_downsample_2x2_fix"),
-        llm=LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, context_length=2048),
-        preprocessing=PreprocessingConfig(s2_scales=(112, 224), max_tiles=6),
-        video=VideoConfig(num_frames=8, pool_sizes=((2, 1, 1),), num_time_tokens=8),
-        image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7, model_dtype="float32",
-    ),
-    "tiny-lite": NVILAConfig(
-        name="tiny-lite", vision=_TINY_VISION, projector=ProjectorConfig("mlp_downsample_3x3_fix"), llm=_TINY_LLM,
-        preprocessing=_LITE, model_dtype="float32",
-        image_token_id=TINY_BASE_VOCAB + 6, video_token_id=TINY_BASE_VOCAB + 7,
-    ),
-}
+__all__ = ["NVILAConfig", "PRESETS", "VisionConfig", "ProjectorConfig", "LLMConfig", "PreprocessingConfig",
+           "VideoConfig", "PROJECTOR_DOWNSAMPLE", "ASPECT_MODES", "QWEN2_NEWLINE_ID", "TINY_BASE_VOCAB",
+           "media_token_ids", "tokenizer_token_ids"]

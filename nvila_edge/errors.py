@@ -58,7 +58,9 @@ class BackendUnavailable(NVILAEdgeError, ImportError):
 
 
 class ResourceLimitError(MediaError, MemoryError):
-    """The request's media would need more memory than the configured limit; refused before any allocation."""
+    """The request would need more memory than the limit or the device has (media beyond the configured
+    limit; a fine-tune whose estimate exceeds the GPU's free memory or the available RAM); refused before any
+    allocation or weight loading."""
 
 
 class TokenizerError(NVILAEdgeError):

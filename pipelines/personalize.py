@@ -223,6 +223,8 @@ def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpo
         control["before"] = answers[1]
     ft_cfg = FinetuneConfig(mode=cfg.mode, r=cfg.r, alpha=cfg.alpha, learning_rate=cfg.learning_rate,
                             vit_lr_ratio=cfg.vit_lr_ratio, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                            # a small model on a CPU: one forward per batch, no recompute (the measured timings)
+                            micro_batch_size=cfg.batch_size, gradient_checkpointing=False,
                             scheduler="constant", warmup_ratio=0.0, seed=cfg.seed)
     ft = step("finetune", lambda: finetune(base, data, root / "finetune", ft_cfg, progress=progress))
     losses = ft.metrics.get("loss_history", [])

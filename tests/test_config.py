@@ -62,3 +62,27 @@ def test_overrides_and_errors():
         NVILAConfig.from_preset("tiny", video={"num_frames": 7})
     with pytest.raises(ConfigError):
         NVILAConfig.from_dict({"vision": {"no_such_field": 1}})
+
+
+def test_media_token_ids_follow_the_tokenizer(tokenizer):
+    """The reference rule: ids from the tokenizer unless the config states them; stated ids must agree."""
+    top = NVILAConfig.from_preset("tiny").to_vila_dict()
+    top.pop("nvila_edge")  # a published VILA config: no ids
+    assert NVILAConfig.from_vila_dict(top).image_token_id == 151649  # no tokenizer: the stock Qwen2 ids
+    got = NVILAConfig.from_vila_dict(top, tokenizer=tokenizer)
+    assert (got.image_token_id, got.video_token_id, got.end_token_ids) == (502, 503, (198,))
+    assert NVILAConfig.from_vila_dict({**top, "image_token_id": 502, "video_token_id": -1}, tokenizer=tokenizer) == got
+    with pytest.raises(ConfigError, match="image_token_id = 151649 but the checkpoint's tokenizer gives 502"):
+        NVILAConfig.from_vila_dict({**top, "image_token_id": 151649}, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="end_token_ids"):
+        NVILAConfig.from_vila_dict({**top, "nvila_edge": {"end_token_ids": [13]}}, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("model_type, aspect, projector", [("nvila", "dynamic_s2", "mlp_downsample_2x2_fix"),
+                                                           ("nvila_lite", "dynamic", "mlp_downsample_3x3_fix")])
+def test_hf_configs_default_like_sglang(model_type, aspect, projector):
+    c = NVILAConfig.from_preset("tiny")
+    top = {"model_type": model_type, "text_config": c.llm_hf_config(), "vision_config": c.vision_hf_config()}
+    got = NVILAConfig.from_vila_dict(top)
+    assert got.preprocessing.image_aspect_ratio == aspect and got.projector.type == projector
+    assert got.preprocessing.s2_scales == ((448, 896, 1344) if aspect == "dynamic_s2" else (448,))

@@ -83,8 +83,10 @@ def work(tmp_path_factory, tokenizer):
 
 
 def _config(mode: str, **kw) -> FinetuneConfig:
-    kw = {"r": 8, "alpha": 16, "learning_rate": LR, "max_steps": STEPS, "batch_size": 4, "scheduler": "constant",
-          "warmup_ratio": 0.0, **kw}
+    # the whole batch in one forward: the LoRA dropout masks (and so the learning curve) stay those these
+    # tests were tuned with; micro-batching is the same training up to dropout (test_micro_batches_...)
+    kw = {"r": 8, "alpha": 16, "learning_rate": LR, "max_steps": STEPS, "batch_size": 4, "micro_batch_size": 4,
+          "scheduler": "constant", "warmup_ratio": 0.0, **kw}
     return FinetuneConfig(mode=mode, **kw)
 
 
@@ -310,3 +312,23 @@ def test_gradient_checkpointing_trains_the_same(work):
         flags = {m.gradient_checkpointing for m in result.model.modules() if hasattr(m, "gradient_checkpointing")}
         assert flags == {False}  # switched off again after training
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_micro_batches_accumulate_to_the_effective_batch(work):
+    """--batch-size 4 as 4 micro-batches of 1 (the default) trains exactly like one batch of 4: the loss of each
+    micro-batch is summed over its answer tokens and divided by the whole batch's (dropout 0: same masks)."""
+    losses = {}
+    for micro in (4, 1):
+        result = finetune(work["base"], work["data"], work["root"] / f"ft-micro-{micro}",
+                          _config("lora", max_steps=3, dropout=0.0, micro_batch_size=micro), progress=False)
+        losses[micro] = result.metrics["loss_history"]
+        assert result.metrics["gradient_accumulation_steps"] == 4 // micro and result.metrics["steps"] == 3
+    assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_finetune_defaults_fit_a_small_card():
+    cfg = FinetuneConfig()
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (4, 1, 4)
+    assert cfg.gradient_checkpointing is True and cfg.max_tiles is None
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        FinetuneConfig(micro_batch_size=0)

@@ -19,6 +19,121 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run faster on one thread
 
 
+def test_nvila_8b_fits_24gb_at_the_finetune_defaults():
+    """What `nvila-edge finetune --estimate --preset nvila-8b` prints with no other flag: the run's own
+    step (micro-batch 1 of an effective 4, 17 tiles, 3 585 tokens, answer-only logits) is under 24 GB."""
+    from nvila_edge.cli import main
+    from nvila_edge.training.finetune import FinetuneConfig
+    from nvila_edge.training.memory import estimate_for_finetune
+
+    config = NVILAConfig.from_preset("nvila-8b")
+    est = estimate_for_finetune(config, FinetuneConfig())
+    assert est.settings["batch"] == 4 and est.settings["micro_batch"] == 1 and est.settings["grad_accum"] == 4
+    assert est.settings["tiles"] == 17 and est.settings["seq_len"] == 3585 and est.settings["grad_ckpt"] is True
+    assert est.total_bytes < 24e9
+    # all four examples in one forward would not fit: the micro-batch is what makes it
+    assert estimate_finetune_memory(config, batch_size=4).total_bytes > 24e9
+    # the logits of the answers only, one chunk: far below every position's (3 585 x 151 936 x 12 bytes)
+    peak = est.parts[next(k for k in est.parts if k.startswith("activations: peak"))]
+    assert peak < 3585 * 151936 * 12 / 3
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["finetune", "--estimate", "--preset", "nvila-8b"]) == 0
+    assert out.getvalue().strip() == est.table()
+    with contextlib.redirect_stdout(out := io.StringIO()):  # any flags: the table of the run with those flags
+        assert main(["finetune", "--estimate", "--preset", "nvila-8b", "--micro-batch-size", "2", "--max-tiles", "14",
+                     "--mode", "lora"]) == 0
+    want = estimate_for_finetune(config, FinetuneConfig(mode="lora", micro_batch_size=2, max_tiles=14))
+    assert out.getvalue().strip() == want.table() and want.settings["tiles"] == 14
+
+
+def test_max_tiles_caps_the_tiling():
+    from nvila_edge.media.tiling import plan_image
+    from nvila_edge.training.finetune import FinetuneConfig, tile_capped_config
+
+    s2 = NVILAConfig.from_preset("nvila-8b")
+    assert plan_image((4000, 3000), tile_capped_config(s2, 14)).num_tiles == 14  # 1 + 4 + 9
+    assert tile_capped_config(s2, None) is s2 and tile_capped_config(s2, 99).preprocessing.max_tiles == 12
+    with pytest.raises(ConfigError, match="at least 14"):
+        tile_capped_config(s2, 13)
+    lite = NVILAConfig.from_preset("nvila-lite-2b")
+    assert plan_image((4000, 3000), tile_capped_config(lite, 7)).num_tiles <= 7
+    assert plan_image((4000, 3000), tile_capped_config(lite, 1)).num_tiles == 1
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        FinetuneConfig(batch_size=4, micro_batch_size=3)
+
+
+def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatch, tokenizer):
+    from nvila_edge.errors import ResourceLimitError
+    from nvila_edge.training.finetune import FinetuneConfig, finetune
+    from nvila_edge.training.memory import require_fit
+
+    config = NVILAConfig.from_preset("nvila-8b")
+    # the 8B defaults (13.1 GB) with 12.5 GB free: the table and the flag that fits (fewer tiles first)
+    with pytest.raises(ResourceLimitError) as e:
+        require_fit(config, FinetuneConfig(), int(12.5e9))
+    msg = str(e.value)
+    assert "--max-tiles 14 would make it fit" in msg and "12.50 GB are free on the GPU" in msg
+    assert msg.splitlines()[-1].startswith("total")
+    with pytest.raises(ResourceLimitError, match="--r 32 would make it fit"):  # 14 tiles are not enough at 12 GB
+        require_fit(config, FinetuneConfig(), int(12e9))
+    assert require_fit(config, FinetuneConfig(), int(24e9)).total_bytes < 24e9
+    with pytest.raises(ResourceLimitError, match="--micro-batch-size 1"):
+        require_fit(config, FinetuneConfig(micro_batch_size=4), int(24e9))
+    with pytest.raises(ResourceLimitError, match="gradient checkpointing"):
+        require_fit(config, FinetuneConfig(gradient_checkpointing=False), int(24e9))
+    with pytest.raises(ResourceLimitError, match="no single flag"):
+        require_fit(config, FinetuneConfig(), int(4e9))
+
+    # the real entry point: refused before NVILAModel.from_pretrained runs
+    import json
+
+    from nvila_edge import NVILAModel
+
+    small = NVILAConfig.from_preset("tiny", vision={"image_size": 112},
+                                    preprocessing={"image_aspect_ratio": "resize", "s2_scales": (112,)})
+    make_model(small).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
+    rec = {"conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "yes"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+
+    def never(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(NVILAModel, "from_pretrained", classmethod(never))
+    with pytest.raises(ResourceLimitError, match="needs an estimated") as e:
+        finetune(tmp_path / "base", tmp_path / "d.jsonl", tmp_path / "out", FinetuneConfig(r=4), memory_limit=10_000,
+                 progress=False)
+    assert "of available RAM" in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_data_with_no_answer_tokens_is_a_data_error_naming_the_lines(tmp_path, tokenizer):
+    import json
+
+    from nvila_edge.training.data import DataError, read_jsonl
+    from nvila_edge.training.finetune import check_examples
+
+    small = NVILAConfig.from_preset("tiny", vision={"image_size": 112},
+                                    preprocessing={"image_aspect_ratio": "resize", "s2_scales": (112,)})
+    proc = NVILAProcessor(small, tokenizer)
+    ok = {"conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "yes"}]}
+    long = {"conversations": [{"from": "human", "value": "red " * small.llm.context_length}, {"from": "gpt", "value": "no"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ok) + "\n" + json.dumps(long) + "\n")
+    records = read_jsonl(path)
+    issues = []
+    kept, lengths, answers = check_examples(records, proc, issues=issues)
+    assert len(kept) == 1 and answers[0] >= 2 and lengths[0] > answers[0]
+    assert [i.line for i in issues] == [2] and "context" in issues[0].reason
+    with pytest.raises(DataError, match=r"d\.jsonl:2"):
+        check_examples(records, proc, on_error="raise")
+    path.write_text(json.dumps(long) + "\n" + json.dumps(long) + "\n")
+    with pytest.raises(DataError, match=r"no answer tokens.*d\.jsonl:1, .*d\.jsonl:2"):
+        check_examples(read_jsonl(path), proc)
+
+
 def test_nvila_8b_qlora_vit_ln_fits_24gb():
     config = NVILAConfig.from_preset("nvila-8b")
     est = estimate_finetune_memory(config)
@@ -104,3 +219,32 @@ def test_estimate_matches_measured_peak(preset, mode, ckpt, batch_size, dropout,
     print(f"{preset} {mode} ckpt={ckpt}: estimate {est.total_bytes / 1e6:.1f} MB, measured {measured.peak_bytes / 1e6:.1f} MB")
     assert 0.75 <= ratio <= 1.25, f"estimate {est.total_bytes / 1e6:.1f} MB vs measured {measured.peak_bytes / 1e6:.1f} MB\n" \
                                   + est.table(unit="MB")
+
+
+def test_preset_measurement_cpu_path():
+    """``measure_preset_peak`` (the GPU check's code) on the CPU: the tiny preset at the fine-tune defaults."""
+    from nvila_edge.training.memory import measure_preset_peak
+
+    est, measured = measure_preset_peak("tiny", "cpu", steps=2)
+    assert measured.device_peak_bytes is None and est.settings["micro_batch"] == 1 and est.settings["tiles"] == 17
+    assert est.settings["answer_tokens"] > 90 and est.settings["device"] == "cpu"
+    ratio = est.total_bytes / measured.peak_bytes
+    print(f"tiny defaults: estimate {est.total_bytes / 1e6:.1f} MB, measured {measured.peak_bytes / 1e6:.1f} MB")
+    assert 0.75 <= ratio <= 1.25, est.table(unit="MB")
+
+
+@pytest.mark.gpu
+def test_gpu_lite_2b_qlora_peak_matches_estimate():
+    """docs/BENCHMARKS.md: NVILA-Lite-2B at real size, random weights, 3 QLoRA steps at the fine-tune defaults;
+    ``torch.cuda.max_memory_allocated`` within 15 % of the estimate. Run: ``pytest -m gpu tests/test_memory.py -s``."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("bitsandbytes")
+    from nvila_edge.training.memory import measure_preset_peak
+
+    est, measured = measure_preset_peak("nvila-lite-2b", "cuda", steps=3)
+    peak = measured.device_peak_bytes
+    print(f"\n{torch.cuda.get_device_name()}: nvila-lite-2b QLoRA defaults: estimate {est.total_gb:.3f} GB, "
+          f"max_memory_allocated {peak / 1e9:.3f} GB (live tensors {measured.peak_bytes / 1e9:.3f} GB), "
+          f"ratio {est.total_bytes / peak:.3f}\n{est.table()}")
+    assert 0.85 <= est.total_bytes / peak <= 1.15

@@ -307,7 +307,10 @@ def test_batched_model_loss_on_a_collated_batch(records, demo_processor):
     batch = NVILACollator()(examples)
     out = model(**batch)
     lengths = [ex.num_tokens for ex in examples]  # media-expanded lengths, as the processor predicts them
-    assert out.logits.shape == (len(examples), max(lengths), demo_processor.config.llm.vocab_size)
+    assert out.logits is None  # training forward: the LM head runs on the answers only (modeling/loss.py)
+    with torch.no_grad():
+        unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+        assert model(**unlabelled).logits.shape == (len(examples), max(lengths), demo_processor.config.llm.vocab_size)
     loss = float(out.loss.detach())
     assert math.isfinite(loss) and 0 < loss < 3 * math.log(demo_processor.config.llm.vocab_size)
     out.loss.backward()

@@ -35,11 +35,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    """LoRA / QLoRA on the LLM + LayerNorm-only on the vision tower; or --estimate the memory."""
+    """LoRA / QLoRA on the LLM + LayerNorm-only on the vision tower; or --estimate the memory of that run."""
     from nvila_edge.config import NVILAConfig
+    from nvila_edge.training.finetune import FinetuneConfig, finetune
 
+    # one config for both: --estimate shows the step the run with the same flags makes
+    cfg = FinetuneConfig(mode=args.mode, r=args.r, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
+                         vit_lr_ratio=args.vit_lr_ratio, train_projector=args.train_projector, epochs=args.epochs,
+                         max_steps=args.max_steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                         max_tiles=args.max_tiles, gradient_checkpointing=not args.no_gradient_checkpointing)
     if args.estimate:
-        from nvila_edge.training.memory import estimate_finetune_memory
+        from nvila_edge.training.memory import estimate_for_finetune
 
         if args.checkpoint:
             from nvila_edge.checkpoint import read_config
@@ -47,19 +53,12 @@ def cmd_finetune(args) -> int:
             config, _ = read_config(args.checkpoint)
         else:
             config = NVILAConfig.from_preset(args.preset)
-        est = estimate_finetune_memory(config, mode=args.mode, r=args.r, batch_size=args.batch_size,
-                                       seq_len=args.seq_len, tiles=args.tiles,
-                                       gradient_checkpointing=not args.no_gradient_checkpointing,
-                                       train_projector=args.train_projector)
+        est = estimate_for_finetune(config, cfg, seq_len=args.seq_len, answer_tokens=args.answer_tokens,
+                                    tiles=args.tiles, device=args.device)
         print(est.table())
         return 0
     if not args.checkpoint or not args.data or not args.output:
         raise SystemExit("nvila-edge finetune: CHECKPOINT, --data and -o/--output are required (or use --estimate)")
-    from nvila_edge.training.finetune import FinetuneConfig, finetune
-
-    cfg = FinetuneConfig(mode=args.mode, r=args.r, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
-                         vit_lr_ratio=args.vit_lr_ratio, train_projector=args.train_projector, epochs=args.epochs,
-                         max_steps=args.max_steps, batch_size=args.batch_size)
     result = finetune(args.checkpoint, args.data, args.output, cfg, on_error=args.on_error)
     print(f"fine-tuned adapter + deltas written to {result.output_dir}")
     return 0
@@ -113,13 +112,21 @@ def add_parser(sub) -> None:
     ft.add_argument("--train-projector", action="store_true")
     ft.add_argument("--epochs", type=float, default=3.0)
     ft.add_argument("--max-steps", type=int, default=-1)
-    ft.add_argument("--batch-size", type=int, default=4)
+    ft.add_argument("--batch-size", type=int, default=4, help="effective batch: examples per optimizer step")
+    ft.add_argument("--micro-batch-size", type=int, default=1,
+                    help="examples per forward; --batch-size / this many forwards accumulate (default 1)")
+    ft.add_argument("--max-tiles", type=int, help="tiles per example, all scales counted (default: the model's)")
     ft.add_argument("--on-error", choices=("skip", "raise"), default="skip")
     ft.add_argument("--estimate", action="store_true", help="print the memory estimate and exit")
     ft.add_argument("--preset", default="nvila-8b", choices=sorted(PRESETS), help="model for --estimate")
     ft.add_argument("--seq-len", type=int, help="--estimate: tokens per example (default: visual + 512)")
     ft.add_argument("--tiles", type=int, help="--estimate: tiles per example (default: the model's max)")
-    ft.add_argument("--no-gradient-checkpointing", action="store_true")
+    ft.add_argument("--answer-tokens", type=int,
+                    help="--estimate: supervised tokens per example (default: all the text tokens)")
+    ft.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="--estimate: the device the run uses (cpu: fp32 weights)")
+    ft.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep every layer's activations (faster, much more memory); default: checkpointed")
     ft.set_defaults(func=cmd_finetune)
 
     mg = sub.add_parser("merge", help="merge a fine-tune into a full checkpoint (before calibration)")

@@ -60,9 +60,11 @@ class FinetuneConfig:
     projector_lr: float | None = None  # None: learning_rate
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4
+    batch_size: int = 4  # the effective batch: examples per optimizer step
+    micro_batch_size: int = 1  # examples per forward; batch_size / micro_batch_size forwards accumulate
+    max_tiles: int | None = None  # tiles per example (all scales / the thumbnail counted); None: the model's
     seed: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # per layer, LLM and vision tower
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     scheduler: str = "cosine"  # any transformers lr_scheduler_type ("constant", "linear", ...)
@@ -90,10 +92,19 @@ class FinetuneConfig:
             raise ConfigError("target_modules is empty: name at least one LLM linear (e.g. q_proj)")
         if self.learning_rate <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
             raise ConfigError("learning rates must be > 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError(f"batch_size and micro_batch_size must be >= 1, got {self.batch_size}, {self.micro_batch_size}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size ({self.batch_size}, the effective batch) must be a multiple of "
+                              f"micro_batch_size ({self.micro_batch_size}, examples per forward)")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ConfigError(f"max_tiles must be >= 1 (or None: the model's), got {self.max_tiles}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
 
     @property
     def vit_lr(self) -> float:
@@ -187,8 +198,8 @@ def prepare_model(model: NVILAModel, config: FinetuneConfig) -> dict[str, list[n
     config.validate()
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.mode == "qlora":
-        quantize_llm_nf4(model.llm, QWEN2_LINEARS)
+    if config.mode == "qlora":  # NF4 matmuls in the model's dtype (bf16 on a GPU), as the estimate assumes
+        quantize_llm_nf4(model.llm, QWEN2_LINEARS, compute_dtype=model.dtype)
     model.llm = peft.get_peft_model(model.llm, _lora_config(config))
     groups: dict[str, list[nn.Parameter]] = {
         "llm_lora": [p for n, p in model.llm.named_parameters() if "lora_" in n],
@@ -239,20 +250,121 @@ def _trained_tensors(model: NVILAModel, groups: dict[str, list[nn.Parameter]]) -
 
 
 # ---- fine-tune ---------------------------------------------------------------------------------------------
+def tile_capped_config(config: NVILAConfig, max_tiles: int | None) -> NVILAConfig:
+    """``config`` with images cut into at most ``max_tiles`` tiles each, counted as the estimate counts them
+    (Dynamic-S2: every scale's tiles, 1 + 4 + up to 12 for NVILA-8B; dynamic tiling: the grid + its
+    thumbnail). ``None`` or a cap above the model's own leaves it unchanged."""
+    p = config.preprocessing
+    if max_tiles is None or p.image_aspect_ratio not in ("dynamic_s2", "dynamic"):
+        return config
+    if p.image_aspect_ratio == "dynamic_s2":
+        small = sum((sc // p.s2_scales[0]) ** 2 for sc in p.s2_scales[:-1])
+        least = small + (p.s2_scales[-1] // p.s2_scales[0]) ** 2
+        if max_tiles < least:
+            raise ConfigError(f"max_tiles {max_tiles} is below the {least} tiles every image takes in {config.name}'s "
+                              f"Dynamic-S2 scales {list(p.s2_scales)}: use at least {least}")
+        last = max_tiles - small
+    else:
+        last = 1 if max_tiles < 3 else max_tiles - 1  # a grid of more than one tile adds a thumbnail
+    last = min(last, p.max_tiles)
+    pre = dataclasses.replace(p, max_tiles=last, min_tiles=min(p.min_tiles, last))
+    return dataclasses.replace(config, preprocessing=pre)
+
+
+def _answer_tokens(processor: NVILAProcessor, conversations) -> int:
+    """Supervised tokens of an example: each assistant turn's text and its ``<|im_end|>`` (the processor's
+    labels), from the text alone."""
+    from nvila_edge.chat import normalize_conversation
+
+    enc = processor.tokenizer.encode
+    return sum(len(enc(m.content)) + len(enc("<|im_end|>")) for m in normalize_conversation(conversations)
+               if m.role == "assistant")
+
+
+def check_examples(records: Sequence, processor: NVILAProcessor, on_error: str = "skip",
+                   issues: list[DataIssue] | None = None) -> tuple[list, list[int], list[int]]:
+    """The records that train something, with their media-expanded lengths and answer tokens (from the text
+    and the image headers: no pixels decoded). A record with no answer token, or too long for the model's
+    context (the processor refuses it whole: none of its answer would train), is an issue: skipped
+    (``on_error="skip"``, reported in ``issues``) or a ``DataError`` (``"raise"``); a data set left with no
+    answer token at all is a ``DataError`` naming its lines."""
+    from .data import DataError
+
+    limit = processor.config.llm.context_length
+    lengths = NVILADataset(records, processor).lengths()
+    kept, kept_lengths, kept_answers, bad = [], [], [], []
+    for r, n in zip(records, lengths):
+        answers = _answer_tokens(processor, r.conversations)
+        reason = None
+        if answers == 0:
+            reason = "no answer tokens (no assistant turn): nothing to train on"
+        elif n >= limit:
+            reason = f"{n} tokens (text + visual) do not fit the context of {limit}: no answer token would train"
+        if reason is None:
+            kept.append(r)
+            kept_lengths.append(n)
+            kept_answers.append(answers)
+            continue
+        issue = DataIssue(r.source, r.line, reason)
+        if on_error == "raise":
+            raise DataError(str(issue))
+        log.warning("skipping %s", issue)
+        bad.append(issue)
+    if issues is not None:
+        issues.extend(bad)
+    if not kept:
+        lines = ", ".join(f"{i.file}:{i.line}" for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"the fine-tune data has no answer tokens to train on ({lines}): {bad[0].reason}")
+    return kept, kept_lengths, kept_answers
+
+
+def _finetune_trainer(**kwargs):
+    """A transformers ``Trainer`` that counts the answer tokens of every accumulated micro-batch: our collator
+    keeps labels as a list of 1-D tensors, which ``Trainer`` cannot count, and with the count the model's
+    loss (sum / count, ``NVILAModel.lm_loss``) of ``batch_size / micro_batch_size`` micro-batches adds up to
+    the effective batch's mean."""
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import Trainer
+
+    class FinetuneTrainer(Trainer):
+        def _get_num_items_in_batch(self, batch_samples, device):
+            shifted = [{**b, "labels": pad_sequence([torch.as_tensor(x)[1:] for x in b["labels"]], batch_first=True,
+                                                    padding_value=-100)}
+                       if isinstance(b.get("labels"), (list, tuple)) else b for b in batch_samples]
+            return super()._get_num_items_in_batch(shifted, device)
+
+    return FinetuneTrainer(**kwargs)
+
+
 def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], output_dir: str | Path,
-             config: FinetuneConfig | None = None, on_error: str = "skip", progress: bool = True) -> FinetuneResult:
+             config: FinetuneConfig | None = None, on_error: str = "skip", progress: bool = True,
+             memory_limit: int | None = None) -> FinetuneResult:
     """Fine-tune the checkpoint on LLaVA-style JSONL ``data`` and write the fine-tune directory atomically.
 
+    Before any weight is loaded: the records are checked (``check_examples``) and the run's memory is
+    estimated (``memory.estimate_for_finetune``: the micro-batch, the longest example, its answer tokens);
+    a run that would not fit ``memory_limit`` bytes (default: the GPU's free memory, or the available RAM on
+    a CPU) raises ``ResourceLimitError`` with the estimate table and a flag that makes it fit.
+    On a GPU the model loads in its ``model_dtype`` (bf16), on a CPU in fp32.
+
     Returns a ``FinetuneResult`` whose ``model`` is the trained model (LoRA still unmerged, eval mode)."""
-    from transformers import Trainer
+    from .memory import available_memory, require_fit
 
     config = config or FinetuneConfig()
     config.validate()
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     issues: list[DataIssue] = []
     records = read_jsonl(data, on_error=on_error, issues=issues)
-    model = NVILAModel.from_pretrained(checkpoint)
     processor = NVILAProcessor.from_pretrained(checkpoint)
+    base_config = processor.config
+    processor = NVILAProcessor(tile_capped_config(base_config, config.max_tiles), processor.tokenizer)
+    records, lengths, answers = check_examples(records, processor, on_error, issues)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    limit = available_memory(device) if memory_limit is None else int(memory_limit)
+    estimate = require_fit(base_config, config, limit, device=device, seq_len=max(lengths), answer_tokens=max(answers))
+    log.info("fine-tune memory estimate (limit %.2f GB):\n%s", limit / 1e9, estimate.table())
+    dtype = getattr(torch, base_config.model_dtype) if device == "cuda" else torch.float32
+    model = NVILAModel.from_pretrained(checkpoint, dtype=dtype)
     _seed_everything(config.seed)
     groups = prepare_model(model, config)
     trainable = {name: sum(p.numel() for p in ps) for name, ps in groups.items()}
@@ -260,13 +372,14 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
     if config.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
     scratch = output_dir.parent / f".{output_dir.name}.trainer"
-    args = training_arguments(scratch, batch_size=config.batch_size, learning_rate=config.learning_rate,
+    args = training_arguments(scratch, batch_size=config.micro_batch_size, learning_rate=config.learning_rate,
                               epochs=config.epochs, max_steps=config.max_steps, warmup_ratio=config.warmup_ratio,
                               weight_decay=config.weight_decay, scheduler=config.scheduler, seed=config.seed,
-                              progress=progress, logging_steps=1)
+                              progress=progress, logging_steps=1,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
     model.train()
-    trainer = Trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
-                      data_collator=NVILACollator(), optimizers=(optimizer, None))
+    trainer = _finetune_trainer(model=model, args=args, train_dataset=NVILADataset(records, processor),
+                                data_collator=NVILACollator(), optimizers=(optimizer, None))
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
@@ -281,6 +394,9 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
         set_gradient_checkpointing(model, False)
     model.eval()
     metrics = {**result.metrics, "examples": len(records), "steps": trainer.state.global_step,
+               "micro_batch_size": config.micro_batch_size,
+               "gradient_accumulation_steps": config.gradient_accumulation_steps,
+               "memory_estimate_bytes": estimate.total_bytes,
                "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                "learning_rates": {g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups}}
     _save(model, groups, config, checkpoint, output_dir, metrics, trainable, records, issues)

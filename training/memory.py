@@ -5,8 +5,11 @@ GPU?" without building the model. ``measure_finetune_peak`` runs one step and re
 tensor memory, so the estimate is checked against reality on small models (tests/test_memory.py).
 
 The estimate counts what PyTorch keeps for backward in the transformers implementations this package
-uses (Qwen2 decoder, SigLIP encoder, peft LoRA, bitsandbytes NF4), assuming a memory-efficient attention
-kernel (flash / efficient SDPA, no L×L matrix) and no padding (batch of equal lengths, or batch 1).
+uses (Qwen2 decoder, SigLIP encoder, peft LoRA, bitsandbytes NF4, the answer-only chunked LM loss of
+``nvila_edge.modeling.loss``), assuming a memory-efficient attention kernel (flash / efficient SDPA, no L×L
+matrix) and no padding (batch of equal lengths, or batch 1). ``estimate_for_finetune`` maps a
+``FinetuneConfig`` to the step the run makes (its micro-batch); ``require_fit`` refuses a run before any
+weight is loaded when that estimate exceeds the device's memory.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import math
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nvila_edge.config import NVILAConfig
-from nvila_edge.errors import ConfigError
+from nvila_edge.errors import ConfigError, ResourceLimitError
+from nvila_edge.modeling.loss import CHUNK_TOKENS
 
-from .finetune import QWEN2_LINEARS
+from .finetune import QWEN2_LINEARS, FinetuneConfig, tile_capped_config
 
 GB = 1e9
 _UNITS = {"GB": 1e9, "MB": 1e6, "GiB": 2 ** 30, "MiB": 2 ** 20}
@@ -176,13 +181,16 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
                              seq_len: int | None = None, tiles: int | None = None, gradient_checkpointing: bool = True,
                              train_projector: bool = False, optimizer: str = "adamw", dropout: float = 0.05,
                              dtype: str | torch.dtype | None = None, target_modules=QWEN2_LINEARS,
-                             device: str = "cuda", tile_batch_size: int | None = None) -> MemoryEstimate:
-    """Peak memory of one LoRA / QLoRA + ViT-LayerNorm training step, by part, in bytes.
+                             device: str = "cuda", tile_batch_size: int | None = None,
+                             answer_tokens: int | None = None, loss_chunk_tokens: int = CHUNK_TOKENS) -> MemoryEstimate:
+    """Peak memory of one LoRA / QLoRA + ViT-LayerNorm training forward + backward, by part, in bytes.
 
     Defaults from ``config``: ``tiles`` = the largest image (Dynamic-S2: 1 + 4 + 12 = 17 tiles for
-    nvila-8b), ``seq_len`` = its visual tokens + 512 text tokens; ``dtype`` (weights and activations) =
-    ``config.model_dtype``. ``tiles`` and ``seq_len`` are per example; ``batch_size`` examples. ``device``
-    only changes the LoRA dropout masks: a bool per element on CUDA, fp32 on CPU.
+    nvila-8b), ``seq_len`` = its visual tokens + 512 text tokens, ``answer_tokens`` (supervised) = all the
+    text tokens (an upper bound); ``dtype`` (weights and activations) = ``config.model_dtype``. ``tiles``,
+    ``seq_len`` and ``answer_tokens`` are per example; ``batch_size`` examples per forward (the
+    micro-batch: accumulated micro-batches add no activations). ``device`` only changes the LoRA dropout
+    masks: a bool per element on CUDA, fp32 on CPU.
 
     Weights: the LLM's seven linears in NF4 (``mode="qlora"``: 0.5 byte + one fp32 absmax per 64 weights)
     or in ``dtype`` (``"lora"``); embeddings, LM head, norms, biases, vision tower and projector in ``dtype``.
@@ -205,10 +213,10 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
       projector's tensors are already freed);
     - always: the projector's saved inputs (LayerNorm input, GELU input; plus the linear inputs when it
       trains) and, for Dynamic-S2, the stitched per-scale maps; the final RMSNorm; the RoPE tables;
-    - the logits: the LM head runs on every position (visual ones too); the loss up-casts them to fp32 and
-      log-softmax keeps its fp32 output; in backward its input gradient is made while its output gradient
-      and the saved output are alive: ``tokens·vocab·12`` bytes, the largest moment (forward end is
-      ``tokens·vocab·(act + 4 + 4)`` in bf16, with the model-dtype logits still referenced).
+    - the logits: the LM head runs only on the ``batch·answer_tokens`` supervised positions, gathered
+      (``answers·hidden·act``, and their gradient), ``loss_chunk_tokens`` at a time under checkpointing:
+      one chunk's logits exist at once, recomputed in backward, where log-softmax's fp32 output, its
+      gradient and the input gradient are alive together: ``chunk·vocab·12`` bytes.
 
     Not counted: allocator caching / fragmentation, kernel workspaces (cuBLAS, attention), CUDA context
     (~0.3–1 GB), transient dequantized NF4 weights (one linear at a time), the data loader.
@@ -219,13 +227,14 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
         raise ConfigError(f"mode must be 'lora' or 'qlora', got {mode!r}")
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    if r < 1 or batch_size < 1:
-        raise ConfigError("r and batch_size must be >= 1")
+    if r < 1 or batch_size < 1 or loss_chunk_tokens < 1:
+        raise ConfigError("r, batch_size and loss_chunk_tokens must be >= 1")
     targets = tuple(target_modules)
     act = _dtype_bytes(dtype or config.model_dtype)
     tiles = _max_tiles(config) if tiles is None else int(tiles)
     vis_tokens = _visual_tokens(config, tiles) if tiles else 0
     seq_len = vis_tokens + 512 if seq_len is None else int(seq_len)
+    answer_tokens = max(1, seq_len - vis_tokens) if answer_tokens is None else int(answer_tokens)
     c, v = config.llm, config.vision
     shapes = _llm_linear_shapes(config)
     L = c.num_hidden_layers
@@ -260,7 +269,8 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
     llm_layer = llm_layer_activation_bytes(config, tokens, r, dropout, act, targets, device)
     vit_layer = vit_layer_activation_bytes(config, patch_tokens, act)
     llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
-    logits = tokens * c.vocab_size * 12  # see the docstring
+    answers = batch_size * answer_tokens
+    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act  # docstring
 
     n_vis = batch_size * vis_tokens
     cin = config.projector.downsample ** 2 * config.mm_hidden_size  # after space-to-channel
@@ -303,11 +313,93 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
     # the batch: fp32 tile pixels, int64 ids and labels
     parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
 
-    settings = {"model": config.name, "mode": mode, "r": r, "batch": batch_size, "seq_len": seq_len, "tiles": tiles,
+    settings = {"model": config.name, "mode": mode, "r": r, "batch": batch_size, "seq_len": seq_len,
+                "answer_tokens": answer_tokens, "tiles": tiles,
                 "grad_ckpt": gradient_checkpointing, "train_projector": train_projector, "optimizer": optimizer,
                 "dtype": str(dtype or config.model_dtype).replace("torch.", ""), "device": device,
                 "peak_phase": peak_phase}
     return MemoryEstimate(parts, settings)
+
+
+def estimate_for_finetune(config: NVILAConfig, ft: FinetuneConfig, seq_len: int | None = None,
+                          answer_tokens: int | None = None, tiles: int | None = None, device: str = "cuda",
+                          tile_batch_size: int | None = None) -> MemoryEstimate:
+    """The estimate of the step ``finetune(config=ft)`` makes on ``device``: ``ft.micro_batch_size``
+    examples per forward, images capped at ``ft.max_tiles``, weights in ``config.model_dtype`` on CUDA and
+    fp32 on the CPU (as ``finetune`` loads them). ``seq_len`` / ``answer_tokens``: the longest example's
+    (``finetune`` passes its data's), default the model's largest image + 512 text tokens, all supervised."""
+    capped = tile_capped_config(config, ft.max_tiles)
+    est = estimate_finetune_memory(capped, mode=ft.mode, r=ft.r, batch_size=ft.micro_batch_size, seq_len=seq_len,
+                                   tiles=tiles, gradient_checkpointing=ft.gradient_checkpointing,
+                                   train_projector=ft.train_projector, dropout=ft.dropout,
+                                   dtype=config.model_dtype if device == "cuda" else "float32",
+                                   target_modules=ft.target_modules, device=device, tile_batch_size=tile_batch_size,
+                                   answer_tokens=answer_tokens)
+    rest = {k: v for k, v in est.settings.items() if k not in ("model", "mode", "r", "batch")}
+    est.settings = {"model": config.name, "mode": ft.mode, "r": ft.r, "batch": ft.batch_size,
+                    "micro_batch": ft.micro_batch_size, "grad_accum": ft.gradient_accumulation_steps, **rest}
+    return est
+
+
+def available_memory(device: str = "cuda") -> int:
+    """Bytes a fine-tune may use: the GPU's free memory (``torch.cuda.mem_get_info``), or the available RAM."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _fixes(config: NVILAConfig, ft: FinetuneConfig):
+    """(flag, changed config, visual tokens it removes per example) for each single change that lowers the
+    estimate, cheapest in quality first."""
+    import dataclasses
+
+    if ft.micro_batch_size > 1:
+        yield "--micro-batch-size 1", dataclasses.replace(ft, micro_batch_size=1), 0
+    if not ft.gradient_checkpointing:
+        yield "gradient checkpointing (drop --no-gradient-checkpointing)", dataclasses.replace(ft, gradient_checkpointing=True), 0
+    if ft.mode == "lora":
+        yield "--mode qlora", dataclasses.replace(ft, mode="qlora"), 0
+    now = tile_capped_config(config, ft.max_tiles)
+    tiles = _max_tiles(now)
+    for n in range(tiles - 1, 0, -1):
+        try:
+            capped = tile_capped_config(config, n)
+        except ConfigError:  # below the least Dynamic-S2 takes
+            break
+        if _max_tiles(capped) < tiles:
+            fewer = _visual_tokens(now, tiles) - _visual_tokens(capped, _max_tiles(capped))
+            yield f"--max-tiles {n}", dataclasses.replace(ft, max_tiles=n), fewer
+    r = ft.r // 2
+    while r >= 4:
+        yield f"--r {r}", dataclasses.replace(ft, r=r), 0
+        r //= 2
+
+
+def require_fit(config: NVILAConfig, ft: FinetuneConfig, limit: int, device: str = "cuda",
+                seq_len: int | None = None, answer_tokens: int | None = None) -> MemoryEstimate:
+    """``estimate_for_finetune``, or ``ResourceLimitError`` when its total exceeds ``limit`` bytes: the message
+    holds the estimate table and the first single flag (micro-batch, checkpointing, QLoRA, the largest
+    ``--max-tiles``, a smaller ``--r``) whose estimate fits."""
+    est = estimate_for_finetune(config, ft, seq_len, answer_tokens, device=device)
+    if est.total_bytes <= limit:
+        return est
+    where = "free on the GPU" if device == "cuda" else "of available RAM"
+    advice = "no single flag makes it fit: use a GPU with more memory, or combine --max-tiles, --r and --mode qlora"
+    for flag, changed, fewer in _fixes(config, ft):
+        trial = estimate_for_finetune(config, changed, None if seq_len is None else max(1, seq_len - fewer),
+                                      answer_tokens, device=device)
+        if trial.total_bytes <= limit:
+            advice = f"{flag} would make it fit (estimate {trial.total_gb:.2f} GB)"
+            break
+    raise ResourceLimitError(f"this fine-tune needs an estimated {est.total_gb:.2f} GB but {limit / GB:.2f} GB are "
+                             f"{where}; {advice}. Nothing was loaded.\n{est.table()}")
 
 
 # ---- measurement ----------------------------------------------------------------------------------------------
@@ -318,6 +410,7 @@ class MeasuredPeak:
     peak_bytes: int
     baseline_bytes: int  # live before the step: parameters, buffers, NF4 quant states, optimizer states, batch
     baseline: dict[str, int] = field(default_factory=dict)
+    device_peak_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated over the step (allocator view)
 
     @property
     def step_bytes(self) -> int:
@@ -412,12 +505,19 @@ def measure_finetune_peak(model: torch.nn.Module, batch: dict, optimizer: torch.
     temporaries, optimizer updates), each storage once however many views share it. Not counted:
     allocator caching and fragmentation, kernel-internal workspaces that never become tensors, Python
     objects and the interpreter (i.e. this is not RSS). Note: the parameters are updated (pass a copy)."""
+    import contextlib
+
     model.train()
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    cuda = next(model.parameters()).device.type == "cuda"
+    # as Trainer runs it on a bf16 GPU (training_arguments: bf16=True)
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda and torch.cuda.is_bf16_supported() \
+        else contextlib.nullcontext
 
     def step():
-        loss = model(**batch).loss
+        with autocast():
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -437,18 +537,67 @@ def measure_finetune_peak(model: torch.nn.Module, batch: dict, optimizer: torch.
     register("batch", (t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)))
     baseline = tracker.current
     tracker.peak = baseline
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with tracker.mode:
         step()
-    return MeasuredPeak(int(tracker.peak), int(baseline), base)
+    device_peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        device_peak = int(torch.cuda.max_memory_allocated())
+    return MeasuredPeak(int(tracker.peak), int(baseline), base, device_peak)
 
 
 def estimate_for_batch(config: NVILAConfig, batch: dict, **kwargs) -> MemoryEstimate:
-    """``estimate_finetune_memory`` with ``batch_size``, ``seq_len`` (media-expanded, longest example) and
-    ``tiles`` (per example) read from an ``NVILACollator`` batch."""
+    """``estimate_finetune_memory`` with ``batch_size``, ``seq_len`` (media-expanded, longest example),
+    ``answer_tokens`` (supervised, per example on average) and ``tiles`` (per example) read from an
+    ``NVILACollator`` batch."""
     n = len(batch["input_ids"])
+    answers = sum(int((torch.as_tensor(lab)[1:] != -100).sum()) for lab in batch["labels"])
+    kwargs.setdefault("answer_tokens", math.ceil(answers / n))
     lengths = []
     for ids, items in zip(batch["input_ids"], batch["media"]):
         placeholders = sum(m.num_placeholders for m in items)
         lengths.append(len(ids) - placeholders + sum(m.num_tokens for m in items))
     tiles = batch["pixel_values"].shape[0] if batch.get("pixel_values") is not None else 0
     return estimate_finetune_memory(config, batch_size=n, seq_len=max(lengths), tiles=math.ceil(tiles / n), **kwargs)
+
+
+def measure_preset_peak(preset: str, device: str = "cpu", steps: int = 3, ft: FinetuneConfig | None = None,
+                        answer_words: int = 96) -> tuple[MemoryEstimate, MeasuredPeak]:
+    """A preset at its real size with random weights (no download), fine-tuned as ``finetune`` would (``ft``,
+    default ``FinetuneConfig()``: QLoRA r 64, micro-batch 1, gradient checkpointing) on one example with an
+    image of the model's largest tiling and an answer of ``answer_words`` words; ``steps - 1`` warm-up steps,
+    then the measured one. Returns (``estimate_for_finetune`` for that example, the measured peak: on CUDA
+    ``device_peak_bytes`` is ``torch.cuda.max_memory_allocated``). The GPU check of docs/BENCHMARKS.md:
+    ``pytest -m gpu tests/test_memory.py -s``."""
+    from nvila_edge import NVILAModel, NVILAProcessor
+
+    from .data import NVILACollator
+    from .finetune import param_groups, prepare_model, set_gradient_checkpointing
+    from .tokenizer import demo_tokenizer
+
+    ft = ft or FinetuneConfig()
+    config = tile_capped_config(NVILAConfig.from_preset(preset), ft.max_tiles)
+    dtype = getattr(torch, config.model_dtype) if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = NVILAModel(config).to(dtype)
+    groups = prepare_model(model, ft)
+    optimizer = torch.optim.AdamW(param_groups(groups, ft))
+    set_gradient_checkpointing(model, ft.gradient_checkpointing)
+    proc = NVILAProcessor(config, demo_tokenizer())
+    tile = config.vision.image_size
+    image = np.random.default_rng(0).integers(0, 256, (3 * tile, 4 * tile, 3), dtype=np.uint8)  # 4:3, the most tiles
+    words = "the red circle is to the left of the small blue square".split()
+    answer = " ".join(words[i % len(words)] for i in range(answer_words))
+    conv = [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": answer}]
+    batch = NVILACollator()([proc(conv, images=[image], add_generation_prompt=False, return_labels=True)])
+    tiles = batch["pixel_values"].shape[0]
+    length = len(batch["input_ids"][0]) - 1 + sum(m.num_tokens for m in batch["media"][0])
+    answers = int((batch["labels"][0][1:] != -100).sum())
+    est = estimate_for_finetune(config, ft, seq_len=length, answer_tokens=answers, tiles=tiles, device=device,
+                                tile_batch_size=model.tile_batch_size)
+    measured = measure_finetune_peak(model, batch, optimizer, warmup_steps=max(0, steps - 1))
+    return est, measured

@@ -113,8 +113,9 @@ def _barrier() -> None:
 
 def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: float, epochs: float, max_steps: int,
                        warmup_ratio: float, weight_decay: float, scheduler: str, seed: int, progress: bool,
-                       logging_steps: int = 25):
-    """transformers ``TrainingArguments`` as every nvila-edge training run uses them: no intermediate saves
+                       logging_steps: int = 25, gradient_accumulation_steps: int = 1):
+    """transformers ``TrainingArguments`` as every nvila-edge training run uses them (``batch_size`` per
+    forward, ``gradient_accumulation_steps`` forwards per optimizer step): no intermediate saves
     or reporting, our own collator's columns kept, bf16 autocast on a bf16 GPU and fp32 on the CPU, and DDP
     (gloo on CPU) when launched with several processes."""
     from transformers import TrainingArguments
@@ -123,6 +124,7 @@ def training_arguments(output_dir: Path, *, batch_size: int, learning_rate: floa
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         learning_rate=learning_rate,
         num_train_epochs=epochs,
         max_steps=max_steps,

@@ -12,9 +12,9 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..chat import DEFAULT_SYSTEM, Message, apply_chat_template, normalize_conversation
-from ..config import NVILAConfig
-from ..errors import ConfigError, ContextOverflowError, MediaError
+from ..chat import DEFAULT_SYSTEM, Message, apply_chat_template, is_templated, normalize_conversation, parse_chat_template
+from ..config import NVILAConfig, tokenizer_token_ids
+from ..errors import ConfigError, ContextOverflowError, GenerationError, MediaError
 from ..tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, NVILATokenizer
 from .image import ImageInput, crop_grid, load_image, resize, to_pixel_values
 from .tiling import ImagePlan, plan_image
@@ -68,42 +68,49 @@ class ProcessedInputs:
             raise KeyError(key)
         return getattr(self, key)
 
+    def to(self, device="cpu") -> "ProcessedInputs":
+        """transformers' ``inputs.to(model.device)``: the arrays as torch tensors on ``device`` (in place)."""
+        import torch
+
+        for name in ("input_ids", "pixel_values", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, torch.as_tensor(value).to(device))
+        return self
+
 
 class NVILAProcessor:
     """Preprocessing shared by every backend: chat template, Dynamic-S2 / dynamic tiling, video sampling."""
 
     def __init__(self, config: NVILAConfig, tokenizer: NVILATokenizer):
+        # A config built in code must already carry the tokenizer's ids (checkpoints are resolved by
+        # nvila_edge.checkpoint.read_checkpoint); a silent mismatch would splice media at the wrong places.
         self.config = config
         self.tokenizer = tokenizer
-        ids = {"image_token_id": tokenizer.image_token_id, "video_token_id": tokenizer.video_token_id}
-        for key, tok_id in ids.items():
-            if getattr(config, key) != tok_id:
+        for key, tok_id in tokenizer_token_ids(tokenizer).items():
+            have = tuple(getattr(config, key)) if key == "end_token_ids" else getattr(config, key)
+            if have != tok_id:
                 raise ConfigError(
-                    f"config.{key} is {getattr(config, key)} but the tokenizer maps it to {tok_id}; "
-                    f"build the config with NVILAConfig.replace({key}={tok_id})"
+                    f"config.{key} is {have} but the tokenizer gives {tok_id}; build the config with "
+                    f"NVILAConfig.replace({key}={tok_id!r}), or load both with NVILAProcessor.from_pretrained(CHECKPOINT)"
                 )
-        if tuple(config.end_token_ids) != tokenizer.newline_ids:
-            raise ConfigError(
-                f"config.end_token_ids {tuple(config.end_token_ids)} differ from the tokenizer's \"\\n\" ids "
-                f"{tokenizer.newline_ids}"
-            )
 
     # ---- files ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "NVILAProcessor":
-        """Tokenizer from ``llm/`` (or the folder itself) + preprocessing settings from ``config.json``."""
-        from ..checkpoint import read_config
-        from ..errors import CheckpointError
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "NVILAProcessor":
+        """Tokenizer from ``llm/`` (or the folder itself) + preprocessing settings from ``config.json``, for
+        every published layout and for a processor-only folder (``save_pretrained``). Media / end token ids
+        are the tokenizer's, as in the reference (``nvila_edge.checkpoint.read_checkpoint``).
 
-        try:
-            config, _ = read_config(path)
-        except CheckpointError as err:
-            # a processor-only folder (save_pretrained): config.json with inline sub-configs + llm/, no weights
-            try:
-                config = NVILAConfig.from_vila_dict(json.loads((Path(path) / "config.json").read_text()))
-            except (OSError, ValueError, TypeError, KeyError):
-                raise err from None
-        return cls(config, NVILATokenizer.from_pretrained(path))
+        transformers-style keywords (``torch_dtype``, ``dtype``, ``device_map``, ``trust_remote_code``, …)
+        are accepted and change nothing here: pixels are float32 numpy; the model casts them."""
+        from ..checkpoint import read_processor_files
+
+        unknown = set(kwargs) - _HF_PROCESSOR_KWARGS
+        if unknown:
+            raise ConfigError(f"unknown NVILAProcessor.from_pretrained argument(s) {sorted(unknown)}")
+        config, tokenizer = read_processor_files(path)
+        return cls(config, tokenizer)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Tokenizer files into ``path/llm/``; ``config.json`` too when the folder has none yet."""
@@ -145,28 +152,47 @@ class NVILAProcessor:
         return load_video(video, num_frames or self.config.video.num_frames)
 
     # ---- prompt --------------------------------------------------------------------------------------
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, system: str | None = None) -> str:
-        return apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, system=system)
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, system: str | None = None,
+                            tokenize: bool = False, **kwargs) -> str | list[int]:
+        """The chat-template text of ``conversation`` (strings, ``{"role", "content"}`` dicts whose content
+        may be transformers-style parts ``[{"type": "image"}, {"type": "text", "text": ...}]``);
+        ``tokenize=True`` returns its token ids. Pass the text on as ``processor(text=..., images=...)``."""
+        unknown = set(kwargs) - {"return_tensors", "return_dict", "chat_template", "continue_final_message"}
+        if unknown:
+            raise GenerationError(f"unknown apply_chat_template argument(s) {sorted(unknown)}")
+        text = apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, system=system)
+        return self.tokenizer.encode(text) if tokenize else text
 
     def __call__(
         self,
-        conversation: str | Sequence[Mapping | Message],
+        conversation: str | Sequence[Mapping | Message] | None = None,
         images: Sequence[ImageInput] | ImageInput | None = None,
         videos: Sequence[VideoInput] | None = None,
         system: str | None = None,
         add_generation_prompt: bool = True,
         check_context: bool = True,
         return_labels: bool = False,
+        *,
+        text: str | Sequence[str] | None = None,
+        return_tensors: str | None = None,
+        padding: bool | str = False,
     ) -> ProcessedInputs:
         """Build model inputs. Media without placeholders in the text go first in the last user turn
         (reference order: media, then text); explicit ``<image>`` / ``<vila/video>`` placeholders are
         filled in order.
 
+        transformers convention: ``processor(text=prompt, images=..., videos=..., return_tensors="pt")``
+        where ``prompt`` is plain text or the output of ``apply_chat_template`` (not templated twice);
+        ``return_tensors="pt"`` gives torch tensors. One prompt per call (``padding`` is accepted for that).
+
         ``return_labels=True`` (training) also returns ``labels``: the assistant answers and their
         ``<|im_end|>`` are supervised, everything else is -100 (the reference masking)."""
+        messages, add_generation_prompt = _conversation_of(conversation, text, add_generation_prompt)
+        if return_tensors not in (None, "np", "pt"):
+            raise GenerationError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
         images = _as_list(images)
-        videos = list(videos) if videos is not None else []
-        messages = _place_media(normalize_conversation(conversation), len(images), len(videos))
+        videos = _as_list(videos)
+        messages = _place_media(messages, len(images), len(videos))
         loaded = [load_image(im, self.config.preprocessing.max_image_pixels) for im in images]
         multi = len(loaded) != 1
         image_plans = [self.plan_image(im.size, multi=multi) for im in loaded]
@@ -214,7 +240,7 @@ class NVILAProcessor:
                 media.append(MediaItem("video", plan, start, px.shape[0], clip))
             pixels.append(px)
             start += px.shape[0]
-        return ProcessedInputs(
+        out = ProcessedInputs(
             input_ids=np.asarray([ids], dtype=np.int64),
             pixel_values=np.concatenate(pixels) if pixels else None,
             media=media,
@@ -222,6 +248,7 @@ class NVILAProcessor:
             num_tokens=num_tokens,
             labels=None if labels is None else np.asarray([labels], dtype=np.int64),
         )
+        return out.to("cpu") if return_tensors == "pt" else out
 
     def _encode_with_labels(self, messages: list[Message], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         # Turn by turn: the special tokens at every boundary make this equal to encoding the whole text.
@@ -243,6 +270,27 @@ class NVILAProcessor:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+_HF_PROCESSOR_KWARGS = {"torch_dtype", "dtype", "device_map", "trust_remote_code", "use_fast", "local_files_only",
+                        "revision"}
+
+
+def _conversation_of(conversation, text, add_generation_prompt: bool) -> tuple[list[Message], bool]:
+    """Our ``conversation`` or the transformers ``text=`` (plain or already chat-templated) → messages."""
+    if text is None:
+        if conversation is None:
+            raise GenerationError("no prompt: pass a conversation (or text=...)")
+        return normalize_conversation(conversation), add_generation_prompt
+    if conversation is not None:
+        raise GenerationError("pass the prompt once: either a conversation or text=..., not both")
+    if isinstance(text, (list, tuple)):
+        if len(text) != 1:
+            raise GenerationError(f"one prompt per call, got {len(text)}; call the processor once per prompt")
+        text = text[0]
+    if isinstance(text, str) and is_templated(text):
+        return parse_chat_template(text)
+    return normalize_conversation(text), add_generation_prompt
 
 
 def _expand_tiles(messages: list[Message], plan: ImagePlan) -> list[Message]:

@@ -25,6 +25,7 @@ from ..media.tiling import ImagePlan
 from ..media.video import VideoPlan
 from ..sampling import SamplingParams
 from .generate import stream_tokens
+from .loss import CHUNK_TOKENS, chunked_lm_loss, supervised_positions
 from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
 
@@ -47,11 +48,18 @@ class NVILAModel(nn.Module):
     # ---- checkpoint I/O (implemented in nvila_edge.checkpoint) -------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-                        device: str | torch.device = "cpu") -> "NVILAModel":
-        """Load a VILA-layout or ``-hf``-layout checkpoint directory (safetensors only)."""
+                        device: str | torch.device = "cpu", *, torch_dtype: torch.dtype | str | None = None,
+                        device_map: str | dict | int | None = None, attn_implementation: str | None = None,
+                        **kwargs) -> "NVILAModel":
+        """Load any published NVILA layout (VILA directory, ``-hf-preview``, ``-hf``; safetensors only).
+
+        transformers conventions work too: ``torch_dtype=`` (alias of ``dtype``; "auto" = the checkpoint's),
+        ``device_map="cpu"|"cuda"|"cuda:N"|"auto"``, ``trust_remote_code=`` (accepted, nothing remote runs).
+        ``dtype=None`` keeps the stored dtype."""
         from ..checkpoint import load_model
 
-        return load_model(cls, path, dtype=dtype, device=device)
+        return load_model(cls, path, dtype=dtype, device=device, torch_dtype=torch_dtype, device_map=device_map,
+                          attn_implementation=attn_implementation, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, layout: str = "vila", tokenizer=None,
                         extra_files: dict[str, str] | None = None) -> None:
@@ -272,13 +280,32 @@ class NVILAModel(nn.Module):
     def llm_loss(self, input_ids: Sequence, media: Sequence[Sequence[MediaItem]], labels: Sequence,
                  chunks: Sequence[torch.Tensor], packed: bool = False, **kwargs):
         """The LM forward of a training batch whose media are already embedded (``chunks``): padded, or
-        ``packed`` (same loss, no compute spent on padding)."""
+        ``packed`` (same loss, no compute spent on padding); the LM head only at supervised positions
+        (``lm_loss``)."""
         if packed:
             batch = self.pack_batch(input_ids, None, media, labels, chunks=chunks)
-            return self.llm(inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids, labels=batch.labels,
-                            use_cache=False, **kwargs)
+            return self.lm_loss(batch.inputs_embeds, batch.labels, position_ids=batch.position_ids, **kwargs)
         embeds, mask, labs = self.embed_batch(input_ids, None, media, labels, chunks=chunks)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labs, **kwargs)
+        return self.lm_loss(embeds, labs, attention_mask=mask, **kwargs)
+
+    loss_chunk_tokens: int = CHUNK_TOKENS  # supervised positions per LM-head + cross-entropy chunk
+
+    def lm_loss(self, inputs_embeds: torch.Tensor, labels: torch.Tensor, attention_mask=None, position_ids=None,
+                num_items_in_batch=None, **kwargs):
+        """The causal-LM loss of (B, L, H) embeddings against (B, L) labels, equal to transformers' (shifted,
+        -100 ignored; mean, or sum / ``num_items_in_batch`` under gradient accumulation), with the LM head run
+        only on the positions that predict a label, ``loss_chunk_tokens`` at a time (``modeling.loss``).
+        Returns a ``CausalLMOutputWithPast`` with ``loss`` and no logits."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("use_cache", None)
+        kwargs.pop("logits_to_keep", None)
+        lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # under peft LoRA too
+        hidden = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, **kwargs).last_hidden_state
+        h, targets = supervised_positions(hidden, labels.to(hidden.device))
+        loss = chunked_lm_loss(h, targets, lm.lm_head, self.loss_chunk_tokens, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
 
     def forward(self, input_ids=None, pixel_values=None, media=None, inputs_embeds=None, labels=None,
                 attention_mask=None, packed: bool = False, **kwargs):
@@ -286,7 +313,8 @@ class NVILAModel(nn.Module):
 
         ``input_ids`` as a list of sequences with ``media`` as a list of per-example item lists is a
         batch (see ``embed_batch``); a (1, L) array with a flat ``media`` list is a single prompt.
-        ``packed``: a labelled batch runs packed (``pack_batch``): the same loss without padding."""
+        ``packed``: a labelled batch runs packed (``pack_batch``): the same loss without padding.
+        With ``labels`` the result holds the loss only (``lm_loss``: no logits); without, the logits."""
         if inputs_embeds is None:
             batched = media is not None and len(media) and isinstance(media[0], (list, tuple))
             if not batched and labels is None:
@@ -298,7 +326,10 @@ class NVILAModel(nn.Module):
                     chunks = self.embed_media(pixel_values, [m for items in media for m in items])
                     return self.llm_loss(input_ids, media, labels, chunks, packed=True, **kwargs)
                 inputs_embeds, attention_mask, labels = self.embed_batch(input_ids, pixel_values, media, labels)
-        return self.llm(inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask, **kwargs)
+        if labels is not None:
+            return self.lm_loss(inputs_embeds, torch.as_tensor(labels), attention_mask=attention_mask, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     # ---- generation ----------------------------------------------------------------------------------
     @torch.inference_mode()
