@@ -163,7 +163,10 @@ def test_no_cycle_between_modules(graph):
     for m in sorted(edges):
         if m not in state:
             visit(m, [])
-    assert cycles == [], "import cycles:\n" + "\n".join(cycles)
+    known_cycles = {row[0] for row in _table("### Known cycles (to break)")}
+    assert known_cycles <= set(cycles), f"listed cycles that are gone (remove their rows): {known_cycles - set(cycles)}"
+    new = [c for c in cycles if c not in known_cycles]
+    assert new == [], "import cycles:\n" + "\n".join(new)
 
 
 def test_runtime_onnx_path_imports_no_torch(graph):
