@@ -199,7 +199,7 @@ def _batch(config, tokenizer, batch_size, size):
 ])
 def test_estimate_matches_measured_peak(preset, mode, ckpt, batch_size, dropout, train_projector, tokenizer):
     from nvila_edge.training.finetune import FinetuneConfig, param_groups, prepare_model, set_gradient_checkpointing
-    from nvila_edge.training.memory import estimate_for_batch, measure_finetune_peak
+    from nvila_edge.training.memory_measure import estimate_for_batch, measure_finetune_peak
 
     config = NVILAConfig.from_preset(preset)
     model = make_model(config)
@@ -223,7 +223,7 @@ def test_estimate_matches_measured_peak(preset, mode, ckpt, batch_size, dropout,
 
 def test_preset_measurement_cpu_path():
     """``measure_preset_peak`` (the GPU check's code) on the CPU: the tiny preset at the fine-tune defaults."""
-    from nvila_edge.training.memory import measure_preset_peak
+    from nvila_edge.training.memory_measure import measure_preset_peak
 
     est, measured = measure_preset_peak("tiny", "cpu", steps=2)
     assert measured.device_peak_bytes is None and est.settings["micro_batch"] == 1 and est.settings["tiles"] == 17
@@ -240,7 +240,7 @@ def test_gpu_lite_2b_qlora_peak_matches_estimate():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("bitsandbytes")
-    from nvila_edge.training.memory import measure_preset_peak
+    from nvila_edge.training.memory_measure import measure_preset_peak
 
     est, measured = measure_preset_peak("nvila-lite-2b", "cuda", steps=3)
     peak = measured.device_peak_bytes
