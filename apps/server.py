@@ -6,9 +6,11 @@
 ``POST /v1/chat/completions`` (OpenAI chat format; ``image_url`` data URIs / ``file://`` paths, a ``video_url``
 extension part, ``stream=true`` as server-sent events), ``GET /v1/models``, ``GET /health``.
 
-One runtime holds one KV cache, so generations run one at a time on a single worker thread (FIFO); at most
-``max_queue`` requests are admitted (running + waiting), the rest get 429. Bad input is always a 4xx with an
-OpenAI-style error body. fastapi / uvicorn are imported only when an app is built (extra ``server``).
+Each request answers on its own KV cache (borrowed from the runtime), so admitted requests interleave step by
+step on one worker thread; at most ``max_queue`` are admitted (running + waiting), the rest get 429. The body
+is read here (its size limit applies while it arrives) and validated by the pydantic models of
+``chat_schema``; bad input is always a 4xx with an OpenAI-style error body. fastapi / uvicorn / pydantic are
+imported only when an app is built or a request parsed (extra ``server``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import binascii
 import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -35,7 +36,6 @@ from nvila_edge.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 log = logging.getLogger("nvila_edge.server")
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-msvideo": ".avi", "video/avi": ".avi",
                  "video/quicktime": ".mov", "video/x-matroska": ".mkv"}
 _TIMINGS = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "tokens_per_s")
@@ -123,75 +123,30 @@ def resolve_file_url(url: str, media_dir: str | os.PathLike | None, param: str) 
     return path
 
 
-def _media_url(part: dict, kind: str, param: str) -> str:
-    spec = part.get(f"{kind}_url")
-    url = spec.get("url") if isinstance(spec, dict) else spec  # {"url": ...} (OpenAI) or a bare string
-    if not isinstance(url, str) or not url:
-        raise RequestError(400, f"{param}.{kind}_url.url must be a non-empty string", "invalid_request", param)
-    return url
-
-
-def _number(body: dict, key: str, kind: type, default=None, lo=None, hi=None):
-    v = body.get(key)
-    if v is None:
-        return default
-    # JSON allows NaN / Infinity and huge floats: refuse them here rather than deep in the sampler
-    try:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and (
-            kind is float or float(v).is_integer()) and (lo is None or v >= lo) and (hi is None or v <= hi)
-    except OverflowError:  # an integer beyond float range
-        ok = False
-    if not ok:
-        bounds = "".join(f" {op} {b}" for op, b in ((">=", lo), ("<=", hi)) if b is not None)
-        raise RequestError(400, f"{key} must be {'an integer' if kind is int else 'a number'}{bounds}, got {v!r}",
-                           "invalid_request", key)
-    return kind(v)
-
-
-def _sampling(body: dict, default_max_tokens: int) -> dict:
-    for key, ok in (("n", lambda v: v in (None, 1)), ("logprobs", lambda v: not v), ("tools", lambda v: not v),
-                    ("functions", lambda v: not v), ("logit_bias", lambda v: not v),
-                    ("presence_penalty", lambda v: not v), ("frequency_penalty", lambda v: not v),
-                    ("tool_choice", lambda v: v in (None, "none")),
-                    ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))):
-        if not ok(body.get(key)):
-            raise RequestError(400, f"{key}={body.get(key)!r} is not supported by this server", "unsupported", key)
-    max_tokens = _number(body, "max_completion_tokens", int, lo=1)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, default_max_tokens, lo=1)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "stop must be a string or a list of up to 4 non-empty strings", "invalid_request", "stop")
-    # temperature defaults to 0 (greedy), as `nvila-edge run`: edge apps want reproducible answers
-    return {"max_new_tokens": max_tokens, "temperature": _number(body, "temperature", float, 0.0, lo=0),
-            "top_p": _number(body, "top_p", float, 1.0), "top_k": _number(body, "top_k", int, 0, lo=0),
-            "repetition_penalty": _number(body, "repetition_penalty", float, 1.0),
-            "seed": _number(body, "seed", int, lo=0), "stop": tuple(stop)}
-
-
 def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos: int = 1,
                        default_max_tokens: int = 512) -> ChatRequest:
-    """Validate an OpenAI chat-completions body. Media parts become ``<image>`` / ``<vila/video>``
-    placeholders at their place in the text, so the model sees the order the client sent."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object", "invalid_request")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "messages must be a non-empty list", "invalid_request", "messages")
-    req = ChatRequest(conversation=[], sampling=_sampling(body, default_max_tokens), stream=bool(body.get("stream")))
-    opts = body.get("stream_options") or {}
-    req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    for key in ("max_tiles", "num_frames"):  # frames are decoded before the context check: bound them
-        if body.get(key) is not None:
-            req.options[key] = _number(body, key, int, lo=1, hi=256)
-    if body.get("overflow") is not None:
-        if body["overflow"] not in ("error", "drop_frames"):
-            raise RequestError(400, "overflow must be 'error' or 'drop_frames'", "invalid_request", "overflow")
-        req.options["overflow"] = body["overflow"]
+    """Validate an OpenAI chat-completions body (a dict, or the raw JSON bytes) against ``chat_schema``.
+    Media parts become ``<image>`` / ``<vila/video>`` placeholders at their place in the text, so the model
+    sees the order the client sent."""
+    from pydantic import ValidationError
+
+    from .chat_schema import ROLES, ChatCompletionRequest, request_error
+
     try:
-        for i, m in enumerate(messages):
-            req.conversation.append(_parse_message(m, f"messages[{i}]", req, media_dir))
+        if isinstance(body, (bytes, bytearray, str)):
+            parsed = ChatCompletionRequest.model_validate_json(body)
+        else:
+            parsed = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise request_error(e, RequestError) from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply", "invalid_json") from None
+    req = ChatRequest(conversation=[], sampling=parsed.sampling(default_max_tokens), stream=parsed.stream,
+                      options=parsed.runtime_kwargs(),
+                      include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
+    try:
+        for i, m in enumerate(parsed.messages):
+            req.conversation.append(_message(m, ROLES[m.role], f"messages[{i}]", req, media_dir))
         if len(req.images) > max_images:
             raise RequestError(400, f"{len(req.images)} images in the request; this server allows at most {max_images}",
                                "too_many_images", "messages")
@@ -204,40 +159,21 @@ def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos:
     return req
 
 
-def _parse_message(m, param: str, req: ChatRequest, media_dir) -> dict:
-    if not isinstance(m, dict):
-        raise RequestError(400, f"{param} must be an object", "invalid_request", param)
-    role = _ROLES.get(m.get("role"))
-    if role is None:
-        raise RequestError(400, f"{param}.role must be one of {sorted(_ROLES)}, got {m.get('role')!r}",
-                           "invalid_request", param)
-    content = m.get("content")
-    if content is None and role == "assistant":
-        content = ""
-    if isinstance(content, str):
-        return {"role": role, "content": _clean(content)}
-    if not isinstance(content, list):
-        raise RequestError(400, f"{param}.content must be a string or a list of content parts", "invalid_request", param)
+def _message(m, role: str, param: str, req: ChatRequest, media_dir) -> dict:
+    """A validated message → {"role", "content"} with media replaced by placeholders (media kept in ``req``)."""
+    if m.content is None or isinstance(m.content, str):
+        return {"role": role, "content": _clean(m.content or "")}
     pieces: list[str] = []
-    for j, part in enumerate(content):
-        p = f"{param}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise RequestError(400, f"{p}.text must be a string", "invalid_request", p)
+    for j, part in enumerate(m.content):
+        if part.type == "text":
             # adjacent text parts are separate paragraphs; placeholders join directly (media, then text)
             sep = "\n" if pieces and not pieces[-1].endswith(">") else ""
-            pieces.append(sep + _clean(part["text"]))
-        elif kind in ("image_url", "video_url"):
-            if role != "user":
-                raise RequestError(400, f"{p}: images and videos are only allowed in user messages",
-                                   "invalid_request", p)
-            media = _parse_media(_media_url(part, kind[:5], p), kind[:5], p, req, media_dir)
-            (req.images if kind == "image_url" else req.videos).append(media)
-            pieces.append(IMAGE_TOKEN if kind == "image_url" else VIDEO_TOKEN)
-        else:
-            raise RequestError(400, f"{p}: unsupported content part type {kind!r}; use 'text', 'image_url' or "
-                               "'video_url'", "unsupported_content", p)
+            pieces.append(sep + _clean(part.text))
+            continue
+        kind = part.type[:5]
+        media = _parse_media(part.url, kind, f"{param}.content[{j}]", req, media_dir)
+        (req.images if kind == "image" else req.videos).append(media)
+        pieces.append(IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN)
     return {"role": role, "content": "".join(pieces)}
 
 
@@ -392,12 +328,8 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
                 raise too_big
         return bytes(body)
 
-    def parse(raw: bytes) -> ChatRequest:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise RequestError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
-        return parse_chat_request(body, media_dir=media_dir, max_images=max_images, max_videos=max_videos,
+    def parse(raw: bytes) -> ChatRequest:  # pydantic parses and validates the JSON in one pass
+        return parse_chat_request(raw, media_dir=media_dir, max_images=max_images, max_videos=max_videos,
                                   default_max_tokens=default_max_tokens)
 
     def start(req: ChatRequest):

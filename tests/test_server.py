@@ -345,3 +345,16 @@ def test_missing_fastapi_is_backend_unavailable(rt, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "fastapi", None)  # makes `import fastapi` fail
     with pytest.raises(BackendUnavailable, match=r"nvila-edge\[server\]"):
         create_app(rt)
+
+
+def test_media_options_are_runtime_keywords():
+    """The request's media options (declared once, chat_schema.MediaOptions) are Runtime.stream keywords."""
+    import inspect
+
+    from nvila_edge.apps.chat_schema import MediaOptions
+    from nvila_edge.runtime import Runtime
+
+    stream = inspect.signature(Runtime.stream).parameters
+    assert set(MediaOptions.model_fields) <= set(stream)
+    req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "max_tiles": 3, "overflow": "drop_frames"})
+    assert req.options == {"max_tiles": 3, "overflow": "drop_frames"}
