@@ -2,7 +2,7 @@
 
     nvila-edge bench BUNDLE                         # the bundle's engines (+ its torch target for baselines)
     nvila-edge bench --preset nvila-lite-2b         # real size, random weights, exported here (cached)
-    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: eager fp16 vs CUDA graph
+    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: fp16 vs W4A16/W8A8 (bench_gpu.py)
     nvila-edge bench --report result.json           # re-render the docs from a saved result
 
 On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.bench PHASE spec out``)
@@ -165,8 +165,12 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     if backend == "torch":
-        log("torch backend: eager vs the torch backend (CUDA graph decoding on cuda)")
-        result["gpu"] = phase_gpu(spec, quick)
+        from . import bench_gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
+
+        quantized = preset or "cuda" in __import__("nvila_edge.bundle").bundle.Bundle.open(bundle).targets
+        log("torch backend: " + ("fp16 eager vs fp16 CUDA graph vs W4A16 / W8A8 (cuda target)" if quantized
+                                 else "eager vs the torch backend (CUDA graph decoding on cuda)"))
+        result["gpu"] = bench_gpu.phase_quantized(spec, quick) if quantized else phase_gpu(spec, quick)
         result["counts"] = result["gpu"].pop("counts")
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:

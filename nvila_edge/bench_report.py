@@ -170,6 +170,11 @@ def evaluate(result: dict) -> tuple[dict, list[dict]]:
              "prefill_vs_eager": _div(_get(g, "eager", "prefill_s"), _get(g, "backend", "prefill_s")),
              "decode_ms_per_token": ours_ms, "decode_vs_tinychat": _div(TINYCHAT_MS, ours_ms),
              "bound_tok_s": bound, "decode_fraction_of_bound": _div(_get(g, "backend", "decode_tok_s"), bound)}
+        if "w4a16" in g:  # the quantized comparison (bench_gpu.py)
+            from . import bench_gpu
+
+            r.update(bench_gpu.ratios(g))
+            return r, _targets(r, GPU_TARGETS + bench_gpu.QUANT_TARGETS)
         return r, _targets(r, GPU_TARGETS)
     ours = _get(result, "ort", "llm", "decode_tok_s")
     bw, total = result.get("bandwidth_gbs"), _get(result, "bytes_per_token", "total")
@@ -207,6 +212,10 @@ def _fmt(v, nd=1):
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings): metrics × engines."""
+    if "gpu" in result and "w4a16" in result["gpu"]:
+        from . import bench_gpu
+
+        return bench_gpu.HEAD, bench_gpu.rows(result["gpu"])
     if "gpu" in result:
         g = result["gpu"]
         head = ["metric", f"torch backend ({_get(g, 'describe', 'decode') or '?'}, {g.get('dtype')})",

@@ -368,26 +368,33 @@ def load_quantized(config, path: str | os.PathLike, device: str | torch.device =
     numbers)."""
     from safetensors.torch import load_file
 
-    from nvila_edge.checkpoint import _materialize_buffers
-
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = Path(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - a corrupt file is a bundle problem, said as one
         raise BundleError(f"cannot read {path}: {e}") from e
-    model = build_quantized(config, tensors, where=str(path))
+    return from_tensors(config, tensors, device, dtype, kernels, where=str(path))
+
+
+def from_tensors(config, tensors: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 kernels: bool = True, where: str = "cuda target"):
+    """``load_quantized`` on tensors already in memory (the layout of ``export/cuda.py``)."""
+    from nvila_edge.checkpoint import _materialize_buffers
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_quantized(config, tensors, where=where)
     expected = set(model.state_dict())
     tensors = _remap_head(tensors)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
-        raise BundleError(f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise BundleError(f"{where}: tensors do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    params = dict(model.named_parameters())
     state = {}
     for k, v in tensors.items():
-        ref = model.get_parameter(k) if k in dict(model.named_parameters()) else model.get_buffer(k)
+        ref = params[k] if k in params else model.get_buffer(k)
         if tuple(v.shape) != tuple(ref.shape):
-            raise BundleError(f"{path}: tensor {k!r} has shape {list(v.shape)}; the config needs {list(ref.shape)}")
+            raise BundleError(f"{where}: tensor {k!r} has shape {list(v.shape)}; the config needs {list(ref.shape)}")
         keep = v.dtype in (torch.uint8, torch.int8) or _is_quant_meta(model, k)
         state[k] = (v if keep else v.to(dtype)).to(device)
     model.load_state_dict(state, strict=True, assign=True)
@@ -395,6 +402,64 @@ def load_quantized(config, path: str | os.PathLike, device: str | torch.device =
     model.eval()
     prepare(model, dtype, kernels)
     return model
+
+
+def random_quantized_tensors(model, calibration_pixels: torch.Tensor | None = None, group_size: int = 128) -> dict:
+    """A float model → this layout without ModelOpt (benchmarks on random weights): the LLM's decoder linears
+    int4 round-to-nearest with ModelOpt's formula (scale = amax / 7 per group), the vision tower's used linears
+    W8A8 with per-channel weights and activation amax measured on ``calibration_pixels`` (no smoothing), the
+    token table int8 per row, the rest fp16. Not a calibration: use ``nvila-edge calibrate`` for real models."""
+    out: dict[str, torch.Tensor] = {}
+    amax: dict[str, float] = {}
+    hooks = []
+    vis = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("vision_tower.")]
+    if calibration_pixels is not None:
+        for n in vis:
+            def hook(mod, args, name=n):
+                amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
+            hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+        with torch.inference_mode():
+            model.encode_tiles(calibration_pixels)
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            w = m.weight.detach().float().cpu()
+            if name.startswith("llm.model.layers.") and w.shape[1] % group_size == 0:
+                n, k = w.shape
+                a = w.reshape(n, k // group_size, group_size).abs().amax(-1)
+                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 7.0)
+                codes = torch.clamp(torch.round(w.reshape(n, -1, group_size) / scale[..., None]), -8, 7)
+                out[f"{name}.qweight"] = pack_int4(codes.reshape(n, k).to(torch.int8))
+                out[f"{name}.scales"] = scale
+            elif name in amax:
+                a = w.abs().amax(1)
+                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 127.0)
+                out[f"{name}.weight"] = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+                out[f"{name}.weight_scale"] = scale
+                out[f"{name}.input_amax"] = torch.tensor(amax[name])
+            else:
+                continue
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().float().cpu()
+        emb = model.llm.get_input_embeddings().weight.detach().float().cpu()
+        sc = emb.abs().amax(1).clamp_min(1e-12) / 127.0
+        out["llm.model.embed_tokens.weight"] = torch.round(emb / sc[:, None]).clamp(-127, 127).to(torch.int8)
+        out["llm.model.embed_tokens.scales"] = sc
+        done = {k.rsplit(".", 1)[0] for k in out}
+        for k, v in model.state_dict().items():
+            mod = k.rsplit(".", 1)[0]
+            if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
+                continue
+            if k == "llm.lm_head.weight":
+                s = v.float().abs().amax(1).clamp_min(1e-12) / 127.0
+                out[k] = torch.round(v.float() / s[:, None]).clamp(-127, 127).to(torch.int8).cpu()
+                out["llm.lm_head.scales"] = s.cpu()
+                continue
+            out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _is_quant_meta(model, key: str) -> bool:
@@ -459,4 +524,4 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["pack_int4", "unpack_int4", "dequantize_int4", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
-           "build_quantized", "load_quantized", "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]
+           "build_quantized", "load_quantized", "from_tensors", "random_quantized_tensors", "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]

@@ -90,8 +90,8 @@ class TorchBackend(Backend):
         except ImportError as e:  # pragma: no cover - torch is a base dependency today
             raise BackendUnavailable("torch", "train", "the torch backend") from e
         self._torch = torch
-        self.target = target
         self.quantized = bool(getattr(model, "quant_modes", None))
+        self.target = "cuda" if self.quantized else target  # the layout it runs (the cuda target's modules)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.quantized:  # already on its device in the kernels' dtype (load_quantized)
