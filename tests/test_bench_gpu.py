@@ -36,3 +36,24 @@ def test_quantized_bench_on_cpu_kernels(tmp_path, capsys):
     assert {t["status"] for t in r["targets"]} <= {"met", "not met", "skipped (not measured)"}
     out = capsys.readouterr().out
     assert "cuda target (W4A16 LLM, W8A8 vision" in out and "W4A16 decode ≥ 2.5×" in out
+
+
+def test_gpu_check_script_parts(tmp_path):
+    """scripts/gpu_check.py: ``env`` refuses a CUDA-less torch (exit 2), ``summary`` reads the bench JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    p = subprocess.run([sys.executable, str(script), "env"], capture_output=True, text=True, timeout=120)
+    info = json.loads(p.stdout)
+    assert p.returncode == (0 if torch.cuda.is_available() else 2) and info["torch"] == torch.__version__
+    (tmp_path / "bench-nvila-lite-2b-cuda.json").write_text(json.dumps(
+        {"date": "d", "gpu": {"gpu_name": "G", "kernels": {"Int4Linear:int4": 1}}, "ratios": {"x": 1.0},
+         "targets": [{"target": "t", "status": "met", "ratio": 2.0}]}))
+    p = subprocess.run([sys.executable, str(script), "summary", str(tmp_path), "0", "1"], capture_output=True,
+                       text=True, timeout=120)
+    s = json.loads(p.stdout)
+    assert s["gpu"] == "G" and s["bench_rc"] == 1 and s["targets"] == [["t", "met", 2.0]]
