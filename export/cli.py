@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
     e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | tensorrt | torch | all)")
     e.add_argument("calibrated", help="output of `nvila-edge calibrate`")
     e.add_argument("-o", "--output", required=True, help="bundle directory (written atomically)")
-    e.add_argument("--target", default="cpu", help="cpu, tensorrt, torch, a comma-separated list, or all")
+    e.add_argument("--target", default="cpu", help="cpu, cuda, tensorrt, torch, a comma-separated list, or all")
     e.add_argument("--engines", choices=("auto", "build", "skip"), default="auto",
                    help="GPU engines: build when TensorRT is installed (auto), require it (build), or skip")
     e.add_argument("--embeddings-dtype", choices=("float16", "float32", "int8"), default="float16")

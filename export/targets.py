@@ -5,6 +5,9 @@
 - ``tensorrt``: the same vision ONNX built into a TensorRT engine (INT8 + FP16, profiles 1…max tiles)
   and a TensorRT-LLM W4A16 checkpoint + engine. Checkpoint files are produced anywhere; the engines need
   the ``[gpu]`` extra on the target machine (``engines="auto"`` skips them, recorded in the manifest).
+- ``cuda``: the real low-bit tensors (packed int4 AWQ codes + scales for the LLM linears, int8 SmoothQuant
+  weights + static activation scales for the vision linears, int8 token table) for the torch backend's
+  kernels (tinygemm int4, ``torch._int_mm``) on CUDA — and on CPU with their CPU variants (``export/cuda.py``).
 - ``torch``: a plain VILA checkpoint whose weights carry the quantization (fake-quantized, pre-quant
   scales folded) for the torch backend on CUDA fp16 or CPU.
 """
@@ -157,9 +160,18 @@ def _build_torch(model, writer, recipes, options) -> None:
                                  "weights": "fake-quantized fp32 (quantization baked in)"})
 
 
+def _build_cuda(model, writer, recipes, options) -> None:
+    from .cuda import build_cuda
+
+    build_cuda(model, writer, recipes, _limits(model))
+
+
 _ALL_VISION = ("fp16", "w8a8-smoothquant", "w8a8-smoothquant-proj")
 _ALL_LLM = ("fp16", "w4a16-awq", "w4a16-rtn")
 register(ExportTarget("cpu", _ALL_VISION, _ALL_LLM, _build_cpu, "ONNX Runtime on CPU (or its CUDA provider)"))
+
+register(ExportTarget("cuda", _ALL_VISION, _ALL_LLM, _build_cuda,
+                      "int4 / int8 tensors for the torch backend's low-bit kernels (CUDA, or CPU)"))
 register(ExportTarget("torch", _ALL_VISION, _ALL_LLM, _build_torch, "plain checkpoint for the torch backend"))
 register(ExportTarget("tensorrt", _ALL_VISION, _ALL_LLM, _build_tensorrt,
                       "TensorRT vision engine + TensorRT-LLM W4A16 (engines need the [gpu] extra)"))

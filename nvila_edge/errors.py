@@ -47,14 +47,15 @@ class ContextOverflowError(NVILAEdgeError):
 class BackendUnavailable(NVILAEdgeError, ImportError):
     """An optional backend library is not installed."""
 
-    def __init__(self, module: str, extra: str, purpose: str = ""):
+    def __init__(self, module: str, extra: str, purpose: str = "", message: str | None = None):
         self.module = module
         self.extra = extra
         what = f" (needed for {purpose})" if purpose else ""
-        super().__init__(
+        # ``message``: what is missing is not a package (e.g. a CUDA GPU), so no install hint
+        super().__init__(message or (
             f"the optional dependency '{module}' is not installed{what}; "
             f"install it with: pip install 'nvila-edge[{extra}]'"
-        )
+        ))
 
 
 class ResourceLimitError(MediaError, MemoryError):

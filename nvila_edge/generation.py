@@ -25,10 +25,12 @@ def stream_tokens(
     visual_tokens: int,
     context_length: int,
     timings: Timings,
+    sampler: Callable | None = None,
 ) -> Iterator[StreamEvent]:
     """The shared decode loop. ``prefill()`` returns the last-position logits of the prompt and
-    ``decode_step(token)`` the logits after feeding ``token``."""
-    sampler = Sampler(params)
+    ``decode_step(token)`` the logits after feeding ``token``; ``sampler(logits, previous) -> int`` picks
+    the token (default: the numpy ``Sampler``; a backend may pass one that reads its device logits)."""
+    sampler = sampler if sampler is not None else Sampler(params)
     decoder = StreamDecoder(tokenizer, params.stop)
     t0 = time.perf_counter()
     logits = prefill()

@@ -2,7 +2,7 @@
 
     nvila-edge bench BUNDLE                         # the bundle's engines (+ its torch target for baselines)
     nvila-edge bench --preset nvila-lite-2b         # real size, random weights, exported here (cached)
-    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: eager fp16 vs CUDA graph
+    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: fp16 vs W4A16/W8A8 (bench_gpu.py)
     nvila-edge bench --report result.json           # re-render the docs from a saved result
 
 On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.pipelines.bench PHASE spec out``)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,18 +27,13 @@ import numpy as np
 
 from . import bench_report as report
 from .bench_report import bandwidth_gbs, peak_rss_mb
+from .bench_timing import (GPU, _backend_llm, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
+                           _torch_llm, _torch_model, _ttft, log)
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
         "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
 QUICK = {"vision_tiles": 1, "torch_vision_tiles": 1, "prefill": 128, "ort_tokens": 8, "genai_tokens": 8,
          "torch_tokens": 4, "reps": 1, "ttft_reps": 1}
-GPU = {"vision_tiles": 10, "prefill": 512, "tokens": 128, "reps": 3}  # a GPU step is ms: more of them
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def add_parser(sub) -> None:
     import argparse
 
@@ -165,8 +159,12 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     if backend == "torch":
-        log("torch backend: eager vs the torch backend (CUDA graph decoding on cuda)")
-        result["gpu"] = phase_gpu(spec, quick)
+        from . import bench_gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
+
+        quantized = preset or "cuda" in __import__("nvila_edge.bundle").bundle.Bundle.open(bundle).targets
+        log("torch backend: " + ("fp16 eager vs fp16 CUDA graph vs W4A16 / W8A8 (cuda target)" if quantized
+                                 else "eager vs the torch backend (CUDA graph decoding on cuda)"))
+        result["gpu"] = bench_gpu.phase_quantized(spec, quick) if quantized else phase_gpu(spec, quick)
         result["counts"] = result["gpu"].pop("counts")
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:
@@ -197,111 +195,6 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
     result["seconds"] = round(time.time() - t0, 1)
     result["ratios"], result["targets"] = report.evaluate(result)
     return result
-
-
-# ---- measuring helpers -------------------------------------------------------------------------------------
-def _median(xs) -> float:
-    return round(float(statistics.median(xs)), 3)
-
-
-def _time_tiles(fn, size: int, n: int, sync=lambda: None) -> float:
-    """Median ms of one tile (batch 1) over ``n`` runs after a warm-up run."""
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    fn(x)
-    sync()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn(x)
-        sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return _median(times)
-
-
-def _prompt_ids(cfg, n: int) -> np.ndarray:
-    return np.random.default_rng(1).integers(10, min(cfg.llm.vocab_size, 400), n).astype(np.int64)
-
-
-def _torch_llm(llm, ids: np.ndarray, n_tokens: int, reps: int = 1, sync=lambda: None) -> dict:
-    """transformers eager: prefill ``ids`` then ``n_tokens`` greedy steps through the HF model's own cache."""
-    import torch
-
-    x = torch.as_tensor(ids, device=llm.device)[None]
-    prefill, decode = [], []
-    with torch.inference_mode():
-        llm(input_ids=x[:, :16], use_cache=True, logits_to_keep=1)  # warm-up: allocator, kernels
-        for _ in range(reps):
-            sync()
-            t = time.perf_counter()
-            out = llm(input_ids=x, use_cache=True, logits_to_keep=1)
-            tok = out.logits[0, -1].argmax()
-            sync()
-            prefill.append(time.perf_counter() - t)
-            cache, t = out.cache, time.perf_counter()
-            for _ in range(n_tokens):
-                out = llm(input_ids=tok.view(1, 1), cache=cache, use_cache=True)
-                cache, tok = out.cache, out.logits[0, -1].argmax()
-            sync()
-            decode.append(n_tokens / (time.perf_counter() - t))
-    return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}
-
-
-def _backend_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None) -> dict:
-    """Our backend: prefill the same prompt's embeddings, then greedy ``decode_step``s (IOBinding on ORT)."""
-    embeds = be.embed_tokens(ids)[None]
-    be.reset()
-    be.prefill(embeds[:, :16])  # warm-up
-    prefill, decode = [], []
-    for _ in range(reps):
-        be.reset()
-        sync()
-        t = time.perf_counter()
-        logits = be.prefill(embeds)
-        prefill.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        for _ in range(n_tokens):
-            logits = be.decode_step(int(np.argmax(logits)))
-        sync()
-        decode.append(n_tokens / (time.perf_counter() - t))
-    return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}
-
-
-def _ttft(rt, reps: int, cfg, video: bool) -> dict:
-    """Time to first token through ``Runtime.generate`` (preprocess + vision + prefill) on synthetic media."""
-    rng = np.random.default_rng(2)
-    s = cfg.vision.image_size
-    media = [rng.integers(0, 256, (s, s, 3), np.uint8) for _ in range(8 if video else 1)]
-    times, res = [], None
-    for _ in range(reps):
-        kw = {"video": media, "num_frames": 8} if video else {"images": media}
-        res = rt.generate("What happens here?" if video else "Describe the image.", max_new_tokens=1, **kw)
-        times.append(res.timings.ttft_ms)
-    return {"ttft_ms": _median(times), "vision_ms": round(res.timings.vision_ms, 1),
-            "prompt_tokens": res.usage.prompt_tokens, "visual_tokens": res.usage.visual_tokens,
-            "tiles": sum(int(m.get("num_tiles") or m.get("num_frames") or 0) for m in res.plan.media)}
-
-
-def _config_tok(spec):
-    from nvila_edge import NVILAConfig, NVILATokenizer
-
-    return (NVILAConfig.from_dict(json.loads(Path(spec["config"]).read_text())),
-            NVILATokenizer.from_pretrained(spec["tokenizer"]))
-
-
-def _torch_model(spec, device="cpu", dtype=None):
-    import torch
-
-    from nvila_edge import NVILAModel
-
-    if spec["preset"]:
-        cfg, _ = _config_tok(spec)
-        torch.manual_seed(spec["seed"])  # the same seed gives the same weights in every phase and run
-        with torch.device(device), torch.no_grad():
-            model = NVILAModel(cfg).eval()
-        return model.to(dtype) if dtype is not None else model
-    if spec.get("checkpoint"):
-        return NVILAModel.from_pretrained(spec["checkpoint"], dtype=dtype or torch.float32, device=device).eval()
-    return None
 
 
 def _cached(work: Path, name: str, build) -> None:

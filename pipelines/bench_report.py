@@ -33,6 +33,17 @@ GPU_TARGETS = [
 
 
 # ---- machine and model facts ---------------------------------------------------------------------------------
+# (label, ratio key, threshold): the quantized-GPU issue's targets (benchmarks, not tests)
+QUANT_TARGETS = [
+    ("W4A16 decode ≥ 2.5× fp16 CUDA-graph decode", "w4a16_vs_fp16_graph", 2.5),
+    ("W4A16 decode ≤ 3.0 ms/token", "w4a16_vs_3ms", 1.0),
+    ("W8A8 vision ≥ 1.3× fp16 per tile", "vision_w8a8_vs_fp16", 1.3),
+    ("W8A8 vision features cosine ≥ 0.99 vs fake-quant", "vision_cosine", 0.99),
+    ("TTFT 1 image ≤ 0.6× the fp16 path", "ttft_fp16_over_quant", 1 / 0.6),
+]
+
+
+
 def machine_info(gpu_name: str | None = None) -> dict:
     cpu, flags, mem = platform.processor() or platform.machine(), "", None
     try:
@@ -170,6 +181,10 @@ def evaluate(result: dict) -> tuple[dict, list[dict]]:
              "prefill_vs_eager": _div(_get(g, "eager", "prefill_s"), _get(g, "backend", "prefill_s")),
              "decode_ms_per_token": ours_ms, "decode_vs_tinychat": _div(TINYCHAT_MS, ours_ms),
              "bound_tok_s": bound, "decode_fraction_of_bound": _div(_get(g, "backend", "decode_tok_s"), bound)}
+        if "w4a16" in g:  # the quantized comparison (bench_gpu.py)
+
+            r.update(quant_ratios(g))
+            return r, _targets(r, GPU_TARGETS + QUANT_TARGETS)
         return r, _targets(r, GPU_TARGETS)
     ours = _get(result, "ort", "llm", "decode_tok_s")
     bw, total = result.get("bandwidth_gbs"), _get(result, "bytes_per_token", "total")
@@ -207,6 +222,9 @@ def _fmt(v, nd=1):
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings): metrics × engines."""
+    if "gpu" in result and "w4a16" in result["gpu"]:
+
+        return QUANT_HEAD, quant_rows(result["gpu"])
     if "gpu" in result:
         g = result["gpu"]
         head = ["metric", f"torch backend ({_get(g, 'describe', 'decode') or '?'}, {g.get('dtype')})",
@@ -398,3 +416,36 @@ def plot(result: dict, path) -> None:
         y += 10
     if not cv2.imwrite(str(path), img):
         raise OSError(f"could not write {path}")
+
+
+# ---- the quantized GPU comparison (bench_gpu.py measures it) ------------------------------------------------
+def quant_ratios(g: dict) -> dict:
+    """The quantized-path ratios (None where a side is missing)."""
+    q_ms = _div(1000, _get(g, "w4a16", "llm", "decode_tok_s"))
+    return {"w4a16_vs_fp16_graph": _div(_get(g, "w4a16", "llm", "decode_tok_s"), _get(g, "fp16_graph", "llm", "decode_tok_s")),
+            "w4a16_ms_per_token": q_ms, "w4a16_vs_3ms": _div(3.0, q_ms),
+            "fp16_graph_vs_eager": _div(_get(g, "fp16_graph", "llm", "decode_tok_s"), _get(g, "eager", "decode_tok_s")),
+            "vision_w8a8_vs_fp16": _div(g.get("vision_ms"), g.get("vision_w8a8_ms")),
+            "vision_cosine": g.get("vision_cosine"),
+            "ttft_fp16_over_quant": _div(_get(g, "fp16_graph", "ttft_image", "ttft_ms"), _get(g, "w4a16", "ttft_image", "ttft_ms")),
+            "fp16_graph_fraction_of_bound": _div(_get(g, "fp16_graph", "llm", "decode_tok_s"),
+                                                 _div(g.get("bandwidth_gbs") and g["bandwidth_gbs"] * 1e9,
+                                                      _get(g, "fp16_bytes_per_token", "total")))}
+
+
+def quant_rows(g: dict) -> list[list[str]]:
+    """Table rows: metric, W4A16/W8A8 (cuda target), fp16 CUDA graph, fp16 eager."""
+    ms = lambda d: _div(1000, _get(d, "decode_tok_s"))  # noqa: E731
+    q, f = g.get("w4a16") or {}, g.get("fp16_graph") or {}
+    return [["vision ms / tile", _fmt(g.get("vision_w8a8_ms")) + " (W8A8)", _fmt(g.get("vision_ms")) + " (fp16)", "same"],
+            [f"prefill {g.get('prefill_tokens', 512)} tok (ms)", _fmt(_mul(_get(q, "llm", "prefill_s"))),
+             _fmt(_mul(_get(f, "llm", "prefill_s"))), _fmt(_mul(_get(g, "eager", "prefill_s")))],
+            ["decode ms / token", _fmt(ms(q.get("llm")), 2), _fmt(ms(f.get("llm")), 2), _fmt(ms(g.get("eager")), 2)],
+            ["decode tok/s", _fmt(_get(q, "llm", "decode_tok_s")), _fmt(_get(f, "llm", "decode_tok_s")),
+             _fmt(_get(g, "eager", "decode_tok_s"))],
+            ["TTFT 1 image (ms)", _ttft(q.get("ttft_image")), _ttft(f.get("ttft_image")), "–"],
+            ["TTFT 8-frame video (ms)", _ttft(q.get("ttft_video")), _ttft(f.get("ttft_video")), "–"],
+            ["peak GPU memory (MB)", _fmt(q.get("gpu_peak_mem_mb"), 0), _fmt(f.get("gpu_peak_mem_mb"), 0), "–"]]
+
+
+QUANT_HEAD = ["metric", "cuda target (W4A16 LLM, W8A8 vision, CUDA graph)", "fp16 (CUDA graph)", "transformers eager fp16"]

@@ -8,8 +8,9 @@
 Every answer runs on a KV cache its caller owns: a session or a video stream keeps its own, and a one-shot
 request borrows one from a small pool (kept allocated, emptied on return), so no call spoils another's.
 
-One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode_tiles`` →
-``nvila_edge.visual`` (Dynamic-S2 merge, TSP, splicing) → ``backend.prefill`` → the core decode loop.
+One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode`` →
+``backend.prompt_embeds`` (``nvila_edge.visual`` in numpy, or the model's own torch math on the device) →
+``backend.prefill_logits`` → the core decode loop with the backend's sampler (on the GPU for torch/CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from nvila_edge import visual
 from nvila_edge.config import NVILAConfig
 from nvila_edge.events import Timings
 from nvila_edge.generation import stream_tokens
@@ -34,7 +34,7 @@ from .results import RunResult, collect, sampling_params
 from .session import Session
 from .video_stream import VideoStream
 
-TARGET_OF = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "torch": "torch"}
+TARGET_OF = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "torch": "torch"}  # torch: its .target says which
 POOLED_CACHES = 2  # one-shot requests' caches kept allocated between requests (more are made when needed)
 
 
@@ -66,7 +66,7 @@ class Runtime:
 
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         be = load_backend(b, backend, threads=threads, device=device)
-        target = b.manifest.get("targets", {}).get(TARGET_OF[be.name], {})
+        target = b.manifest.get("targets", {}).get(getattr(be, "target", None) or TARGET_OF[be.name], {})
         return cls(b.config, NVILATokenizer.from_pretrained(b.tokenizer_dir), be, limits=target.get("limits"),
                    max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, bundle=b)
 
@@ -80,10 +80,12 @@ class Runtime:
             self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
         return self._end
 
-    def encode_tiles(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-        """Vision features of tiles, and the ms it took (feeds the latency-aware tiling)."""
+    def encode_tiles(self, pixels: np.ndarray, native: bool = False) -> tuple[np.ndarray, float]:
+        """Vision features of tiles, and the ms it took (feeds the latency-aware tiling). ``native``: in the
+        backend's own array type (device-resident on a GPU), for ``embed``."""
         t0 = time.perf_counter()
-        feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
+        encode = self.backend.encode if native else self.backend.encode_tiles
+        feats = encode(np.ascontiguousarray(pixels, dtype=np.float32))
         ms = (time.perf_counter() - t0) * 1000
         self.planner.record(pixels.shape[0], ms)
         return feats, ms
@@ -99,9 +101,9 @@ class Runtime:
         """Processor outputs → (1, L', H) prompt embeddings (vision time into ``timings.vision_ms``)."""
         t0 = time.perf_counter()
         if features is None and inputs.pixel_values is not None:
-            features, _ = self.encode_tiles(inputs.pixel_values)
-        chunks = visual.embed_media(features, inputs.media, self.config, self.backend.project, self.end_embeds())
-        embeds = visual.embed_inputs(inputs.input_ids, chunks, self.config, self.backend.embed_tokens)
+            features, _ = self.encode_tiles(inputs.pixel_values, native=True)
+        end = self.end_embeds() if inputs.media else None
+        embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
         if timings is not None:
             timings.vision_ms += (time.perf_counter() - t0) * 1000
         return embeds
@@ -143,9 +145,9 @@ class Runtime:
         be = self.backend
         cache = be.default_cache if cache is None else cache
         prompt_tokens = cache.length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill(embeds, cache), lambda tok: be.decode_step(tok, cache),
+        return stream_tokens(lambda: be.prefill_logits(embeds, cache), lambda tok: be.decode_logits(tok, cache),
                              self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
-                             self.context_length, timings)
+                             self.context_length, timings, sampler=be.sampler(params))
 
     def answer(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0) -> Iterator:
         """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""

@@ -111,18 +111,19 @@ class Counting(TorchBackend):
         self.calls = {"encode_tiles": 0, "prefill": 0, "decode_step": 0}
         self.prefill_lengths: list[int] = []
 
-    def encode_tiles(self, pixels):
+    # the Runtime drives the device-resident methods (encode / prefill_logits / decode_logits)
+    def encode(self, pixels):
         self.calls["encode_tiles"] += 1
-        return super().encode_tiles(pixels)
+        return super().encode(pixels)
 
-    def prefill(self, embeds, cache=None):
+    def prefill_logits(self, embeds, cache=None):
         self.calls["prefill"] += 1
         self.prefill_lengths.append(embeds.shape[1])
-        return super().prefill(embeds, cache)
+        return super().prefill_logits(embeds, cache)
 
-    def decode_step(self, token_id, cache=None):
+    def decode_logits(self, token_id, cache=None):
         self.calls["decode_step"] += 1
-        return super().decode_step(token_id, cache)
+        return super().decode_logits(token_id, cache)
 
 
 def make_runtime(model, tokenizer, **kw) -> Runtime:

@@ -13,6 +13,11 @@ from nvila_edge.runtime.backends.torch import TorchBackend
 pytestmark = pytest.mark.gpu
 
 
+def _np(e):
+    """Runtime.embed gives the backend's own array (a device tensor on CUDA)."""
+    return e.float().cpu().numpy() if hasattr(e, "cpu") else np.asarray(e)
+
+
 @pytest.fixture(scope="module")
 def gpu_rt(tiny_config, tokenizer):
     return Runtime(tiny_config, tokenizer, TorchBackend(make_model(tiny_config), device="cuda"))
@@ -23,7 +28,7 @@ def test_fp16_cuda_follows_fp32_cpu(gpu_rt, tiny_model, tokenizer):
     assert be.device == "cuda" and be.describe()["dtype"] == "float16" and be.describe()["decode"] == "cuda-graph"
     cpu = Runtime(tiny_model.config, tokenizer, TorchBackend(tiny_model, device="cpu"))
     inputs = cpu.plan("What is in the image?", images=[random_image(600, 400)]).inputs
-    e_cpu, e_gpu = cpu.embed(inputs), gpu_rt.embed(inputs)
+    e_cpu, e_gpu = _np(cpu.embed(inputs)), _np(gpu_rt.embed(inputs))
     cos = np.sum(e_cpu * e_gpu, -1) / np.linalg.norm(e_cpu, axis=-1) / np.linalg.norm(e_gpu, axis=-1)
     assert cos.min() > 0.995
     ours, ref = be.prefill(e_cpu), cpu.backend.prefill(e_cpu)
@@ -55,7 +60,7 @@ def test_cuda_graph_decoding_equals_eager(gpu_rt, tiny_config, tokenizer):
     eager = Runtime(tiny_config, tokenizer, TorchBackend(gpu_rt.backend.model, device="cuda", cuda_graph=False))
     assert eager.backend.describe()["decode"] == "eager"
     inputs = eager.plan("What is in the image?", images=[random_image(400, 300, seed=2)]).inputs
-    e = eager.embed(inputs)
+    e = _np(eager.embed(inputs))
     a, b = gpu_rt.backend, eager.backend
     a.reset(), b.reset()
     la, lb = a.prefill(e), b.prefill(e)

@@ -1,12 +1,25 @@
 """Runtime backends behind one interface (``Backend``); each heavy library is imported only by its own backend.
 
-``load_backend(bundle, "auto")`` picks TensorRT when the bundle has engines and tensorrt is installed, else
-ONNX Runtime (CUDA provider when available, else CPU), else the torch checkpoint.
+``load_backend(bundle, "auto")`` picks, among the backends that can actually run here:
+
+1. ``torch`` on the bundle's ``cuda`` target (real int4 / int8 kernels) when a CUDA GPU is present,
+2. ``onnxruntime`` on the ``cpu`` target,
+3. ``torch`` on the ``torch`` target (plain weights).
+
+A ``cuda``-only bundle on a machine without CUDA raises ``BackendUnavailable`` saying to use the cpu target
+(``backend="torch", device="cpu"`` still runs it, with the CPU variants of the kernels). ``tensorrt`` is never
+picked by ``auto``: it is untested (no TensorRT on any machine this project runs on), so it runs only when
+named.
+
+Whether CUDA is present is asked without importing torch (the driver library, through ctypes), so the ONNX
+Runtime path stays torch-free.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import sys
 
 from nvila_edge.errors import BackendUnavailable, BundleError
 
@@ -22,24 +35,52 @@ def _installed(module: str) -> bool:
         return False
 
 
-def choose_backend(bundle, name: str = "auto") -> str:
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (0 without a driver), without importing torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        try:
+            if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+        except AttributeError:
+            return 0
+        return int(count.value)
+    return 0
+
+
+def choose_backend(bundle, name: str = "auto", device: str | None = None) -> str:
     if name not in BACKENDS:
         raise BundleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     targets = bundle.manifest.get("targets", {})
-    if bundle.has("vision_engine", "tensorrt") and _installed("tensorrt"):  # engines built, library here
-        return "tensorrt"
+    want_cpu = device is not None and str(device).startswith("cpu")
+    if "cuda" in targets and _installed("torch") and not want_cpu and cuda_device_count() > 0:
+        return "torch"
     if "cpu" in targets and _installed("onnxruntime"):
         return "onnxruntime"
     if "torch" in targets and _installed("torch"):
         return "torch"
+    if "cuda" in targets and _installed("torch") and want_cpu:
+        return "torch"  # asked for the CPU: the cuda target on the CPU kernels
+    if "cuda" in targets:
+        raise BackendUnavailable("CUDA", "gpu", message=(
+            f"bundle {bundle.path} has only the cuda target and this machine has no CUDA GPU: use the cpu target "
+            "(`nvila-edge export CALIBRATED -o BUNDLE --target cpu,cuda`, run on ONNX Runtime), or load it with "
+            "backend='torch', device='cpu' for the CPU kernels"))
     raise BackendUnavailable("onnxruntime", "export", f"running a bundle with targets {sorted(targets)}")
 
 
 def load_backend(bundle, name: str = "auto", *, threads: int | None = None, device: str | None = None) -> Backend:
     """Open the bundle's engines with the named backend (``auto``: the fastest one that can run here)."""
-    name = choose_backend(bundle, name)
+    name = choose_backend(bundle, name, device)
     if name == "onnxruntime":
         from .onnxruntime import OrtBackend
 
@@ -50,7 +91,7 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
         return TensorRTBackend.from_bundle(bundle)
     from .torch import TorchBackend
 
-    return TorchBackend.from_checkpoint(bundle.file("checkpoint", target="torch"), device=device, threads=threads)
+    return TorchBackend.from_bundle(bundle, device=device, threads=threads)
 
 
-__all__ = ["Backend", "KVCache", "BACKENDS", "check_embeds", "choose_backend", "load_backend"]
+__all__ = ["Backend", "KVCache", "BACKENDS", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]

@@ -1,5 +1,11 @@
 """The one small interface every runtime backend implements (numpy in, numpy out), and the KV cache it fills.
 
+Device-resident path: the Runtime itself calls ``encode`` → ``prompt_embeds`` → ``prefill_logits`` /
+``decode_logits`` → ``sampler(params)``. Their values are opaque (numpy for ONNX Runtime, device tensors for
+the torch backend on CUDA): the Runtime only hands them back to the same backend and reads ``.shape``, so
+features, embeddings, the KV cache and the logits never cross to the host; a token costs one decode step and
+one small copy (the sampled id). The defaults below are the numpy path.
+
 The caller owns the cache: ``cache = backend.new_cache(capacity)``, then ``backend.prefill(embeds, cache)``
 and ``backend.decode_step(token, cache)`` append to it. A chat session keeps its own cache turn after turn
 (``cache.truncate`` rolls it back to re-align with the canonical tokenization of the last answer), a request
@@ -68,6 +74,33 @@ class Backend(ABC):
     @abstractmethod
     def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
         """Append one token to ``cache``; return its logits (V,) float32."""
+
+    # ---- the device-resident path (opaque values; the numpy path by default) ---------------------------
+    def encode(self, pixels: np.ndarray):
+        """Tiles → vision features in the backend's own array type (``encode_tiles`` by default)."""
+        return self.encode_tiles(pixels)
+
+    def prompt_embeds(self, input_ids: np.ndarray, media, features, end: np.ndarray):
+        """Prompt ids + media features → (1, L', H) embeddings (Dynamic-S2 merge, TSP, splicing)."""
+        from nvila_edge import visual
+
+        if features is not None and not isinstance(features, np.ndarray):
+            features = np.asarray(features)
+        chunks = visual.embed_media(features, media, self.config, self.project, end)
+        return visual.embed_inputs(input_ids, chunks, self.config, self.embed_tokens)
+
+    def prefill_logits(self, embeds, cache: KVCache | None = None):
+        """``prefill`` returning logits in the backend's own array type (what ``sampler`` reads)."""
+        return self.prefill(embeds, cache)
+
+    def decode_logits(self, token_id: int, cache: KVCache | None = None):
+        return self.decode_step(token_id, cache)
+
+    def sampler(self, params):
+        """The token picker for this backend's logits (numpy ``Sampler`` by default)."""
+        from nvila_edge.sampling import Sampler
+
+        return Sampler(params)
 
     # ---- the default cache (``cache=None``) ----------------------------------------------------------
     @property

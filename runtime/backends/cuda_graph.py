@@ -6,12 +6,12 @@ keeps its write position in a device tensor, so the captured step appends at the
 come from a static tensor set before each replay. Prefill runs eagerly on the same cache.
 
 A ``GraphDecoder`` is one sequence's ``KVCache`` (the torch backend's ``new_cache`` on CUDA): each holds its
-own static cache and graph, so several conversations decode side by side without copying caches.
+own static cache and graph, so several conversations decode side by side without copying caches. Its steps
+return device logits: the torch backend's sampler reads them there (nothing per token crosses to the host
+but the sampled id). The same class captures the W4A16 model of the ``cuda`` target (tinygemm is capturable).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from .base import KVCache
 
@@ -46,7 +46,8 @@ class GraphDecoder(KVCache):
         return self.llm(cache=self.cache, use_cache=True, logits_to_keep=1, **kw).logits
 
     # ---- steps ---------------------------------------------------------------------------------------
-    def prefill(self, embeds) -> np.ndarray:
+    def prefill(self, embeds):
+        """Append (1, L, H) device embeddings; the last position's logits (V,), on the device."""
         torch = self.torch
         n = embeds.shape[1]
         if self.length + n > self.capacity:
@@ -55,9 +56,10 @@ class GraphDecoder(KVCache):
         with torch.inference_mode():
             logits = self._forward(inputs_embeds=embeds, position_ids=pos)
         self.length += n
-        return logits[0, -1].float().cpu().numpy()
+        return logits[0, -1]
 
-    def decode_step(self, token_id: int) -> np.ndarray:
+    def decode_step(self, token_id: int):
+        """One graph replay; the logits (V,) are a view of the graph's static output (read before the next step)."""
         if self.length + 1 > self.capacity:
             raise OverflowError(f"{self.length + 1} positions exceed the static cache of {self.capacity}")
         if self.graph is None:
@@ -66,7 +68,7 @@ class GraphDecoder(KVCache):
         self.pos.fill_(self.length)
         self.graph.replay()
         self.length += 1
-        return self.logits[0, -1].float().cpu().numpy()
+        return self.logits[0, -1]
 
     def _capture(self) -> None:
         torch = self.torch

@@ -1,5 +1,8 @@
 """TensorRT backend (GPU): the bundle's TensorRT vision engine; projector, embeddings and decoder from the
-bundle's cpu target on ONNX Runtime's CUDA provider (same IOBinding KV path as the CPU backend).
+bundle's cpu target on ONNX Runtime's **CPU** provider (same IOBinding KV path as the CPU backend): that
+decoder is an fp32 GroupQueryAttention graph, for which ONNX Runtime's CUDA provider has no kernel, and no
+extra installs onnxruntime-gpu. ``backend="auto"`` never picks this backend; the GPU path that runs is the
+torch backend on the ``cuda`` target.
 
 UNTESTED: tensorrt / pycuda cannot be installed on the machines this project is built on. The code follows
 the TensorRT 10 Python API (named I/O tensors, ``execute_async_v3``). ``tensorrt`` and ``pycuda`` are
@@ -74,7 +77,7 @@ class TensorRTBackend(OrtBackend):
         if "cpu" not in bundle.targets:
             raise BundleError(f"bundle {bundle.path}: the TensorRT backend takes the projector and decoder from the "
                               "cpu target; export with --target all")
-        be = super().from_bundle(bundle, threads=threads, device=device or "cuda", **kw)
+        be = super().from_bundle(bundle, threads=threads, device="cpu", **kw)  # see the module docstring
         be.trt_vision = TensorRTVision(bundle.file("vision_engine", "tensorrt"))
         return be
 

@@ -1,5 +1,14 @@
-"""Torch backend: wraps an ``NVILAModel`` (CPU fp32/bf16, CUDA fp16). torch is imported here only, so the
-ONNX Runtime path never loads it."""
+"""Torch backend: wraps an ``NVILAModel`` — the bundle's ``torch`` target (plain weights: CPU fp32, CUDA fp16)
+or its ``cuda`` target (real int4 / int8 kernels: CUDA bf16, or the CPU variants of the same kernels).
+torch is imported here only, so the ONNX Runtime path never loads it.
+
+On CUDA the Runtime's device-resident path keeps everything on the GPU: ``encode`` returns device features,
+``prompt_embeds`` runs the model's own merge / TSP / splice in torch, the KV cache is a static one with a
+captured decode graph (``cuda_graph.GraphDecoder``), and ``sampler`` picks tokens from the device logits
+(greedy / top-k / top-p / repetition penalty), so a token costs one graph replay and one small copy (its id).
+The numpy methods (``encode_tiles``, ``project``, ``embed_tokens``, ``prefill``, ``decode_step``) stay for
+video streams, scripts and benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -33,23 +42,65 @@ class TorchKVCache(KVCache):
         self.length = length
 
 
+class TorchSampler:
+    """``nvila_edge.sampling.Sampler``'s rules on torch logits, on their device. Greedy is identical to the numpy
+    sampler (first maximum); sampled tokens follow the same distribution from a torch generator."""
+
+    def __init__(self, params, device):
+        import torch
+
+        self.torch, self.params = torch, params
+        self.gen = torch.Generator(device=device)
+        if params.seed is not None:
+            self.gen.manual_seed(int(params.seed))
+        else:
+            self.gen.seed()
+
+    def __call__(self, logits, previous=()) -> int:
+        torch, p = self.torch, self.params
+        x = logits.reshape(-1).float()
+        if p.repetition_penalty != 1.0 and len(previous):
+            x = x.clone()
+            seen = torch.unique(torch.as_tensor(list(previous), dtype=torch.long)).to(x.device)
+            seen = seen[seen < x.shape[0]]
+            vals = x[seen]
+            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.greedy:
+            return int(torch.argmax(x))
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.shape[0]:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = torch.where(x < kth, torch.full_like(x, float("-inf")), x)
+        probs = torch.softmax(x, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True, stable=True)
+            keep = (torch.cumsum(sorted_p, 0) - sorted_p) < p.top_p  # smallest set whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, device: str | None = None, dtype: str | None = None, cuda_graph: bool = True,
-                 max_cache_len: int = 8192):
+                 max_cache_len: int = 8192, target: str = "torch"):
         try:
             import torch
         except ImportError as e:  # pragma: no cover - torch is a base dependency today
             raise BackendUnavailable("torch", "train", "the torch backend") from e
         self._torch = torch
+        self.quantized = bool(getattr(model, "quant_modes", None))
+        self.target = "cuda" if self.quantized else target  # the layout it runs (the cuda target's modules)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:  # fp16 on GPU (tensor cores), the weights' own dtype on CPU
+        if self.quantized:  # already on its device in the kernels' dtype (load_quantized)
+            dtype = None
+        elif dtype is None:  # fp16 on GPU (tensor cores), the weights' own dtype on CPU
             dtype = "float16" if str(device).startswith("cuda") else None
         if dtype is not None:
             model = model.to(getattr(torch, dtype))
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval() if not self.quantized else model.eval()
         self.config = model.config
         self.device = str(device)
         self.capacity = min(self.config.llm.context_length, max_cache_len)  # a static (CUDA-graph) cache's size
@@ -93,21 +144,71 @@ class TorchBackend(Backend):
             torch.set_num_threads(int(threads))
         return cls(NVILAModel.from_pretrained(path, dtype=torch.float32), device=device, dtype=dtype)
 
-    def _tensor(self, x: np.ndarray):
-        return self._torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.model.dtype)
+    @classmethod
+    def from_bundle(cls, bundle, device: str | None = None, dtype: str | None = None, threads: int | None = None,
+                    kernels: bool = True) -> "TorchBackend":
+        """The bundle's ``cuda`` target (real low-bit kernels) if it has one, else its ``torch`` target.
+
+        ``device=None``: CUDA when present; without CUDA the ``torch`` target if the bundle has one, else
+        ``BackendUnavailable`` (use the cpu target) — ``device="cpu"`` asks for the CPU kernels explicitly."""
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        has_cuda = torch.cuda.is_available()
+        plain = "torch" in bundle.targets
+        if "cuda" not in bundle.targets or (plain and device is None and not has_cuda):
+            return cls.from_checkpoint(bundle.file("checkpoint", target="torch"), device=device, dtype=dtype)
+        if device is None:
+            if not has_cuda:
+                raise BackendUnavailable("CUDA", "gpu", message=(
+                    f"bundle {bundle.path}'s cuda target needs a CUDA GPU and this machine has none: use the cpu "
+                    "target (export it with --target cpu; backend='onnxruntime'), or device='cpu' for the CPU kernels"))
+            device = "cuda"
+        if str(device).startswith("cuda") and not has_cuda:
+            raise BackendUnavailable("CUDA", "gpu", message=(
+                f"device={device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use the bundle's "
+                "cpu target on ONNX Runtime, or device='cpu' for the CPU kernels"))
+        from nvila_edge.modeling.quantized import load_quantized
+
+        model = load_quantized(bundle.config, bundle.file("weights", target="cuda"), device=device,
+                               dtype=getattr(torch, dtype) if dtype else None, kernels=kernels)
+        return cls(model, device=device, target="cuda")
+
+    def _tensor(self, x):
+        torch = self._torch
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, self.model.dtype)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.model.dtype)
 
     @staticmethod
     def _numpy(t) -> np.ndarray:
         return t.float().cpu().numpy()
 
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self._torch.cuda.synchronize()
+
     # ---- vision --------------------------------------------------------------------------------------
-    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
+    def encode(self, pixels: np.ndarray):
+        """Device features; synchronised once, so the caller's timing (latency-aware tiling) is the real one."""
         with self._torch.inference_mode():
-            return self._numpy(self.model.encode_tiles(self._torch.from_numpy(np.ascontiguousarray(pixels))))
+            feats = self.model.encode_tiles(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+        self._sync()
+        return feats
+
+    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
+        return self._numpy(self.encode(pixels))
 
     def project(self, features: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             return self._numpy(self.model.mm_projector(self._tensor(features)))
+
+    def prompt_embeds(self, input_ids, media, features, end=None):
+        """The model's own torch merge / TSP / splice, on the device (``end`` is recomputed there)."""
+        with self._torch.inference_mode():
+            chunks = self.model.embed_features(self._tensor(features), media) if media else []
+            return self.model.embed_inputs(np.asarray(input_ids), chunks)
 
     # ---- LLM -----------------------------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -115,32 +216,53 @@ class TorchBackend(Backend):
         with self._torch.inference_mode():
             return self._numpy(self.model.llm.get_input_embeddings()(ids))
 
-    def _run(self, cache: TorchKVCache, n: int, **kwargs) -> np.ndarray:
+    def _run(self, cache: TorchKVCache, n: int, **kwargs):
         if cache.length + n > cache.capacity:
             raise OverflowError(f"{cache.length + n} positions exceed the cache of {cache.capacity}")
         with self._torch.inference_mode():
             out = self.model.llm(cache=cache.cache, use_cache=True, logits_to_keep=1, **kwargs)
         cache.cache = out.cache
         cache.length += n
-        return out.logits[0, -1].float().cpu().numpy()
+        return out.logits[0, -1]
 
-    def prefill(self, embeds: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
-        embeds = check_embeds(embeds, self.config.llm.hidden_size)
+    def _embeds(self, embeds):
+        if isinstance(embeds, self._torch.Tensor):
+            h = self.config.llm.hidden_size
+            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != h or embeds.shape[1] < 1:
+                raise ValueError(f"prefill needs embeddings of shape (1, L>=1, {h}), got {tuple(embeds.shape)}")
+            return self._tensor(embeds)
+        return self._tensor(check_embeds(embeds, self.config.llm.hidden_size))
+
+    def prefill_logits(self, embeds, cache: KVCache | None = None):
+        """Device logits (V,) of the prompt's last position."""
+        x = self._embeds(embeds)
         cache = self._cache(cache)
         if isinstance(cache, TorchKVCache):
-            return self._run(cache, embeds.shape[1], inputs_embeds=self._tensor(embeds))
-        return cache.prefill(self._tensor(embeds))
+            return self._run(cache, x.shape[1], inputs_embeds=x)
+        return cache.prefill(x)
 
-    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
+    def decode_logits(self, token_id: int, cache: KVCache | None = None):
         cache = self._cache(cache)
         if isinstance(cache, TorchKVCache):
             return self._run(cache, 1, input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
         return cache.decode_step(token_id)
+
+    def prefill(self, embeds, cache: KVCache | None = None) -> np.ndarray:
+        return self._numpy(self.prefill_logits(embeds, cache))
+
+    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
+        return self._numpy(self.decode_logits(token_id, cache))
+
+    def sampler(self, params) -> TorchSampler:
+        return TorchSampler(params, self.device)
 
     @property
     def max_length(self) -> int:
         return self.capacity if self.cuda_graph else self.config.llm.context_length
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "dtype": str(self.model.dtype).replace("torch.", ""),
-                "decode": "cuda-graph" if self.cuda_graph else "eager"}
+        d = {"backend": self.name, "device": self.device, "dtype": str(self.model.dtype).replace("torch.", ""),
+             "decode": "cuda-graph" if self.cuda_graph else "eager", "target": self.target}
+        if self.quantized:
+            d["kernels"] = dict(self.model.quant_modes)
+        return d
