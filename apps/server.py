@@ -132,15 +132,17 @@ def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos:
 
     from .chat_schema import ROLES, ChatCompletionRequest, request_error
 
+    if isinstance(body, (bytes, bytearray, str)):
+        # Python's json, not pydantic's parser: it keeps escapes such as a lone surrogate, which the runtime
+        # then refuses with a message about the text itself (tests/test_reliability.py's corpus)
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise RequestError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
     try:
-        if isinstance(body, (bytes, bytearray, str)):
-            parsed = ChatCompletionRequest.model_validate_json(body)
-        else:
-            parsed = ChatCompletionRequest.model_validate(body)
+        parsed = ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise request_error(e, RequestError) from None
-    except RecursionError:
-        raise RequestError(400, "the request body is nested too deeply", "invalid_json") from None
     req = ChatRequest(conversation=[], sampling=parsed.sampling(default_max_tokens), stream=parsed.stream,
                       options=parsed.runtime_kwargs(),
                       include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
@@ -328,7 +330,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
                 raise too_big
         return bytes(body)
 
-    def parse(raw: bytes) -> ChatRequest:  # pydantic parses and validates the JSON in one pass
+    def parse(raw: bytes) -> ChatRequest:
         return parse_chat_request(raw, media_dir=media_dir, max_images=max_images, max_videos=max_videos,
                                   default_max_tokens=default_max_tokens)
 

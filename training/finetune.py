@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor
-from nvila_edge.errors import BackendUnavailable, CheckpointError, ConfigError
+from nvila_edge.errors import CheckpointError, ConfigError
 from nvila_edge.io import atomic_directory
+from nvila_edge.optional import require
 
 from .data import DataIssue, NVILACollator, NVILADataset, read_jsonl
 # the settings live in finetune_config.py; imported from here as before
@@ -53,12 +54,7 @@ class FinetuneResult:
 
 # ---- model preparation ------------------------------------------------------------------------------------
 def _require(module: str, purpose: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise BackendUnavailable(module, "train", purpose) from e
+    return require(module, "train", purpose)
 
 
 def vit_layernorm_parameters(model: NVILAModel) -> dict[str, nn.Parameter]:

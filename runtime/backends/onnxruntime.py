@@ -21,6 +21,7 @@ import numpy as np
 
 from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BackendUnavailable, BundleError, GenerationError
+from nvila_edge.optional import require
 
 from .base import Backend, KVCache, check_embeds
 
@@ -29,11 +30,7 @@ INITIAL_CAPACITY = 4096  # KV positions allocated up front; grows (doubling) up 
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BackendUnavailable("onnxruntime", "export", "the ONNX Runtime backend") from e
-    return onnxruntime
+    return require("onnxruntime", "runtime", "the ONNX Runtime backend")
 
 
 def providers_for(device: str | None) -> list[str]:

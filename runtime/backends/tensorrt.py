@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from nvila_edge.errors import BackendUnavailable, BundleError
+from nvila_edge.errors import BundleError
+from nvila_edge.optional import require
 
 from .onnxruntime import OrtBackend
 
 
 def _import(module: str):
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError as e:
-        raise BackendUnavailable(module.split(".")[0], "gpu", "the TensorRT backend") from e
+    return require(module, "gpu", "the TensorRT backend")
 
 
 class TensorRTVision:

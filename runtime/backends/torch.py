@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from nvila_edge.errors import BackendUnavailable
+from nvila_edge.optional import require
 
 from .base import Backend, KVCache, check_embeds
 
@@ -85,10 +86,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model, device: str | None = None, dtype: str | None = None, cuda_graph: bool = True,
                  max_cache_len: int = 8192, target: str = "torch"):
-        try:
-            import torch
-        except ImportError as e:  # pragma: no cover - torch is a base dependency today
-            raise BackendUnavailable("torch", "train", "the torch backend") from e
+        torch = require("torch", "torch", "the torch backend")  # the light install has no torch
         self._torch = torch
         self.quantized = bool(getattr(model, "quant_modes", None))
         self.target = "cuda" if self.quantized else target  # the layout it runs (the cuda target's modules)
