@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | tensorrt | torch | all)")
+    e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | cuda | tensorrt | torch | all)")
     e.add_argument("calibrated", help="output of `nvila-edge calibrate`")
     e.add_argument("-o", "--output", required=True, help="bundle directory (written atomically)")
     e.add_argument("--target", default="cpu", help="cpu, cuda, tensorrt, torch, a comma-separated list, or all")
