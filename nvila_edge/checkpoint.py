@@ -157,7 +157,8 @@ def read_processor_files(path: str | os.PathLike) -> tuple[NVILAConfig, object]:
 
 
 # ---- weight files ---------------------------------------------------------------------------------------
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The folder's safetensors files and its index's key → shard map ({} when it has no index)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
@@ -167,10 +168,10 @@ def _weight_files(folder: Path) -> list[Path]:
             if not (folder / shard).is_file():
                 raise CheckpointError(f"{index} maps key {key!r} to the shard {folder / shard}, which is missing; "
                                       "download the whole checkpoint again")
-        return [folder / s for s in sorted(set(weight_map.values()))]
+        return [folder / s for s in sorted(set(weight_map.values()))], weight_map
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return files
+        return files, {}
     pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES] if folder.is_dir() else []
     if pickles:
         raise CheckpointError(
@@ -180,19 +181,13 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}")
 
 
-def _index_map(folder: Path) -> dict[str, str]:
-    index = folder / "model.safetensors.index.json"
-    return _read_json(index).get("weight_map", {}) if index.is_file() else {}
-
-
 def _iter_headers(path: Path, layout: str) -> Iterator[tuple[Path, str, str, tuple[int, ...]]]:
     """(file, key in file, canonical key, shape) of every tensor, from the safetensors headers only."""
     from safetensors import safe_open
 
     folders = [(path / c, c + ".") for c in COMPONENTS] if layout == "vila" else [(path, "")]
     for folder, prefix in folders:
-        files = _weight_files(folder)  # every listed shard exists before any header is read
-        index = _index_map(folder)
+        files, index = _weight_files(folder)  # every listed shard exists before any header is read
         for f in files:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as st:
