@@ -220,8 +220,10 @@ def _finetune_trainer(**kwargs):
 
     class FinetuneTrainer(Trainer):
         def _get_num_items_in_batch(self, batch_samples, device):
-            shifted = [{**b, "labels": pad_sequence([torch.as_tensor(x)[1:] for x in b["labels"]], batch_first=True,
-                                                    padding_value=-100)}
+            # counted as ``shift_labels`` (what transformers takes as already shifted), whatever it assumes of
+            # the model's loss; the batches the model sees are not changed
+            shifted = [{**b, "shift_labels": pad_sequence([torch.as_tensor(x)[1:] for x in b["labels"]],
+                                                          batch_first=True, padding_value=-100)}
                        if isinstance(b.get("labels"), (list, tuple)) else b for b in batch_samples]
             return super()._get_num_items_in_batch(shifted, device)
 
