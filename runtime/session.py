@@ -43,6 +43,7 @@ class Session:
         enc = runtime.tokenizer.encode
         self._system_ids = enc(render_turns([Message("system", self.system)]))
         self._gen_ids = enc(GEN_PROMPT)
+        self._cache = None  # made on the first turn
         self.reset()
 
     def reset(self) -> None:
@@ -50,19 +51,19 @@ class Session:
         self.messages: list[Message] = [Message("system", self.system)]
         self._tail: list[int] = []  # "<|im_start|>assistant\n" + fed answer ids, as held in the cache
         self._tail_start = 0
-        if getattr(self, "_cache", None) is not None:
+        if self._cache is not None:
             self._cache.clear()
 
     @property
     def cache(self):
         """This session's KV cache (made on the first turn)."""
-        if getattr(self, "_cache", None) is None:
+        if self._cache is None:
             self._cache = self.rt.new_cache()
         return self._cache
 
     @property
     def cache_length(self) -> int:
-        return self.cache.length
+        return 0 if self._cache is None else self._cache.length
 
     # ---- one turn ------------------------------------------------------------------------------------
     def stream(self, text: str, images=None, video=None, *, videos=None, overflow: str = "error",
