@@ -141,7 +141,8 @@ def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO
         res = calibrate(ckpt, cal, vision="w8a8-smoothquant", llm="w4a16-awq", data=root / "data" / "train.jsonl",
                         num_samples=CALIBRATION_SAMPLES, heldout=root / "data" / "heldout.jsonl", num_heldout=16,
                         eval_records=images, progress=progress and verbose)  # its five inner bars: --verbose
-        print(res.fidelity.table() if verbose else _fidelity_line(res.fidelity, cal), file=out, flush=True)
+        # the figures themselves are the "[demo] quantization:" line below, printed on cached runs too
+        print(res.fidelity.table() if verbose else f"[demo] fidelity report: {cal / 'fidelity.json'}", file=out, flush=True)
         state = {"checkpoint": str(ckpt), "fidelity": res.fidelity.to_dict()}
         atomic_write_text(stamp, json.dumps(state, indent=2))
         if bundle.exists():
@@ -168,13 +169,6 @@ def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO
               f"{100 * fid['accuracy_after']:.1f} % (W8A8 vision + W4A16 LLM); greedy-token agreement "
               f"{100 * fid['greedy_agreement']:.1f} %, vision cosine {fid['vision_cosine_mean']:.4f}", file=out, flush=True)
     return bundle
-
-
-def _fidelity_line(f, cal: Path) -> str:
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    cos = "–" if f.vision_cosine_mean is None else f"{f.vision_cosine_mean:.4f}"
-    return (f"[demo] calibrated: vision cosine {cos}, greedy agreement {pct(f.greedy_agreement)}, accuracy "
-            f"{pct(f.accuracy_before)} → {pct(f.accuracy_after)}  (report: {cal / 'fidelity.json'})")
 
 
 def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int = 8, progress: bool = True) -> dict:
