@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from nvila_edge.errors import ExportError
-from nvila_edge.modeling.quantized import pack_int4
+from nvila_edge.modeling.quantized import pack_int4, quantize_int8_rows
 
 from .llm_onnx import _modelopt_int4, _pre_quant_scale, _quantizer
 
@@ -72,18 +72,6 @@ def _w8a8(name: str, lin) -> dict[str, torch.Tensor]:
     return out
 
 
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (the token table / LM head), chunked: no full-size float temporaries."""
-    q = torch.empty(w.shape, dtype=torch.int8)
-    scales = torch.empty(w.shape[0])
-    for s in range(0, w.shape[0], 8192):
-        rows = w[s:s + 8192].float()
-        sc = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[s:s + 8192] = torch.round(rows / sc[:, None]).clamp(-127, 127).to(torch.int8)
-        scales[s:s + 8192] = sc
-    return q, scales
-
-
 def linear_kind(name: str, lin) -> str:
     """How one linear maps to the cuda target: "int4", "w8a8" or "fp16" (``ExportError`` otherwise)."""
     for q in _OTHER_QUANTIZERS:
@@ -122,7 +110,7 @@ def quantized_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
                 out[f"{name}.bias"] = mod.bias.detach().float()
             done |= {f"{name}.weight", f"{name}.bias"}
         emb = model.llm.get_input_embeddings().weight.detach()
-        q, s = _int8_rows(emb)
+        q, s = quantize_int8_rows(emb)
         out.update({"llm.model.embed_tokens.weight": q, "llm.model.embed_tokens.scales": s})
         done.add("llm.model.embed_tokens.weight")
         head = model.llm.lm_head
@@ -133,7 +121,7 @@ def quantized_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         elif kind == "w8a8":
             raise ExportError("llm.lm_head: W8A8 on the LM head is not supported by the cuda target")
         elif not model.config.llm.tie_word_embeddings:
-            q, s = _int8_rows(head.weight.detach())
+            q, s = quantize_int8_rows(head.weight)
             out.update({"llm.lm_head.weight": q, "llm.lm_head.scales": s})
         done.add("llm.lm_head.weight")
         for k, v in model.state_dict().items():

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nvila_edge.errors import ExportError
+from nvila_edge.modeling.quantized import quantize_int8_rows
 
 PRECISIONS = ("fp32", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "int8", "int4")
@@ -393,15 +394,9 @@ def export_embeddings(model, out_dir: str | os.PathLike, *, dtype: str = "float1
     llm = _llm_of(model)
     w = llm.get_input_embeddings().weight.detach()
     tensors = {}
-    if dtype == "int8":  # symmetric per row, in chunks: no full-size float temporaries
-        q = np.empty(tuple(w.shape), np.int8)
-        scales = np.empty(w.shape[0], np.float32)
-        for s in range(0, w.shape[0], 8192):
-            rows = w[s:s + 8192].float()
-            sc = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            q[s:s + 8192] = torch.round(rows / sc[:, None]).clamp(-127, 127).to(torch.int8).numpy()
-            scales[s:s + 8192] = sc.numpy()
-        tensors = {"weight": q, "scales": scales}
+    if dtype == "int8":  # symmetric per row, in chunks (the cuda target's token table is the same numbers)
+        q, scales = quantize_int8_rows(w)
+        tensors = {"weight": q.numpy(), "scales": scales.numpy()}
     else:
         tensors = {"weight": w.to(torch.float16 if dtype == "float16" else torch.float32).numpy()}
     out_dir = Path(out_dir)

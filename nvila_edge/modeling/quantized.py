@@ -47,6 +47,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
 
 
+def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (token tables, LM heads): (int8 codes, float32 row scales = amax / 127),
+    computed ``chunk`` rows at a time so no full-size float copy of a large table is made."""
+    q = torch.empty(tuple(w.shape), dtype=torch.int8)
+    scales = torch.empty(w.shape[0])
+    for s in range(0, w.shape[0], chunk):
+        rows = w[s:s + chunk].detach().float().cpu()
+        sc = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q[s:s + chunk] = torch.round(rows / sc[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[s:s + chunk] = sc
+    return q, scales
+
+
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     codes = unpack_int4(packed).float()
     n, k = codes.shape
@@ -444,19 +457,15 @@ def random_quantized_tensors(model, calibration_pixels: torch.Tensor | None = No
                 continue
             if m.bias is not None:
                 out[f"{name}.bias"] = m.bias.detach().float().cpu()
-        emb = model.llm.get_input_embeddings().weight.detach().float().cpu()
-        sc = emb.abs().amax(1).clamp_min(1e-12) / 127.0
-        out["llm.model.embed_tokens.weight"] = torch.round(emb / sc[:, None]).clamp(-127, 127).to(torch.int8)
-        out["llm.model.embed_tokens.scales"] = sc
+        q, sc = quantize_int8_rows(model.llm.get_input_embeddings().weight)
+        out["llm.model.embed_tokens.weight"], out["llm.model.embed_tokens.scales"] = q, sc
         done = {k.rsplit(".", 1)[0] for k in out}
         for k, v in model.state_dict().items():
             mod = k.rsplit(".", 1)[0]
             if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
                 continue
             if k == "llm.lm_head.weight":
-                s = v.float().abs().amax(1).clamp_min(1e-12) / 127.0
-                out[k] = torch.round(v.float() / s[:, None]).clamp(-127, 127).to(torch.int8).cpu()
-                out["llm.lm_head.scales"] = s.cpu()
+                out[k], out["llm.lm_head.scales"] = quantize_int8_rows(v)
                 continue
             out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
     return {k: v.contiguous() for k, v in out.items()}
