@@ -27,7 +27,7 @@ import numpy as np
 
 from . import bench_report as report
 from .bench_report import bandwidth_gbs, peak_rss_mb
-from .bench_timing import (GPU, _backend_llm, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
+from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
                            _torch_llm, _torch_model, _ttft, log)
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
@@ -161,7 +161,9 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
     if backend == "torch":
         from . import bench_gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
 
-        quantized = preset or "cuda" in __import__("nvila_edge.bundle").bundle.Bundle.open(bundle).targets
+        from nvila_edge.bundle import Bundle
+
+        quantized = preset or "cuda" in Bundle.open(bundle).targets
         log("torch backend: " + ("fp16 eager vs fp16 CUDA graph vs W4A16 / W8A8 (cuda target)" if quantized
                                  else "eager vs the torch backend (CUDA graph decoding on cuda)"))
         result["gpu"] = bench_gpu.phase_quantized(spec, quick) if quantized else phase_gpu(spec, quick)
@@ -332,7 +334,6 @@ def phase_gpu(spec: dict, quick: bool = False) -> dict:
     import torch
 
     from nvila_edge.runtime.backends.torch import TorchBackend
-    from nvila_edge.runtime import Runtime
 
     dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.startswith("cuda")
@@ -350,13 +351,9 @@ def phase_gpu(spec: dict, quick: bool = False) -> dict:
     ids = _prompt_ids(cfg, n["prefill"])
     log("  LLM transformers eager")
     res["eager"] = _torch_llm(model.llm, ids, n["tokens"], n["reps"], sync)
-    be = TorchBackend(model, device=dev)
-    res["describe"] = be.describe()
-    log(f"  LLM torch backend ({be.describe()['decode']})")
-    res["backend"] = _backend_llm(be, ids, n["tokens"], n["reps"], sync)
-    rt = Runtime(cfg, tok, be)
-    res["ttft_image"] = _ttft(rt, 2, cfg, video=False)
-    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+    path = _backend_path(TorchBackend(model, device=dev), cfg, tok, ids, n, sync, ttft_reps=2)
+    res.update(describe=path["describe"], backend=path["llm"], ttft_image=path["ttft_image"],
+               ttft_video=path["ttft_video"])
     res["bytes_per_token"] = report.torch_llm_bytes(model.llm, cfg, n["prefill"] + n["tokens"] // 2)
     if cuda:
         res["bandwidth_gbs"] = report.gpu_bandwidth_gbs(dev)

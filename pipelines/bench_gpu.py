@@ -92,11 +92,10 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     """The whole GPU comparison in this process; the result goes to ``result["gpu"]``."""
     import torch
 
-    from nvila_edge.runtime import Runtime
     from nvila_edge.runtime.backends.torch import TorchBackend
 
     from . import bench_report as report
-    from .bench_timing import GPU, _backend_llm, _config_tok, _prompt_ids, _time_tiles, _torch_llm, _ttft, log
+    from .bench_timing import GPU, _backend_path, _config_tok, _prompt_ids, _time_tiles, _torch_llm, log
 
     dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.startswith("cuda")
@@ -125,12 +124,8 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     def run_path(model, key):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        be = TorchBackend(model, device=dev)
-        log(f"  LLM {key} ({be.describe()['decode']})")
-        out = {"describe": be.describe(), "llm": _backend_llm(be, ids, n["tokens"], n["reps"], sync)}
-        rt = Runtime(cfg, tok, be)
-        out["ttft_image"] = _ttft(rt, 1 if quick else 3, cfg, video=False)
-        out["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+        log(f"  {key}:")
+        out = _backend_path(TorchBackend(model, device=dev), cfg, tok, ids, n, sync, ttft_reps=1 if quick else 3)
         if cuda:
             out["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return out

@@ -122,3 +122,16 @@ def _torch_model(spec, device="cpu", dtype=None):
     if spec.get("checkpoint"):
         return NVILAModel.from_pretrained(spec["checkpoint"], dtype=dtype or torch.float32, device=device).eval()
     return None
+
+
+def _backend_path(be, cfg, tok, ids: np.ndarray, n: dict, sync, ttft_reps: int) -> dict:
+    """One torch-backend path of the GPU comparisons: its description, greedy prefill + decode, and TTFT for
+    one image and an 8-frame video through a ``Runtime`` on it."""
+    from nvila_edge.runtime import Runtime
+
+    log(f"  LLM torch backend ({be.describe()['decode']})")
+    out = {"describe": be.describe(), "llm": _backend_llm(be, ids, n["tokens"], n["reps"], sync)}
+    rt = Runtime(cfg, tok, be)
+    out["ttft_image"] = _ttft(rt, ttft_reps, cfg, video=False)
+    out["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+    return out
