@@ -42,7 +42,7 @@ def cmd_calibrate(args) -> int:
             from nvila_edge.training.synthetic import SyntheticConfig, make_dataset
 
             n = max(args.num_samples + args.num_heldout, 16)
-            data = make_dataset(Path(tmp) / "synthetic", SyntheticConfig(num_images=n, num_videos=max(2, n // 8)),
+            data = make_dataset(Path(tmp) / "synthetic", SyntheticConfig(num_images=n, num_videos=max(2, n // 8), num_heldout_videos=0),
                                 progress=False)["train"]
             print(f"calibration data: synthetic set ({n} images) in {data}")
         result = calibrate(args.checkpoint, output, vision=args.vision, llm=args.llm, data=data,

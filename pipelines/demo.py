@@ -18,6 +18,7 @@ from typing import TextIO
 
 from nvila_edge import NVILAModel, NVILAProcessor
 from nvila_edge.io import atomic_write_text
+from nvila_edge.resources import cpu_cores, cpu_name
 
 from nvila_edge.training.data import read_jsonl
 from nvila_edge.training.evaluate import evaluate, single_questions
@@ -26,7 +27,7 @@ from nvila_edge.training.synthetic import SyntheticConfig, make_dataset
 from nvila_edge.training.tokenizer import demo_tokenizer
 from nvila_edge.training.trainer import last_checkpoint, run_recipe
 
-DEMO_VERSION = "v7"
+DEMO_VERSION = "v8"
 EVAL_QUESTIONS = 200  # held-out image questions scored before / after quantization and on the bundle
 CALIBRATION_SAMPLES = 64  # bump when the data, recipe or preset change so old caches are not reused
 
@@ -39,6 +40,11 @@ def cache_root() -> Path:
     return Path(base) / "nvila-edge"
 
 
+def demo_dir(seed: int = 0) -> Path:
+    """The demo's cache folder: one per version and training seed."""
+    return cache_root() / (f"demo-{DEMO_VERSION}" + (f"-seed{seed}" if seed else ""))
+
+
 @dataclass
 class DemoResult:
     checkpoint: Path
@@ -47,10 +53,13 @@ class DemoResult:
     per_task: dict
     trained_now: bool
     train_seconds: float
+    temporal: dict  # "when" answers: questions, mean_iou, precision_at_0_5 (paper Table 10's measures)
+    seed: int = 0
+    cpu: str = ""
 
 
 def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, out: TextIO = sys.stdout,
-                     verbose: bool = False) -> tuple[Path, bool, float]:
+                     verbose: bool = False, seed: int = 0) -> tuple[Path, bool, float]:
     """Data + tokenizer + the five stages; returns (final checkpoint, trained now?, seconds).
 
     Per stage one progress bar and one summary line; the Trainer's logs go to the stage's metrics.json
@@ -65,6 +74,7 @@ def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, o
         print(f"[demo] writing synthetic data to {data}", file=out, flush=True)
         make_dataset(data, cfg, progress=progress)
     recipe = demo_recipe(data)
+    recipe.seed = seed
     done = last_checkpoint(recipe, root / "checkpoints")
     if done is not None and done.name.endswith(recipe.stages[-1].name):
         return done, False, 0.0
@@ -82,9 +92,9 @@ def build_demo_model(root: Path, retrain: bool = False, progress: bool = True, o
 
 
 def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questions: int = 4,
-             progress: bool = True, out: TextIO = sys.stdout, verbose: bool = False) -> DemoResult:
-    root = Path(cache_dir) if cache_dir else cache_root() / f"demo-{DEMO_VERSION}"
-    ckpt, trained, secs = build_demo_model(root, retrain=retrain, progress=progress, out=out, verbose=verbose)
+             progress: bool = True, out: TextIO = sys.stdout, verbose: bool = False, seed: int = 0) -> DemoResult:
+    root = Path(cache_dir) if cache_dir else demo_dir(seed)
+    ckpt, trained, secs = build_demo_model(root, retrain=retrain, progress=progress, out=out, verbose=verbose, seed=seed)
     model = NVILAModel.from_pretrained(ckpt)
     processor = NVILAProcessor.from_pretrained(ckpt)
     held = single_questions(read_jsonl(root / "data" / "heldout.jsonl"))
@@ -93,21 +103,17 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
     if report is None or report.get("checkpoint") != str(ckpt):
         img = evaluate(model, processor, [r for r in held if not r.video], progress=progress)
         vid = evaluate(model, processor, [r for r in held if r.video], progress=progress)
-        report = {"checkpoint": str(ckpt), "image": img.to_dict(), "video": vid.to_dict(),
-                  "train_seconds": secs or None}
+        report = {"checkpoint": str(ckpt), "image": img.to_dict(), "video": vid.to_dict(), "seed": seed,
+                  "train_seconds": secs or None, "cpu": cpu_name(), "cores": cpu_cores()}
         atomic_write_text(report_file, json.dumps(report, indent=2))
-    img, vid = report["image"], report["video"]
-    print(f"[demo] held-out accuracy (exact answer match): images {100 * img['accuracy']:.1f} % "
-          f"({img['correct']}/{img['total']}), videos {100 * vid['accuracy']:.1f} % ({vid['correct']}/{vid['total']})",
-          file=out, flush=True)
-    print("[demo] per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in {**img["per_task"], **vid["per_task"]}.items()),
-          file=out, flush=True)
+    print_report(report, out)
     bundle = deploy_demo(root, ckpt, held, progress=progress, out=out, verbose=verbose)
     from nvila_edge.runtime import Runtime
 
     rt = Runtime.load(bundle, backend="onnxruntime")
     print(f"[demo] answering with the bundle on {rt.describe()['backend']} ({bundle})", file=out, flush=True)
-    picks = [r for r in held if not r.video][:max(questions - 1, 0)] + [r for r in held if r.video][:1]
+    videos = [r for r in held if r.video]
+    picks = [r for r in held if not r.video][:max(questions - 1, 0)] + ([r for r in videos if r.task == "when"] or videos)[:1]
     for r in picks[:questions]:
         media = r.video.name if r.video else ", ".join(p.name for p in r.images)
         q = r.question[-1]["value"].replace("<image>", "").replace("<vila/video>", "").strip()
@@ -121,7 +127,31 @@ def run_demo(cache_dir: str | Path | None = None, retrain: bool = False, questio
                 print(f"   (expected: {r.answer}; ttft {t.ttft_ms:.0f} ms, {ev.usage.prompt_tokens} prompt tokens)",
                       file=out, flush=True)
     rt.close()
-    return DemoResult(ckpt, img["accuracy"], vid["accuracy"], {**img["per_task"], **vid["per_task"]}, trained, secs)
+    img, vid = report["image"], report["video"]
+    return DemoResult(ckpt, img["accuracy"], vid["accuracy"], {**img["per_task"], **vid["per_task"]}, trained,
+                      report.get("train_seconds") or 0.0, vid.get("temporal") or {}, seed, report.get("cpu", ""))
+
+
+def print_report(report: dict, out: TextIO = sys.stdout) -> None:
+    """The held-out figures of a demo report: accuracy per kind and task, temporal IoU, the machine."""
+    img, vid = report["image"], report["video"]
+
+    def tasks(r):
+        return ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["per_task"].items())
+
+    where = f"{report.get('cpu') or cpu_name()}, {report.get('cores') or cpu_cores()} cores"
+    if report.get("train_seconds"):
+        print(f"[demo] trained in {report['train_seconds']:.0f} s on {where} (seed {report.get('seed', 0)})",
+              file=out, flush=True)
+    print(f"[demo] held-out accuracy (exact answer match): images {100 * img['accuracy']:.1f} % "
+          f"({img['correct']}/{img['total']}), videos {100 * vid['accuracy']:.1f} % ({vid['correct']}/{vid['total']})"
+          f" — {where}", file=out, flush=True)
+    print(f"[demo] images per task: {tasks(img)}", file=out, flush=True)
+    print(f"[demo] videos per task: {tasks(vid)}", file=out, flush=True)
+    if t := vid.get("temporal"):
+        print(f"[demo] \"when\" ({t['questions']} questions, answers are time-token segments): exact "
+              f"{100 * vid['per_task'].get('when', 0.0):.1f} %, mean IoU {t['mean_iou']:.3f}, "
+              f"precision@0.5 {100 * t['precision_at_0_5']:.1f} %", file=out, flush=True)
 
 
 def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO = sys.stdout,

@@ -12,7 +12,7 @@ from nvila_edge.training.synthetic import SyntheticConfig
 
 
 def test_demo_trains_caches_and_streams(tmp_path, monkeypatch, capsys):
-    small = SyntheticConfig(num_images=30, num_videos=8, heldout_fraction=0.3)
+    small = SyntheticConfig(num_images=30, num_videos=8, num_heldout_videos=5, heldout_fraction=0.3)
     monkeypatch.setattr(demo, "SyntheticConfig", lambda: small)
 
     def quick(data_dir):

@@ -80,7 +80,7 @@ def test_torchrun_two_ranks_trains_and_saves_once(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     data = tmp_path / "data"
-    paths = make_dataset(data, SyntheticConfig(num_images=6, num_videos=4, heldout_fraction=0.0, seed=2), progress=False)
+    paths = make_dataset(data, SyntheticConfig(num_images=6, num_videos=4, num_heldout_videos=0, heldout_fraction=0.0, seed=2), progress=False)
     assert len(paths["train"].read_text().splitlines()) == NUM_RECORDS
     script = tmp_path / "run_ddp.py"
     script.write_text(SCRIPT)

@@ -19,7 +19,7 @@ from nvila_edge.training.trainer import run_recipe, set_trainable
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tags") / "data"
-    make_dataset(d, SyntheticConfig(num_images=12, num_videos=0, heldout_fraction=0.2), progress=False)
+    make_dataset(d, SyntheticConfig(num_images=12, num_videos=0, num_heldout_videos=0, heldout_fraction=0.2), progress=False)
     return d
 
 

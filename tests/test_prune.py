@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     """A 20-example synthetic set (every image kind and video task), and two demo-architecture models of different size, the
     large one trained 3x longer, both saved as checkpoints."""
     root = tmp_path_factory.mktemp("prune")
-    paths = make_dataset(root / "data", SyntheticConfig(num_images=12, num_videos=8, heldout_fraction=0.0, seed=5),
+    paths = make_dataset(root / "data", SyntheticConfig(num_images=12, num_videos=8, num_heldout_videos=0, heldout_fraction=0.0, seed=5),
                          progress=False)
     records = read_jsonl(paths["train"], on_error="raise")
     tok = demo_tokenizer()

@@ -17,7 +17,7 @@ from nvila_edge.training.trainer import last_checkpoint, run_recipe, set_trainab
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("syn") / "data"
-    make_dataset(d, SyntheticConfig(num_images=24, num_videos=4, heldout_fraction=0.2), progress=False)
+    make_dataset(d, SyntheticConfig(num_images=24, num_videos=4, num_heldout_videos=3, heldout_fraction=0.2), progress=False)
     return d
 
 

@@ -82,7 +82,7 @@ def test_stage_preprocessing_override_gives_one_tile_per_image(processor):
 
 def test_recipe_with_rendered_source_trains_and_round_trips(tmp_path):
     data = tmp_path / "data"
-    make_dataset(data, SyntheticConfig(num_images=10, num_videos=0, heldout_fraction=0.2), progress=False)
+    make_dataset(data, SyntheticConfig(num_images=10, num_videos=0, num_heldout_videos=0, heldout_fraction=0.2), progress=False)
     recipe = Recipe(name="r", preset="demo", base_dir=str(data), stages=(
         Stage("vep", ("vision_tower", "mm_projector"), 1e-3,
               (DataSource(synthetic=6, tasks=("object", "count"), seed=2), DataSource("captions.jsonl")),

@@ -14,12 +14,13 @@ from PIL import Image
 
 from nvila_edge import NVILAConfig
 from nvila_edge.media.tiling import plan_image
+from nvila_edge.media.video import load_video
 from nvila_edge.training import synthetic
 from nvila_edge.training.data import read_jsonl
 from nvila_edge.training.synthetic import COLORS, IMAGE_KINDS, IMAGE_TASKS, VIDEO_TASKS, SyntheticConfig, make_dataset
 from nvila_edge.training.tokenizer import demo_tokenizer
 
-SMALL = dict(num_images=18, num_videos=12, heldout_fraction=0.25)
+SMALL = dict(num_images=18, num_videos=12, num_heldout_videos=5, heldout_fraction=0.25)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -43,7 +44,7 @@ def test_writes_jsonl_media_and_settings(dataset):
     assert all(p == out / f"{name}.jsonl" and p.is_file() for name, p in paths.items())
     assert json.loads((out / "synthetic.json").read_text())["seed"] == cfg.seed
     assert len(list((out / "images").glob("*.png"))) == cfg.num_images
-    assert len(list((out / "videos").glob("*.mp4"))) == cfg.num_videos
+    assert len(list((out / "videos").glob("*.mp4"))) == cfg.num_videos + cfg.num_heldout_videos
     # every line passes the strict loader (media exist and decode), paths relative to the file
     for name, p in paths.items():
         recs = read_jsonl(p, on_error="raise")
@@ -64,7 +65,8 @@ def test_split_is_disjoint_and_complete(dataset):
     assert held and train
     ids_t, ids_h = {r["id"] for r in train}, {r["id"] for r in held}
     assert not ids_t & ids_h
-    assert len(ids_t | ids_h) == len(train) + len(held) == cfg.num_images + cfg.num_videos
+    assert len(ids_t | ids_h) == len(train) + len(held) == cfg.num_images + cfg.num_videos + cfg.num_heldout_videos
+    assert sum(r["kind"] == "video" for r in held) == cfg.num_heldout_videos
     assert not {_media(r) for r in train} & {_media(r) for r in held}
     # captions describe exactly the training images (never a held-out one)
     assert {c["image"] for c in caps} == {r["image"] for r in train if "image" in r}
@@ -101,7 +103,7 @@ def _frames(path: Path) -> list[np.ndarray]:
 
 
 def test_same_seed_same_data_different_seed_different(tmp_path):
-    small = dict(num_images=6, num_videos=4, heldout_fraction=0.3)
+    small = dict(num_images=6, num_videos=4, num_heldout_videos=2, heldout_fraction=0.3)
     a = make_dataset(tmp_path / "a", SyntheticConfig(seed=7, **small), progress=False)
     b = make_dataset(tmp_path / "b", SyntheticConfig(seed=7, **small), progress=False)
     c = make_dataset(tmp_path / "c", SyntheticConfig(seed=8, **small), progress=False)
@@ -155,16 +157,20 @@ def test_time_token_answers(dataset):
     assert rows
     for r in rows:
         answer = r["conversations"][1]["value"]
-        m = re.fullmatch(r"<t(\d+)>", answer)
+        m = re.fullmatch(r"<t(\d+)> to <t(\d+)>", answer)
         assert m, answer
-        k = int(m.group(1))
-        assert 0 <= k < cfg.num_time_tokens
-        assert tok.encode(answer) == [tok.token_to_id(answer)]  # one token
-        # and the token says when the shape appears: first frame that differs from the empty start
-        frames = [f.astype(np.int16) for f in _frames(out / r["video"])]
-        diff = [np.abs(f - frames[0]).max(axis=-1).mean() for f in frames]
-        first = next(i for i, d in enumerate(diff) if d > 5)
-        assert k == round(first / (cfg.num_frames - 1) * (cfg.num_time_tokens - 1))
+        start, end = int(m.group(1)), int(m.group(2))
+        assert 0 <= start < end < cfg.num_time_tokens
+        ids = tok.encode(answer)
+        assert ids[0] == tok.token_to_id(f"<t{start}>") and ids[-1] == tok.token_to_id(f"<t{end}>") and len(ids) == 4
+        # and the segment is when the shape is visible in the frames the model samples
+        clip = load_video(out / r["video"], cfg.sampled_frames)
+        diff = [np.abs(f.astype(np.int16) - clip.frames[0 if start else -1].astype(np.int16)).max(axis=-1) > 60
+                for f in clip.frames]
+        shown = [k for k, d in enumerate(diff) if d.sum() > 30]
+        # frames that differ from an empty frame (the first when the segment starts later, else the last)
+        empty = set(range(cfg.sampled_frames)) - set(range(start, end + 1))
+        assert empty and set(shown) == set(range(start, end + 1)), (answer, shown)
     for t in range(cfg.num_time_tokens):  # every time token is a single token of the demo vocabulary
         assert len(tok.encode(f"<t{t}>")) == 1
 
@@ -238,7 +244,7 @@ def test_interrupted_make_dataset_leaves_nothing(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(synthetic, "write_video", flaky)
-    cfg = SyntheticConfig(num_images=3, num_videos=4, heldout_fraction=0.0)
+    cfg = SyntheticConfig(num_images=3, num_videos=4, num_heldout_videos=0, heldout_fraction=0.0)
     with pytest.raises(KeyboardInterrupt):
         make_dataset(tmp_path / "out", cfg, progress=False)
     assert calls["n"] == 2
@@ -250,31 +256,32 @@ def test_interrupted_make_dataset_leaves_nothing(tmp_path, monkeypatch):
     calls["n"] = 0
     monkeypatch.setattr(synthetic, "write_video", flaky)
     with pytest.raises(KeyboardInterrupt):
-        make_dataset(tmp_path / "out", SyntheticConfig(seed=1, num_images=3, num_videos=4), progress=False)
+        make_dataset(tmp_path / "out", SyntheticConfig(seed=1, num_images=3, num_videos=4, num_heldout_videos=0), progress=False)
     assert _digest(tmp_path / "out") == before and paths["train"].is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_appears_first_is_answerable_from_eight_sampled_frames(tmp_path):
-    """The model samples 8 frames: one of them must show the first shape without the second."""
+    """The model samples 8 frames: one of them must show the first shape without the second (files written
+    by write_video; the rendered clips' properties are in test_synthetic_video.py)."""
     import random
 
     from nvila_edge.media.video import load_video
 
     cfg = SyntheticConfig()
     w, h = cfg.video_size
-    for seed in range(40):
+    for seed in range(20):
         path = tmp_path / f"{seed}.mp4"
         question, answer = synthetic.write_video(path, "appears_first", random.Random(seed), cfg)
         clip = load_video(path, 8)
+        bg = np.asarray(synthetic._background(random.Random(seed), cfg.video_size)).astype(np.int16)
         assert len(clip.frames) == 8 and clip.indices[0] == 0
 
         def shown(frame, x):
-            patch = frame[int(h * 0.45):int(h * 0.55), int(w * x) - 4:int(w * x) + 4].astype(np.int16)
-            empty = clip.frames[0][int(h * 0.45):int(h * 0.55), int(w * x) - 4:int(w * x) + 4].astype(np.int16)
-            return np.abs(patch - empty).mean() > 30
+            sl = (slice(int(h * 0.45), int(h * 0.55)), slice(int(w * x) - 4, int(w * x) + 4))
+            return np.abs(frame[sl].astype(np.int16) - bg[sl]).mean() > 30
 
         states = [(shown(f, 0.3), shown(f, 0.7)) for f in clip.frames]
         assert (True, False) in states, (seed, states)  # the first shape alone, at some sampled frame
-        assert states[-1] == (True, True) and states[0] == (False, False)
+        assert states[-1] == (True, True) and (False, True) not in states
         assert answer in synthetic.SHAPES and question == "Which shape appears first?"

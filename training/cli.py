@@ -11,7 +11,7 @@ def cmd_make_data(args) -> int:
     from nvila_edge.training.synthetic import SyntheticConfig, make_dataset
 
     cfg = SyntheticConfig(num_images=args.images, num_videos=args.videos, seed=args.seed,
-                          heldout_fraction=args.heldout)
+                          heldout_fraction=args.heldout, num_heldout_videos=args.heldout_videos)
     paths = make_dataset(args.output, cfg)
     for name, path in paths.items():
         n = sum(1 for _ in open(path))
@@ -89,7 +89,8 @@ def add_parser(sub) -> None:
     md.add_argument("--images", type=int, default=1200)
     md.add_argument("--videos", type=int, default=120)
     md.add_argument("--seed", type=int, default=0)
-    md.add_argument("--heldout", type=float, default=0.1, help="held-out fraction")
+    md.add_argument("--heldout", type=float, default=0.1, help="held-out fraction of the images")
+    md.add_argument("--heldout-videos", type=int, default=250, help="held-out video clips (tasks in turn)")
     md.set_defaults(func=cmd_make_data)
 
     tr = sub.add_parser("train", help="run a training recipe (any subset of the five NVILA stages)")

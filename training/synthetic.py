@@ -23,6 +23,7 @@ from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_directory
 
 from .data import ExampleCache, example_length
+from .synthetic_video import VIDEO_TASKS, video_record, write_video  # noqa: F401  (write_video: the file writer tests patch)
 
 COLORS = {
     "red": (220, 40, 40),
@@ -43,20 +44,23 @@ IMAGE_TASKS = ("color", "shape", "count", "position", "size", "ocr")  # question
 # image kinds (a record's "task"): object → color/shape/position/size, count → count/color, ocr → ocr;
 # count and ocr are the harder ones, so they come up more often than their share of questions
 IMAGE_KINDS = ("object", "count", "ocr", "count", "ocr")
-VIDEO_TASKS = ("appears_first", "when", "color_change", "direction")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
 class SyntheticConfig:
     num_images: int = 4000
-    num_videos: int = 120
-    heldout_fraction: float = 0.1
+    num_videos: int = 120  # training clips written to train.jsonl (a stage can also render them: RenderedVideos)
+    heldout_fraction: float = 0.1  # of the images
     seed: int = 0
     num_frames: int = 16  # frames written per video file
     video_size: tuple[int, int] = (160, 120)
     num_time_tokens: int = 8
     time_token_format: str = "<t{t}>"
+    # held-out clips (heldout.jsonl), tasks in turn: 250 = 50 questions a task
+    num_heldout_videos: int = 250
+    sampled_frames: int = 8  # frames the model samples from a clip (the preset's video.num_frames)
+    fps: float = 8.0
 
 
 def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
@@ -212,63 +216,13 @@ class RenderedImages(torch.utils.data.Dataset):
         return out
 
 
-def write_video(path: Path, task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str]:
-    """A short video file (OpenCV) and its (question, answer)."""
-    import cv2
-
-    w, h = cfg.video_size
-    n = cfg.num_frames
-    frames = []
-    bg = np.asarray(_background(rng, (w, h)))
-    a, b = rng.sample(SHAPES, 2)
-    ca, cb = rng.sample(list(COLORS), 2)
-    ta, tb = sorted(rng.sample(range(1, n - 2), 2))
-    if task == "appears_first":
-        # keep the two appearances far enough apart that 8 uniformly sampled frames (the NVILA / demo
-        # default) see one shape without the other; otherwise ~10 % of these questions are unanswerable
-        gap = -(-(n - 1) // 7)
-        if tb - ta < gap:
-            tb = min(ta + gap, n - 3)
-            ta = tb - gap
-    start_left = rng.random() < 0.5
-    change_at = rng.randint(n // 4, 3 * n // 4)
-    r = h * 0.18
-    for k in range(n):
-        img = Image.fromarray(bg.copy())
-        d = ImageDraw.Draw(img)
-        if task == "appears_first":
-            if k >= ta:
-                _draw_shape(d, a, w * 0.3, h * 0.5, r, COLORS[ca])
-            if k >= tb:
-                _draw_shape(d, b, w * 0.7, h * 0.5, r, COLORS[cb])
-        elif task == "when":
-            if k >= ta:
-                _draw_shape(d, a, w * 0.5, h * 0.5, r, COLORS[ca])
-        elif task == "color_change":
-            _draw_shape(d, a, w * 0.5, h * 0.5, r, COLORS[ca if k < change_at else cb])
-        else:
-            t = k / (n - 1)
-            x = (0.2 + 0.6 * t) if start_left else (0.8 - 0.6 * t)
-            _draw_shape(d, a, w * x, h * 0.5, r, COLORS[ca])
-        frames.append(cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (w, h))
-    for f in frames:
-        writer.write(f)
-    writer.release()
-    if task == "appears_first":
-        return "Which shape appears first?", a
-    if task == "when":
-        t = round(ta / (n - 1) * (cfg.num_time_tokens - 1))
-        return f"When does the {a} appear?", cfg.time_token_format.format(t=t)
-    if task == "color_change":
-        return f"What color does the {a} turn into?", cb
-    return f"Which direction does the {a} move?", "right" if start_left else "left"
-
-
 def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, progress: bool = True) -> dict[str, Path]:
     """Write the data set to ``out_dir`` atomically; return the JSONL paths."""
     cfg = config or SyntheticConfig()
+    if cfg.num_frames < 1 or cfg.sampled_frames < 1 or cfg.fps <= 0:
+        raise ConfigError(f"videos need num_frames >= 1, sampled_frames >= 1 and fps > 0, got {cfg}")
     rng = random.Random(cfg.seed)
+    held_rng = random.Random(cfg.seed + 7_919)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         (tmp / "images").mkdir()
@@ -281,16 +235,20 @@ def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, pro
             img.save(tmp / rel)
             records.append(rec)
             captions.append(cap)
-        for i in tqdm(range(cfg.num_videos), desc="synthetic videos", disable=not progress):
+        videos = [("train", i, "vid") for i in range(cfg.num_videos)] + [("heldout", i, "heldvid") for i in range(cfg.num_heldout_videos)]
+        video_rows: dict[str, list[dict]] = {"train": [], "heldout": []}
+        for split_name, i, prefix in tqdm(videos, desc="synthetic videos", disable=not progress):
             task = VIDEO_TASKS[i % len(VIDEO_TASKS)]
-            rel = f"videos/{i:05d}.mp4"
-            q, a = write_video(tmp / rel, task, rng, cfg)
-            records.append({"id": f"vid-{i}", "video": rel, "task": task, "kind": "video",
-                            "conversations": [{"from": "human", "value": f"<vila/video>\n{q}"}, {"from": "gpt", "value": a}]})
+            rel = f"videos/{prefix}-{i:05d}.mp4"
+            # the held-out clips from their own stream: more or fewer training clips leave them unchanged
+            q, a = write_video(tmp / rel, task, rng if split_name == "train" else held_rng, cfg)
+            video_rows[split_name].append(video_record(i, task, q, a, rel, prefix=prefix))
         split = random.Random(cfg.seed + 1)
         train, held = [], []
         for r in records:
             (held if split.random() < cfg.heldout_fraction else train).append(r)
+        train += video_rows["train"]
+        held += video_rows["heldout"]
         held_ids = {r["image"] for r in held if "image" in r}
         captions = [c for c in captions if c["image"] not in held_ids]
         for name, rows in (("train", train), ("heldout", held), ("captions", captions)):
@@ -303,11 +261,11 @@ def corpus(config: SyntheticConfig | None = None) -> list[str]:
     """Every question / answer / caption string the generator can produce: the demo tokenizer's corpus."""
     out = ["Describe the image.", "What shape is in the image?", "What color is the shape?", "Is the shape big or small?",
            "Is the shape on the left or the right?", "What color are the circles?", "What word is written in the image?",
-           "Which shape appears first?", "You are a helpful assistant"]
+           "Which shape appears first?", "How many shapes appear in the video?", "You are a helpful assistant"]
     for s in SHAPES:
         plural = s + ("es" if s.endswith("s") else "s")
         out += [f"What color is the {s}?", f"What color are the {plural}?", f"Is the {s} on the left or the right?", f"Is the {s} big or small?",
-                f"How many {plural} are there?", f"When does the {s} appear?", f"What color does the {s} turn into?",
+                f"How many {plural} are there?", f"When is the {s} visible?", f"What color does the {s} turn into?",
                 f"Which direction does the {s} move?"]
         for c in COLORS:
             for size in ("big", "small"):
@@ -315,6 +273,8 @@ def corpus(config: SyntheticConfig | None = None) -> list[str]:
                     out.append(f"a {size} {c} {s} on the {side}")
             out += [f"{n} {c} {plural}" for n in range(2, 5)]
     out += [f"the word {w}" for w in WORDS] + list(WORDS) + [str(n) for n in range(10)]
+    # "when" answers are segments, "<t2> to <t5>": " to" between two time tokens
+    out += ["from start to end"] * 8
     # the chat template puts each role name and each answer at the start of a line, where BPE sees them
     # without a leading space: learned as whole words, a turn costs 8 fewer tokens and most answers are one
     # token (LM stages ~20 % shorter; docs/BENCHMARKS.md)

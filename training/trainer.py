@@ -83,7 +83,9 @@ def stage_dataset(stage: Stage, sources: Sources, processor: NVILAProcessor,
     """The stage's examples: per source (``stage_sources``), its JSONL records or its rendered images, each
     through the processor with the stage's and the source's preprocessing overrides. With ``cache``, each
     example is processed once for the whole run."""
+    from .recipe import VIDEO_TASKS
     from .synthetic import RenderedImages
+    from .synthetic_video import RenderedVideos
 
     parts: list[torch.utils.data.Dataset] = []
     for src, recs in sources:
@@ -91,7 +93,9 @@ def stage_dataset(stage: Stage, sources: Sources, processor: NVILAProcessor,
         if recs:
             parts.append(NVILADataset(recs, proc, cache))
         elif src.synthetic:
-            rendered = RenderedImages(proc, src.synthetic, src.tasks, seed=src.seed, cache=cache)
+            videos = bool(src.tasks) and set(src.tasks) <= set(VIDEO_TASKS)
+            rendered = (RenderedVideos if videos else RenderedImages)(proc, src.synthetic, src.tasks, seed=src.seed,
+                                                                      cache=cache)
             parts += [rendered] * max(1, src.repeat)
     if not parts:
         raise ConfigError(f"stage {stage.name!r} has no examples")
