@@ -7,7 +7,8 @@ import io
 import json
 
 import nvila_edge.pipelines.demo as demo
-from nvila_edge.training.recipe import demo_recipe
+from nvila_edge.resources import cpu_name
+from nvila_edge.training.recipe import VIDEO_TASKS, demo_recipe
 from nvila_edge.training.synthetic import SyntheticConfig
 
 
@@ -31,6 +32,12 @@ def test_demo_trains_caches_and_streams(tmp_path, monkeypatch, capsys):
     image = report["image"]  # the accuracy returned is the one scored on the held-out images and saved
     assert image["total"] > 0 and res.image_accuracy == image["correct"] / image["total"] == image["accuracy"]
     assert report["checkpoint"] == str(res.checkpoint)
+    # videos: every held-out clip scored, per task, and "when" answers by temporal IoU; the machine named
+    video = report["video"]
+    assert video["total"] == 5 and set(video["per_task"]) == set(VIDEO_TASKS)
+    assert video["temporal"]["questions"] == 1 and 0.0 <= video["temporal"]["mean_iou"] <= 1.0
+    assert res.temporal == video["temporal"] and report["cpu"] == cpu_name() and cpu_name() in text
+    assert "videos per task: appears_first" in text and '"when" (1 questions' in text
     # quiet by default: the Trainer's dict logs are kept in each stage's metrics.json, whose path is printed
     printed = capsys.readouterr()
     assert "'train_runtime'" not in printed.out + printed.err
@@ -56,3 +63,9 @@ def test_cache_root_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("NVILA_EDGE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert demo.cache_root() == tmp_path / "x" / "nvila-edge"
+
+
+def test_demo_dir_per_seed(monkeypatch, tmp_path):
+    monkeypatch.setenv("NVILA_EDGE_CACHE", str(tmp_path))
+    assert demo.demo_dir() == tmp_path / f"demo-{demo.DEMO_VERSION}"
+    assert demo.demo_dir(2) == tmp_path / f"demo-{demo.DEMO_VERSION}-seed2"

@@ -190,6 +190,15 @@ def test_example_cache_reuses_processed_examples_within_budget(records, demo_pro
     assert len(cache) == len(records) + 1
     cache.retain(ExampleCache.processor_key(one_tile))
     assert len(cache) == 1 and cache.used_bytes == NVILADataset(records[:1], one_tile)[0].pixel_values.size * 2
+    # retain_sources keeps a stage's own sources only: another source's examples (captions) go
+    import dataclasses as dc
+
+    other = [dc.replace(r, source="captions.jsonl") for r in records[:2]]
+    mine = NVILADataset(records[:1], one_tile, cache)
+    NVILADataset(other, one_tile, cache)[0]
+    assert len(cache) == 2
+    cache.retain_sources(mine)
+    assert list(cache.items) == [mine.key(0)] and cache.used_bytes == mine[0].pixel_values.size * 2
     # a full budget keeps nothing more, and the example is still returned
     small = ExampleCache(budget_bytes=1)
     assert NVILADataset(records, demo_processor, small)[0].pixel_values is not None and len(small) == 0

@@ -204,6 +204,14 @@ class ExampleCache:
         for key in [k for k in self.items if not (isinstance(k, tuple) and k and k[0] in keep)]:
             self.used_bytes -= self.nbytes(self.items.pop(key))
 
+    def retain_sources(self, dataset) -> None:
+        """Keep only the examples of ``dataset``'s sources (by each part's key prefix: processor, source), so
+        a stage's examples are not turned away by a budget full of an earlier stage's (the demo's video clips
+        after the token processor's captions)."""
+        prefixes = {d.key(0)[:2] for d in _datasets(dataset) if hasattr(d, "key") and len(d)}
+        for key in [k for k in self.items if not (isinstance(k, tuple) and k[:2] in prefixes)]:
+            self.used_bytes -= self.nbytes(self.items.pop(key))
+
     def put(self, key, out: ProcessedInputs) -> bool:
         """Keep ``out`` (False when it would pass the budget)."""
         size = self.nbytes(out)

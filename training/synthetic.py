@@ -60,6 +60,7 @@ class SyntheticConfig:
     # held-out clips (heldout.jsonl), tasks in turn: 250 = 50 questions a task
     num_heldout_videos: int = 250
     sampled_frames: int = 8  # frames the model samples from a clip (the preset's video.num_frames)
+    pooled_frames: int = 2  # frames TSP averages into one group (the preset's pool t): events last whole groups
     fps: float = 8.0
 
 

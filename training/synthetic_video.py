@@ -4,9 +4,10 @@ or rendered in memory for a training stage (``RenderedVideos``).
 
 A clip's events happen on the frames the model samples. The model reads ``sampled_frames`` frames at
 ``np.round(np.linspace(0, count - 1, N))`` (the reference rule) and TSP pools them in pairs, so each clip is
-planned over those N *slots*: a file frame shows what the last sampled slot at or before it shows. Then every
-answer can be read from the sampled frames — a shape that first shows between two sampled frames would make
-"when" ambiguous by one time token — and a rendered clip of ``num_frames`` frames is, after sampling, the
+planned over those N *slots*: a file frame shows what the last sampled slot at or before it shows, and events
+start and end on whole TSP groups (``pooled_frames`` slots). Then every answer can be read from the pooled
+frames — a shape that first shows between two sampled frames, or inside a group, would make "when" ambiguous
+by one time token — and a rendered clip of ``num_frames`` frames is, after sampling, the
 file clip's content exactly. Time tokens name slots: with as many time tokens as slots (the demo: 8 and 8),
 ``<tK>`` is slot K, the moment ``K / (N - 1)`` of the way through the sampled frames
 (``nvila_edge.media.time_token_index``).
@@ -61,23 +62,27 @@ def _plan(task: str, rng: random.Random, cfg) -> tuple[list[list[tuple]], str, s
     """What each slot shows — a list of (shape, colour name, x, y) per slot — with the question and answer."""
     from .synthetic import COLORS, SHAPES
 
-    n = cfg.sampled_frames
+    n, g = cfg.sampled_frames, max(1, cfg.pooled_frames)
+    if n % g:
+        raise ConfigError(f"sampled_frames ({n}) must be a multiple of pooled_frames ({g})")
     a, b = rng.sample(SHAPES, 2)
     ca, cb = rng.sample(list(COLORS), 2)
     slots: list[list[tuple]] = [[] for _ in range(n)]
     segment = None
     if task == "appears_first":
-        # two slots apart: TSP averages slot pairs, so the two never start inside one pooled group
-        sa = rng.randint(0, n - 3)
-        sb = rng.randint(sa + 2, n - 1)
+        # a pooled group apart: the two never start inside one TSP group
+        sa = rng.randint(0, n - 1 - g)
+        sb = rng.randint(sa + g, n - 1)
         for k in range(n):
             slots[k] += [(a, ca, 0.3, 0.5)] * (k >= sa) + [(b, cb, 0.7, 0.5)] * (k >= sb)
         return slots, "Which shape appears first?", a, None
     if task == "when":
-        # at least two slots long: one slot alone would sit in half a pooled pair, and the two halves are
-        # the same average
-        s = rng.randint(0, n - 2)
-        e = rng.randint(s + 1, n - 1)
+        # on whole pooled groups: TSP averages each group of frames, so a start or end inside one is half a
+        # shape in the group's average — the demo model placed those one time token off in most of its errors
+        groups = n // g
+        gs = rng.randint(0, groups - 1)
+        ge = rng.randint(gs, groups - 1)
+        s, e = g * gs, g * ge + g - 1
         x, y = rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.6)
         for k in range(s, e + 1):
             slots[k].append((a, ca, x, y))
@@ -85,7 +90,7 @@ def _plan(task: str, rng: random.Random, cfg) -> tuple[list[list[tuple]], str, s
         fmt = cfg.time_token_format
         return slots, f"When is the {a} visible?", f"{fmt.format(t=segment[0])} to {fmt.format(t=segment[1])}", segment
     if task == "color_change":
-        c = rng.randint(1, n - 2)  # the last pooled pair shows only the new colour
+        c = rng.randint(1, n - g)  # the last pooled group shows only the new colour
         for k in range(n):
             slots[k].append((a, ca if k < c else cb, 0.5, 0.5))
         return slots, f"What color does the {a} turn into?", cb, None
@@ -97,14 +102,14 @@ def _plan(task: str, rng: random.Random, cfg) -> tuple[list[list[tuple]], str, s
             slots[k].append((a, ca, 0.2 + 0.6 * t if right else 0.8 - 0.6 * t, y))
         return slots, f"Which direction does the {a} move?", "right" if right else "left", None
     if task == "count_over_time":
-        # shapes come one at a time, each for one pooled pair of slots, never two at once: only counting
+        # shapes come one at a time, each for one pooled group of slots, never two at once: only counting
         # across the frames gives the answer (no single frame shows more than one)
-        pairs = n // 2
-        count = rng.randint(1, min(4, pairs))
-        for p in sorted(rng.sample(range(pairs), count)):
+        groups = n // g
+        count = rng.randint(1, min(4, groups))
+        for p in sorted(rng.sample(range(groups), count)):
             item = (rng.choice(SHAPES), rng.choice(list(COLORS)), rng.uniform(0.25, 0.75), rng.uniform(0.35, 0.65))
-            slots[2 * p].append(item)
-            slots[2 * p + 1].append(item)
+            for k in range(g * p, g * p + g):
+                slots[k].append(item)
         return slots, "How many shapes appear in the video?", str(count), None
     raise ConfigError(f"unknown video task {task!r}; known: {VIDEO_TASKS}")
 

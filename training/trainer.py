@@ -244,6 +244,8 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
     if cache is not None:  # another stage's overrides will not come back: free their tiles
         cache.retain({ExampleCache.processor_key(stage_processor(processor, stage, src)) for src in stage.data})
     dataset = stage_dataset(stage, sources, processor, cache)
+    if cache is not None:
+        cache.retain_sources(dataset)
     log.info("stage %s: %d examples (%d from JSONL)", stage.name, len(dataset), sum(len(r) for _, r in sources))
     if cache is not None and (workers := warm_workers(stage, len(dataset))) > 1:
         warm_cache(dataset, cache, workers=workers, progress=progress and verbose and _is_main(),
