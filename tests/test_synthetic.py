@@ -274,7 +274,7 @@ def test_appears_first_is_answerable_from_eight_sampled_frames(tmp_path):
         path = tmp_path / f"{seed}.mp4"
         question, answer = synthetic.write_video(path, "appears_first", random.Random(seed), cfg)
         clip = load_video(path, 8)
-        bg = np.asarray(synthetic._background(random.Random(seed), cfg.video_size)).astype(np.int16)
+        bg = np.asarray(synthetic.background(random.Random(seed), cfg.video_size)).astype(np.int16)
         assert len(clip.frames) == 8 and clip.indices[0] == 0
 
         def shown(frame, x):

@@ -26,9 +26,9 @@ def _shown(frame, bg, thresh=40):
 
 def _background(task, seed):
     """The clip's background: the same clip with nothing drawn (the background comes first from the rng)."""
-    from nvila_edge.training.synthetic import _background
+    from nvila_edge.training.drawing import background
 
-    return np.asarray(_background(random.Random(seed), CFG.video_size))
+    return np.asarray(background(random.Random(seed), CFG.video_size))
 
 
 def test_recipe_names_the_generator_tasks():

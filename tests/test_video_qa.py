@@ -80,3 +80,34 @@ def test_sample_on_a_tiny_bundle(video, tmp_path, tiny_model, tokenizer, capsys,
     assert "8.0 s, 40 frames at 5.0 FPS" in out and "time tokens: none" in out
     assert out.count("Q: When does the circle appear?") == 2 and "[   4.0 s –    8.0 s]" in out
     assert "pooled groups" in out and "visual tokens" in out and "TTFT" in out
+
+
+def test_sample_without_arguments_uses_a_heldout_demo_clip(video, tmp_path, tiny_model, tokenizer, capsys, one_thread):
+    """No BUNDLE: the demo's bundle and its K-th held-out clip of a task, with the reference answer printed."""
+    import json
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    from conftest import write_bundle
+
+    from nvila_edge.errors import ConfigError
+
+    demo = tmp_path / "demo"
+    write_bundle(demo / "bundle", tiny_model, tokenizer)
+    (demo / "data" / "videos").mkdir(parents=True)
+    shutil.copy(video, demo / "data" / "videos" / "c.mp4")
+    rows = [{"id": f"heldvid-{i}", "video": "videos/c.mp4", "task": task, "kind": "video",
+             "conversations": [{"from": "human", "value": f"<vila/video>\n{q}"}, {"from": "gpt", "value": a}]}
+            for i, (task, q, a) in enumerate([("direction", "Which direction does the circle move?", "left"),
+                                              ("when", "When is the circle visible?", "<t3> to <t7>")])]
+    (demo / "data" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ns = runpy.run_path(str(SAMPLE))
+    assert ns["demo_clip"](demo, "when", 0) == (str(demo / "bundle"), str(demo / "data" / "videos" / "c.mp4"),
+                                                 "When is the circle visible?", "<t3> to <t7>")
+    assert ns["main"](["--demo-dir", str(demo), "--max-new-tokens", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: When is the circle visible?" in out and "expected (held-out reference): <t3> to <t7>" in out
+    with pytest.raises(ConfigError, match="1 held-out 'when' clips"):
+        ns["demo_clip"](demo, "when", 1)
+    with pytest.raises(ConfigError, match="run `nvila-edge demo` first"):
+        ns["demo_clip"](tmp_path / "nothing", "when", 0)

@@ -10,30 +10,21 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_directory
 
 from .data import ExampleCache, example_length
+from .drawing import COLORS, SHAPES, background, draw_shape, font as sized_font
+from .synthetic_config import SyntheticConfig
 from .synthetic_video import VIDEO_TASKS, video_record, write_video  # noqa: F401  (write_video: the file writer tests patch)
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 205, 30),
-    "purple": (140, 50, 180),
-    "orange": (245, 130, 20),
-}
-SHAPES = ("circle", "square", "triangle")
 WORDS = ("cat", "dog", "sun", "car", "box", "map", "cup", "pen")
 # (width, height): camera shapes, wide (16:9, 4:3), tall (9:16, 3:4) and square, so the Dynamic-S2 grid
 # varies (2x2, 3x2, 2x3). Not the 3:1 / 2:1 shapes of earlier versions: the first scale squashes every image
@@ -47,53 +38,12 @@ IMAGE_KINDS = ("object", "count", "ocr", "count", "ocr")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-@dataclass
-class SyntheticConfig:
-    num_images: int = 4000
-    num_videos: int = 120  # training clips written to train.jsonl (a stage can also render them: RenderedVideos)
-    heldout_fraction: float = 0.1  # of the images
-    seed: int = 0
-    num_frames: int = 16  # frames written per video file
-    video_size: tuple[int, int] = (160, 120)
-    num_time_tokens: int = 8
-    time_token_format: str = "<t{t}>"
-    # held-out clips (heldout.jsonl), tasks in turn: 250 = 50 questions a task
-    num_heldout_videos: int = 250
-    sampled_frames: int = 8  # frames the model samples from a clip (the preset's video.num_frames)
-    pooled_frames: int = 2  # frames TSP averages into one group (the preset's pool t): events last whole groups
-    fps: float = 8.0
-
-
-def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
-    base = rng.randint(200, 245)
-    # +-6 levels of noise: random bytes mapped through PIL's per-band table (5x faster than numpy integers)
-    levels = [base - 6 + (v * 13 >> 8) for v in range(256)] * 3
-    noise = np.random.default_rng(rng.randint(0, 2**31)).bytes(size[0] * size[1] * 3)
-    return Image.frombytes("RGB", size, noise).point(levels)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
 def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple[str, str, str]], str]:
     """One image of ``kind`` ("object", "count" or "ocr") with its questions [(task, question, answer)]
     and a caption. Several questions per image make every vision pass supervise several answers."""
     size = rng.choice(IMAGE_SIZES)
     w, h = size
-    img = _background(rng, size)
+    img = background(rng, size)
     d = ImageDraw.Draw(img)
     shape, cname = rng.choice(SHAPES), rng.choice(list(COLORS))
     m = min(w, h)
@@ -108,14 +58,14 @@ def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple
             cx = (i + 0.5) * w / 4 + rng.uniform(-0.05, 0.05) * w
             cy = (j + 0.5) * h / 2 + rng.uniform(-0.05, 0.05) * h
             cx, cy = min(max(cx, r), w - r), min(max(cy, r), h - r)
-            _draw_shape(d, shape, cx, cy, r, COLORS[cname])
+            draw_shape(d, shape, cx, cy, r, COLORS[cname])
         plural = shape + ("es" if shape.endswith("s") else "s")
         qas = [("count", f"How many {plural} are there?", str(n)),
                ("color", f"What color are the {plural}?" if n > 1 else f"What color is the {shape}?", cname)]
         return img, qas, f"{n} {cname} {plural if n > 1 else shape}"
     if kind == "ocr":
         word = rng.choice(WORDS)
-        font = _font(int(m * 0.35))
+        font = sized_font(int(m * 0.35))
         box = d.textbbox((0, 0), word.upper(), font=font)
         tw, th = box[2] - box[0], box[3] - box[1]
         x = rng.uniform(0.05 * w, max(0.05 * w, w - tw - 0.05 * w))
@@ -129,7 +79,7 @@ def render_scene(kind: str, rng: random.Random) -> tuple[Image.Image, list[tuple
     lo, hi = (r, max(r, w * 0.4)) if left else (min(w - r, w * 0.6), w - r)
     cx = rng.uniform(lo, hi)
     cy = rng.uniform(r, h - r) if h > 2 * r else h / 2
-    _draw_shape(d, shape, cx, cy, r, COLORS[cname])
+    draw_shape(d, shape, cx, cy, r, COLORS[cname])
     side = "left" if cx < w / 2 else "right"
     # the questions never name the shape: a record asks all four in one conversation, and a name in one
     # question would give away the answer to "what shape" (the model learned to copy it instead of looking)

@@ -28,6 +28,9 @@ from PIL import Image, ImageDraw
 from nvila_edge.errors import ConfigError
 from nvila_edge.media.video import sample_frame_indices, time_token_index
 
+from .drawing import COLORS, SHAPES, background, draw_shape
+from .synthetic_config import SyntheticConfig
+
 # every question asks about something only the order of the frames shows
 VIDEO_TASKS = ("appears_first", "when", "color_change", "direction", "count_over_time")
 
@@ -60,8 +63,6 @@ def slot_time_token(cfg, slot: int) -> int:
 
 def _plan(task: str, rng: random.Random, cfg) -> tuple[list[list[tuple]], str, str, tuple | None]:
     """What each slot shows — a list of (shape, colour name, x, y) per slot — with the question and answer."""
-    from .synthetic import COLORS, SHAPES
-
     n, g = cfg.sampled_frames, max(1, cfg.pooled_frames)
     if n % g:
         raise ConfigError(f"sampled_frames ({n}) must be a multiple of pooled_frames ({g})")
@@ -116,10 +117,8 @@ def _plan(task: str, rng: random.Random, cfg) -> tuple[list[list[tuple]], str, s
 
 def render_clip(task: str, rng: random.Random, cfg) -> Clip:
     """The clip of ``task``: ``cfg.num_frames`` frames of ``cfg.video_size`` (deterministic from ``rng``)."""
-    from .synthetic import COLORS, _background, _draw_shape
-
     w, h = cfg.video_size
-    bg = _background(rng, (w, h))
+    bg = background(rng, (w, h))
     slots, question, answer, segment = _plan(task, rng, cfg)
     r = h * 0.18
     drawn: dict[int, np.ndarray] = {}
@@ -129,7 +128,7 @@ def render_clip(task: str, rng: random.Random, cfg) -> Clip:
             img = bg.copy()
             d = ImageDraw.Draw(img)
             for shape, colour, x, y in slots[slot]:
-                _draw_shape(d, shape, w * x, h * y, r, COLORS[colour])
+                draw_shape(d, shape, w * x, h * y, r, COLORS[colour])
             drawn[slot] = np.asarray(img)
         frames.append(drawn[slot])
     return Clip(task, frames, question, answer, segment)
@@ -195,7 +194,6 @@ class RenderedVideos(torch.utils.data.Dataset):
     def __init__(self, processor, num: int, tasks: Sequence[str] | None = None, seed: int = 1, config=None,
                  cache=None):
         from .data import ExampleCache
-        from .synthetic import SyntheticConfig
 
         tasks = tuple(tasks or VIDEO_TASKS)
         bad = [t for t in tasks if t not in VIDEO_TASKS]
