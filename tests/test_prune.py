@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     """A 20-example synthetic set (every image kind and video task), and two demo-architecture models of different size, the
     large one trained 3x longer, both saved as checkpoints."""
     root = tmp_path_factory.mktemp("prune")
-    paths = make_dataset(root / "data", SyntheticConfig(num_images=12, num_videos=8, num_heldout_videos=0, heldout_fraction=0.0, seed=5),
+    paths = make_dataset(root / "data", SyntheticConfig(num_images=12, num_videos=10, num_heldout_videos=0, heldout_fraction=0.0, seed=5),
                          progress=False)
     records = read_jsonl(paths["train"], on_error="raise")
     tok = demo_tokenizer()
@@ -137,7 +137,7 @@ def test_select_top_keeps_half_of_each_task(setup, scores):
     recs, delta = setup["records"], scores["delta"]
     kept = select_top(recs, delta, keep=0.5)
     tasks = sorted({r.task for r in recs})
-    assert len(tasks) == 7  # 3 image kinds + 4 video tasks
+    assert len(tasks) == 8  # 3 image kinds + 5 video tasks
     expected_total = sum(math.ceil(sum(r.task == t for r in recs) / 2) for t in tasks)
     assert len(kept) == expected_total  # ceil(keep * n) per task
     index = {id(r): i for i, r in enumerate(recs)}
