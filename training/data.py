@@ -282,7 +282,30 @@ def warm_cache(dataset, cache: ExampleCache, workers: int = 2, chunk: int = 64, 
     return added
 
 
-class NVILADataset(torch.utils.data.Dataset):
+class CachedExamples(torch.utils.data.Dataset):
+    """A dataset of processed examples (``process(i)``), each kept in ``self.cache`` under ``key(i)`` when a
+    cache is given (``ExampleCache``): later epochs and stages reuse it, and ``warm_cache`` fills it up front."""
+
+    cache: ExampleCache | None = None
+
+    def key(self, i: int) -> tuple:
+        raise NotImplementedError
+
+    def process(self, i: int) -> ProcessedInputs:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> ProcessedInputs:
+        if self.cache is None:
+            return self.process(i)
+        key = self.key(i)
+        if (hit := self.cache.get(key)) is not None:
+            return hit
+        out = self.process(i)
+        self.cache.put(key, out)
+        return out
+
+
+class NVILADataset(CachedExamples):
     """Records → processor outputs with labels (assistant answers supervised); with ``cache``, each
     record is processed once and reused (``ExampleCache``)."""
 
@@ -321,16 +344,6 @@ class NVILADataset(torch.utils.data.Dataset):
                                   add_generation_prompt=False, return_labels=True)
         except MediaError as e:
             raise DataError(f"{r.source}:{r.line}: {e}") from e
-
-    def __getitem__(self, i: int) -> ProcessedInputs:
-        if self.cache is None:
-            return self.process(i)
-        key = self.key(i)
-        if (hit := self.cache.get(key)) is not None:
-            return hit
-        out = self.process(i)
-        self.cache.put(key, out)
-        return out
 
 
 def example_length(processor: NVILAProcessor, conversations, image_sizes: Sequence[tuple[int, int]] = (),

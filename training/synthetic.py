@@ -13,14 +13,13 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_directory
 
-from .data import ExampleCache, example_length
+from .data import CachedExamples, ExampleCache, example_length
 from .drawing import COLORS, SHAPES, background, draw_shape, font as sized_font
 from .synthetic_config import SyntheticConfig
 from .synthetic_video import VIDEO_TASKS, video_record, write_video  # noqa: F401  (write_video: the file writer tests patch)
@@ -106,7 +105,7 @@ def scene_record(i: int, rng: random.Random, image: str = "") -> tuple[Image.Ima
     return img, rec, caption
 
 
-class RenderedImages(torch.utils.data.Dataset):
+class RenderedImages(CachedExamples):
     """``num`` image records of the synthetic generator rendered in memory (no files): the same scenes and
     questions as ``make_dataset``, from their own seed, so none is a held-out image.
 
@@ -157,14 +156,6 @@ class RenderedImages(torch.utils.data.Dataset):
         """Example ``i`` rendered and through the processor (no cache)."""
         img, rec = self.record(i)
         return self.processor(rec["conversations"], images=[img], add_generation_prompt=False, return_labels=True)
-
-    def __getitem__(self, i: int):
-        key = self.key(i)
-        if (hit := self.cache.get(key)) is not None:
-            return hit
-        out = self.process(i)
-        self.cache.put(key, out)
-        return out
 
 
 def make_dataset(out_dir: str | Path, config: SyntheticConfig | None = None, progress: bool = True) -> dict[str, Path]:

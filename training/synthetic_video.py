@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from nvila_edge.errors import ConfigError
 from nvila_edge.media.video import sample_frame_indices, time_token_index
 
+from .data import CachedExamples, ExampleCache
 from .drawing import COLORS, SHAPES, background, draw_shape
 from .synthetic_config import SyntheticConfig
 
@@ -184,7 +184,7 @@ def segment_iou(pred: tuple[int, int] | None, ref: tuple[int, int]) -> float:
     return inter / union
 
 
-class RenderedVideos(torch.utils.data.Dataset):
+class RenderedVideos(CachedExamples):
     """``num`` video records rendered in memory (no files), tasks in turn from ``tasks``, from their own
     ``seed`` (so none is a held-out clip): the clips and questions of the held-out files, through the same
     processor path (``videos=[frames]``: the model's frame sampling and TSP pooling).
@@ -193,8 +193,6 @@ class RenderedVideos(torch.utils.data.Dataset):
 
     def __init__(self, processor, num: int, tasks: Sequence[str] | None = None, seed: int = 1, config=None,
                  cache=None):
-        from .data import ExampleCache
-
         tasks = tuple(tasks or VIDEO_TASKS)
         bad = [t for t in tasks if t not in VIDEO_TASKS]
         if bad or num < 1:
@@ -229,11 +227,3 @@ class RenderedVideos(torch.utils.data.Dataset):
         conv = video_record(i, c.task, c.question, c.answer, "")["conversations"]
         return self.processor(conv, videos=[[Image.fromarray(f) for f in c.frames]], add_generation_prompt=False,
                               return_labels=True)
-
-    def __getitem__(self, i: int):
-        key = self.key(i)
-        if (hit := self.cache.get(key)) is not None:
-            return hit
-        out = self.process(i)
-        self.cache.put(key, out)
-        return out
