@@ -38,6 +38,14 @@ def _time_tiles(fn, size: int, n: int, sync=lambda: None) -> float:
     return _median(times)
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-token cosine of two feature arrays (..., C), as the GPU comparison and the calibration report."""
+    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, np.float64).reshape(-1, np.shape(b)[-1])
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return round(float(cos.mean()), 5)
+
+
 def _prompt_ids(cfg, n: int) -> np.ndarray:
     return np.random.default_rng(1).integers(10, min(cfg.llm.vocab_size, 400), n).astype(np.int64)
 
