@@ -162,7 +162,7 @@ def bundle_artifacts(path) -> dict:
            "decoder_io": cpu["io"]["decoder"], "limits": cpu.get("limits") or {}}
     if cpu.get("precision", {}).get("vision") == "int8-qdq":
         q = b.manifest.get("quantization", {}).get("vision", {}).get("name", "?")
-        art.update(vision_int8=str(b.file("vision")), vision_int8_kind=f"INT8 Q/DQ shipped by the bundle (ModelOpt {q})")
+        art.update(vision_int8=str(b.file("vision")), vision_int8_kind=f"bundle's ModelOpt {q} Q/DQ")
     else:
         art["vision_fp32"] = str(b.file("vision"))
     if b.has("checkpoint", "torch"):
@@ -346,6 +346,17 @@ def phase_torch(spec: dict) -> dict:
     return res
 
 
+def _runtime_bytes(spec: dict, be) -> dict:
+    """What the runtime must hold: the cpu target's files (graphs + external weights + embedding table) and the
+    KV buffers of one cache at the capacity it allocates."""
+    folder = Path(spec["decoder"]).parent
+    io = spec["decoder_io"]
+    kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * be.capacity * 4
+    files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")} | \
+        {f.resolve() for f in folder.iterdir() if f.name.startswith("decoder")}
+    return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": be.capacity}
+
+
 def _save_hf(llm, spec: dict, out: Path) -> None:
     """The Qwen2 LLM as a plain HF folder (config, safetensors, tokenizer files)."""
     from nvila_edge import NVILATokenizer
@@ -377,6 +388,7 @@ def phase_ort(spec: dict) -> dict:
     res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
     res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
     res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
+    res["runtime_bytes"] = _runtime_bytes(spec, be)
     if spec.get("vision_fp32"):
         log("  vision fp32 ONNX")
         sess = be._session(spec["vision_fp32"])  # same session options as the runtime's own graphs

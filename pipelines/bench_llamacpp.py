@@ -65,8 +65,9 @@ def _run(cmd: list[str], log_path: Path) -> None:
     with open(log_path, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        tail = log_path.read_text(errors="replace")[-600:]
-        raise RuntimeError(f"{Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name} failed (exit {rc}): {tail}")
+        lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
+        what = "convert_hf_to_gguf.py" if cmd[0] == sys.executable else Path(cmd[0]).name
+        raise RuntimeError(f"{what} failed (exit {rc}): {(lines or ['no output'])[-1][:300]} (log: {log_path})")
 
 
 def build_ggufs(tools: dict, hf_dir: Path, out: Path) -> dict[str, Path]:
