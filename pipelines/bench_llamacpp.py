@@ -5,8 +5,11 @@ llama.cpp runs. Each quantization runs in its own process; its peak RSS is the c
 
 Where the tools come from: ``--llama-cpp PATH`` (the ``llama-bench`` binary, its build folder or the source
 tree), else ``llama-bench`` on PATH. ``llama-quantize`` is looked up beside ``llama-bench`` and the converter in
-the source tree above it (llama-cpp-python's sdist ships it under ``vendor/llama.cpp``). Without them the
-peer is a row saying what is missing, never an error of the bench.
+the source tree above it (llama-cpp-python's sdist ships it under ``vendor/llama.cpp``). Without the binaries
+but with ``llama-cpp-python`` installed, the same library quantizes (``llama_model_quantize``) and a child
+interpreter times it (``Llama.eval``: the prompt in one batch, then one token at a time); ``--llama-cpp`` then
+names the source tree for the converter. Without them the peer is a row saying what is missing, never an error
+of the bench.
 
 The converter is run unchanged except for one patch: it refuses a BPE tokenizer whose pre-tokenizer hash it
 does not know, and the bench's random-weight model has a small trained BPE (same Qwen2 split regex, padded to
@@ -37,8 +40,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def _find_convert(dirs) -> Path | None:
+    return next((d / _CONVERT for d in dirs if (d / _CONVERT).is_file()), None)
+
+
+def _python_tools(hint: str | None) -> dict:
+    """llama-cpp-python as the runner; the converter from the source tree ``hint`` names."""
+    from .bench import module_missing
+
+    if module_missing("llama_cpp"):
+        return {}
+    p = Path(hint).expanduser() if hint else None
+    convert = _find_convert([p, p / "vendor" / "llama.cpp", *p.parents][:6]) if p else None
+    if convert is None:
+        return {"missing": f"llama-cpp-python is installed but not llama.cpp's {_CONVERT}: pass --llama-cpp SRC, a "
+                           "llama.cpp source tree (e.g. vendor/llama.cpp of the llama-cpp-python sdist)"}
+    return {"runner": "llama-cpp-python", "convert": str(convert)}
+
+
 def find_tools(hint: str | None) -> dict:
-    """{"bench", "quantize", "convert"} paths, or {"missing": why}."""
+    """{"bench", "quantize", "convert"} paths (or the llama-cpp-python runner), or {"missing": why}."""
     cands: list[Path] = []
     if hint:
         p = Path(hint).expanduser()
@@ -50,12 +71,15 @@ def find_tools(hint: str | None) -> dict:
         cands.append(Path(on_path).parent)
     bin_dir = next((d for d in cands if (d / "llama-bench").is_file() and os.access(d / "llama-bench", os.X_OK)), None)
     if bin_dir is None:
+        py = _python_tools(hint)
+        if py:
+            return py
         where = f" at {hint}" if hint else " (pass --llama-cpp PATH to a llama-bench binary or llama.cpp build)"
-        return {"missing": f"llama.cpp's llama-bench not found{where}"}
+        return {"missing": f"llama.cpp's llama-bench not found{where}, nor llama-cpp-python"}
     if not (bin_dir / "llama-quantize").is_file():
         return {"missing": f"llama-quantize not found beside {bin_dir / 'llama-bench'} (build it: "
                            "cmake --build build --target llama-quantize llama-bench)"}
-    convert = next((d / _CONVERT for d in [bin_dir, *bin_dir.parents][:5] if (d / _CONVERT).is_file()), None)
+    convert = _find_convert([bin_dir, *bin_dir.parents][:5])
     if convert is None:
         return {"missing": f"llama.cpp's {_CONVERT} not found in the source tree above {bin_dir}"}
     return {"bench": str(bin_dir / "llama-bench"), "quantize": str(bin_dir / "llama-quantize"), "convert": str(convert)}
@@ -66,7 +90,8 @@ def _run(cmd: list[str], log_path: Path) -> None:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
-        what = "convert_hf_to_gguf.py" if cmd[0] == sys.executable else Path(cmd[0]).name
+        what = Path(cmd[0]).name if cmd[0] != sys.executable else \
+            ("convert_hf_to_gguf.py" if cmd[1] == "-c" else "llama_model_quantize")
         raise RuntimeError(f"{what} failed (exit {rc}): {(lines or ['no output'])[-1][:300]} (log: {log_path})")
 
 
@@ -82,8 +107,9 @@ def build_ggufs(tools: dict, hf_dir: Path, out: Path) -> dict[str, Path]:
     files = {}
     for q in QUANTS:
         dst = out / f"model-{q}.gguf"
-        _cached(out, f"gguf-{q}", lambda q=q, dst=dst: _run([tools["quantize"], str(f16), str(dst), q],
-                                                            out / f"quantize-{q}.log"))
+        cmd = [tools["quantize"], str(f16), str(dst), q] if "quantize" in tools else \
+            [sys.executable, "-m", __name__, "quantize", str(f16), str(dst), q]
+        _cached(out, f"gguf-{q}", lambda cmd=cmd: _run(cmd, out / f"quantize-{q}.log"))
         files[q] = dst
     return files
 
@@ -103,11 +129,15 @@ def _maxrss_child(cmd: list[str]):
 
 
 def bench_quant(tools: dict, gguf: Path, threads: int, prompt: int, tokens: int, reps: int) -> dict:
-    cmd = [tools["bench"], "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(tokens),
-           "-r", str(reps), "-o", "json"]
+    if "bench" in tools:
+        cmd = [tools["bench"], "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(tokens),
+               "-r", str(reps), "-o", "json"]
+    else:
+        cmd = [sys.executable, "-m", __name__, "time", str(gguf), str(threads), str(prompt), str(tokens), str(reps)]
     rc, out, err, rss = _maxrss_child(cmd)
     if rc != 0:
-        raise RuntimeError(f"llama-bench exited {rc}: {err.strip()[-400:]}")
+        what = "llama-bench" if "bench" in tools else "llama-cpp-python"
+        raise RuntimeError(f"{what} exited {rc}: {(err.strip().splitlines() or ['no output'])[-1][-400:]}")
     rows = json.loads(out)
     pp = next(r for r in rows if r.get("n_prompt") and not r.get("n_gen"))
     tg = next(r for r in rows if r.get("n_gen") and not r.get("n_prompt"))
@@ -134,3 +164,47 @@ def phase_llamacpp(spec: dict) -> dict:
         except Exception as e:  # noqa: BLE001
             res["quants"][q] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
     return res
+
+
+# ---- the llama-cpp-python runner (child interpreters: python -m nvila_edge.pipelines.bench_llamacpp ...) -------
+def _quantize_main(src: str, dst: str, quant: str) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    return 0 if rc == 0 else 1
+
+
+def _time_main(gguf: str, threads: str, prompt: str, tokens: str, reps: str) -> int:
+    """Prompt (one batch) and decode (one token a step) tok/s, printed as llama-bench's JSON rows."""
+    import time
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    t, p, n, r = int(threads), int(prompt), int(tokens), int(reps)
+    llm = Llama(model_path=gguf, n_ctx=p + n + 16, n_batch=p, n_ubatch=p, n_threads=t, n_threads_batch=t, verbose=False)
+    ids = np.random.default_rng(1).integers(10, min(llm.n_vocab(), 400), p).tolist()
+    llm.eval(ids[:16])  # warm-up
+    pp, tg = [], []
+    for _ in range(r):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        pp.append(p / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([ids[0]])
+        tg.append(n / (time.perf_counter() - t0))
+    import llama_cpp
+
+    print(json.dumps([{"n_prompt": p, "n_gen": 0, "avg_ts": sum(pp) / r, "build_commit": f"llama-cpp-python {llama_cpp.__version__}"},
+                      {"n_prompt": 0, "n_gen": n, "avg_ts": sum(tg) / r}]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit({"quantize": _quantize_main, "time": _time_main}[sys.argv[1]](*sys.argv[2:]))
