@@ -16,7 +16,6 @@ fails the command.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,7 +32,8 @@ from . import bench_report as report
 from .bench_report import bandwidth_gbs, peak_rss_mb
 from . import bench_llamacpp as llamacpp
 from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
-                           _torch_llm, _torch_model, _ttft, cosine, log)
+                           _torch_llm, _torch_model, _ttft, cached, cosine, log,
+                           module_missing)
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
         "peer_tokens": 64, "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
@@ -104,17 +104,6 @@ def _work_dir(work_dir, preset, bundle, seed, backend) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / OWNED).write_text("files made by `nvila-edge bench` (a cache: safe to delete)\n")
     return work
-
-
-def module_missing(name: str) -> bool:
-    """Whether ``name`` cannot be imported, asked without importing it (an import here would raise the peak RSS
-    every child inherits)."""
-    if name in sys.modules:
-        return sys.modules[name] is None  # a test's sys.modules[...] = None: as if not installed
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
 
 
 def genai_available() -> bool:
@@ -283,16 +272,6 @@ def _openvino(spec: dict) -> dict:
     return out
 
 
-def _cached(work: Path, name: str, build) -> None:
-    """Run ``build`` unless a previous run finished it (a marker file is written after success)."""
-    mark = work / f"{name}.done"
-    if not mark.exists():
-        t = time.perf_counter()
-        build()
-        mark.write_text(f"{time.perf_counter() - t:.1f} s\n")
-        log(f"  built {name} in {time.perf_counter() - t:.0f} s")
-
-
 # ---- phases ------------------------------------------------------------------------------------------------
 def phase_torch(spec: dict) -> dict:
     import torch
@@ -314,27 +293,27 @@ def phase_torch(spec: dict) -> dict:
         with torch.inference_mode():
             res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
                                            c["torch_vision_tiles"])
-        _cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
+        cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
         art["vision_fp32"] = str(work / "vision_fp32.onnx")
         model.vision_tower = None  # the LLM phases below do not need its 1.6 GB
         gc.collect()
     if not spec.get("vision_int8") and (art.get("vision_fp32") or spec.get("vision_fp32")):
         src = art.get("vision_fp32") or spec["vision_fp32"]
-        _cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
+        cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
         art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
     if model is None:
         return res
     # the peers' inputs, from the same fp32 weights: an HF folder (llama.cpp's converter), an fp32 decoder ONNX
     # (OpenVINO reads it, then NNCF compresses it)
     if spec.get("llamacpp"):
-        _cached(work, "hf_llm", lambda: _save_hf(model.llm, spec, work / "hf_llm"))
+        cached(work, "hf_llm", lambda: _save_hf(model.llm, spec, work / "hf_llm"))
         art["hf_llm"] = str(work / "hf_llm")
     if spec.get("openvino"):
-        _cached(work, "decoder_fp32", lambda: export_decoder(model, work / "decoder_fp32", precision="fp32"))
+        cached(work, "decoder_fp32", lambda: export_decoder(model, work / "decoder_fp32", precision="fp32"))
         art["decoder_fp32"] = str(work / "decoder_fp32" / "decoder.onnx")
     if spec["genai"]:
         try:
-            _cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
+            cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
             art["genai_dir"] = str(work / "genai")
         except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
             res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_timing import _config_tok, _torch_model, log
+from .bench_timing import _config_tok, _torch_model, cached, log
 
 VISION_RECIPE, LLM_RECIPE = "w8a8-smoothquant", "w4a16-awq"
 NUM_IMAGES = 4  # calibration images (the same for --quick: the cached bundle does not depend on it)
@@ -55,8 +55,6 @@ def phase_build(spec: dict) -> dict:
     from nvila_edge.calibration import calibrate
     from nvila_edge.export import export_bundle
 
-    from .bench import _cached
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     work = Path(spec["work"])
@@ -76,8 +74,8 @@ def phase_build(spec: dict) -> dict:
         log("  exporting the cpu target")
         export_bundle(work / "calibrated", work / "bundle", "cpu", progress=False)
 
-    _cached(work, "calibrated", calibrated)
-    _cached(work, "bundle", bundle)
+    cached(work, "calibrated", calibrated)
+    cached(work, "bundle", bundle)
     tiles = np.concatenate([_processed(processor, it).pixel_values for it in items[:NUM_IMAGES]]).astype(np.float32)
     np.save(work / "calib_tiles.npy", tiles)
     return {"artifacts": {"bundle": str(work / "bundle"), "calib_tiles": str(work / "calib_tiles.npy")},

@@ -26,6 +26,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .bench_timing import cached, module_missing
+
 QUANTS = ("Q4_0", "Q4_K_M")
 _CONVERT = "convert_hf_to_gguf.py"
 # run the converter with the vendored gguf-py and the qwen2 pre-tokenizer (see the module docstring)
@@ -46,8 +48,6 @@ def _find_convert(dirs) -> Path | None:
 
 def _python_tools(hint: str | None) -> dict:
     """llama-cpp-python as the runner; the converter from the source tree ``hint`` names."""
-    from .bench import module_missing
-
     if module_missing("llama_cpp"):
         return {}
     p = Path(hint).expanduser() if hint else None
@@ -97,19 +97,17 @@ def _run(cmd: list[str], log_path: Path) -> None:
 
 def build_ggufs(tools: dict, hf_dir: Path, out: Path) -> dict[str, Path]:
     """f16 GGUF (llama.cpp's converter) → each of QUANTS (llama-quantize); cached by marker files."""
-    from .bench import _cached
-
     out.mkdir(parents=True, exist_ok=True)
     f16 = out / "model-f16.gguf"
     src = str(Path(tools["convert"]).parent)
-    _cached(out, "gguf-f16", lambda: _run([sys.executable, "-c", _WRAPPER, src, str(hf_dir), "--outtype", "f16",
+    cached(out, "gguf-f16", lambda: _run([sys.executable, "-c", _WRAPPER, src, str(hf_dir), "--outtype", "f16",
                                            "--outfile", str(f16)], out / "convert.log"))
     files = {}
     for q in QUANTS:
         dst = out / f"model-{q}.gguf"
         cmd = [tools["quantize"], str(f16), str(dst), q] if "quantize" in tools else \
             [sys.executable, "-m", __name__, "quantize", str(f16), str(dst), q]
-        _cached(out, f"gguf-{q}", lambda cmd=cmd: _run(cmd, out / f"quantize-{q}.log"))
+        cached(out, f"gguf-{q}", lambda cmd=cmd: _run(cmd, out / f"quantize-{q}.log"))
         files[q] = dst
     return files
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_timing import _config_tok, _median, _prompt_ids, _time_tiles, cosine, log
+from .bench_timing import _config_tok, _median, _prompt_ids, _time_tiles, cached, cosine, log
 
 GROUP = 128
 
@@ -68,8 +68,6 @@ def phase_openvino_build(spec: dict) -> dict:
     import nncf
     import openvino as ov
 
-    from .bench import _cached
-
     vis = _vision_ir(spec)
     vis.parent.mkdir(parents=True, exist_ok=True)
     res: dict = {"ov-llm": "ok" if spec.get("decoder_fp32") else "skipped: no fp32 decoder ONNX to compress"}
@@ -86,7 +84,7 @@ def phase_openvino_build(spec: dict) -> dict:
             res[name] = f"skipped: no {' / '.join(need)} to build it from"
             continue
         try:
-            _cached(vis.parent, name, build)
+            cached(vis.parent, name, build)
             res[name] = "ok"
         except Exception as e:  # noqa: BLE001 - reported as the peer's row
             res[name] = f"failed: {type(e).__name__}: {str(e)[:400]}"
