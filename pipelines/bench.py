@@ -226,6 +226,13 @@ def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
     log("phase ort (ours: the bundle through Runtime)")
     ready = all(spec.get(k) for k in ("decoder", "vision_int8", "projector"))
     result["ort"] = run_child("ort", spec) if ready else {"error": "the engines could not be prepared (see the build phase)"}
+    if not spec["openvino"]:
+        result["ours_openvino"] = {"skipped": openvino_missing()}
+    elif not ready or spec.get("vision_int8_kind", "").startswith("dynamic"):
+        result["ours_openvino"] = {"skipped": "the bundle's cpu target could not be prepared / has no INT8 tower"}
+    else:
+        log("phase ours_openvino (ours: the same bundle through Runtime on the openvino backend)")
+        result["ours_openvino"] = run_child("ours_openvino", spec)
     if not spec["genai"]:
         result["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install 'nvila-edge[export]')"}
     elif not spec.get("genai_dir"):
@@ -325,15 +332,16 @@ def phase_torch(spec: dict) -> dict:
     return res
 
 
-def _runtime_bytes(spec: dict, be) -> dict:
-    """What the runtime must hold: the cpu target's files (graphs + external weights + embedding table) and the
-    KV buffers of one cache at the capacity it allocates."""
+def _runtime_bytes(spec: dict, kv_positions: int) -> dict:
+    """What the runtime must hold: the cpu target's files (graphs + external weights + embedding table) and one
+    cache's float32 KV for ``kv_positions`` (ONNX Runtime: the capacity it allocates up front; OpenVINO: the
+    longest sequence it held, its state grows)."""
     folder = Path(spec["decoder"]).parent
     io = spec["decoder_io"]
-    kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * be.capacity * 4
+    kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * kv_positions * 4
     files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")} | \
         {f.resolve() for f in folder.iterdir() if f.name.startswith("decoder")}
-    return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": be.capacity}
+    return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": kv_positions}
 
 
 def _save_hf(llm, spec: dict, out: Path) -> None:
@@ -344,18 +352,21 @@ def _save_hf(llm, spec: dict, out: Path) -> None:
     NVILATokenizer.from_pretrained(spec["tokenizer"]).save_pretrained(out)
 
 
-def phase_ort(spec: dict) -> dict:
+def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
+    """Ours: the bundle through ``Runtime`` on ``backend`` (vision, prefill, decode, TTFT, peak RSS), then the fp32
+    vision graph on ONNX Runtime for the ratio and the feature cosine."""
     from nvila_edge.runtime import Runtime
     from nvila_edge.runtime.backends.onnxruntime import OrtBackend
+    from nvila_edge.runtime.backends.onnxruntime import session as ort_session
 
     cfg, tok = _config_tok(spec)
     c = spec["counts"]
-    if spec.get("vision_int8_kind", "").startswith("dynamic"):  # a bundle with an fp32 tower: our INT8 variant
+    if backend == "onnxruntime" and spec.get("vision_int8_kind", "").startswith("dynamic"):  # fp32 tower: our INT8 variant
         be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
                         spec["decoder_io"], threads=spec["threads"])
         rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
     else:  # the bundle as a user opens it
-        rt = Runtime.load(spec["bundle"], backend="onnxruntime", threads=spec["threads"])
+        rt = Runtime.load(spec["bundle"], backend=backend, threads=spec["threads"])
         be = rt.backend
     size = cfg.vision.image_size
     res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
@@ -367,10 +378,11 @@ def phase_ort(spec: dict) -> dict:
     res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
     res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
     res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
-    res["runtime_bytes"] = _runtime_bytes(spec, be)
+    held = max(res["ttft_video"]["prompt_tokens"], c["prefill"] + c["ort_tokens"])
+    res["runtime_bytes"] = _runtime_bytes(spec, be.capacity if backend == "onnxruntime" else held)
     if spec.get("vision_fp32"):
         log("  vision fp32 ONNX")
-        sess = be._session(spec["vision_fp32"])  # same session options as the runtime's own graphs
+        sess = ort_session(spec["vision_fp32"], spec["threads"])  # the runtime's session options
         name = sess.get_inputs()[0].name
         res["vision_fp32_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
         tile = np.load(spec["calib_tiles"])[:1] if spec.get("calib_tiles") else \
@@ -453,6 +465,7 @@ def _phases() -> dict:
     from . import bench_build, bench_openvino as ov
 
     return {"build": bench_build.phase_build, "torch": phase_torch, "ort": phase_ort, "genai": phase_genai,
+            "ours_openvino": lambda spec: phase_ort(spec, backend="openvino"),
             "llamacpp": llamacpp.phase_llamacpp, "openvino_build": ov.phase_openvino_build,
             "openvino_vision": ov.phase_openvino_vision, "openvino_llm": ov.phase_openvino_llm}
 
