@@ -262,3 +262,43 @@ def test_bench_on_a_bundle(tiny_bundle, tmp_path):
                  ("torch", "llm_float32", "decode_tok_s"), ("torch", "vision_ms")]:
         _positive(r, *path)
     assert r["ratios"]["decode_vs_torch_fp32"] > 0
+
+
+def test_llama_cpp_python_runner(monkeypatch, capsys, tmp_path):
+    """Without llama-bench, llama-cpp-python quantizes and times (its child entry points, on a stand-in library)."""
+    import ctypes
+    import types
+
+    class Params(ctypes.Structure):
+        _fields_ = [("ftype", ctypes.c_int)]
+
+    calls = []
+    fake = types.SimpleNamespace(__version__="0.0-test", LLAMA_FTYPE_MOSTLY_Q4_0=2, LLAMA_FTYPE_MOSTLY_Q4_K_M=15)
+    fake.llama_model_quantize_default_params = Params
+    fake.llama_model_quantize = lambda src, dst, params: calls.append((src, dst, params._obj.ftype)) or 0
+
+    class Llama:
+        def __init__(self, **kw):
+            self.kw, self.tokens = kw, []
+
+        def n_vocab(self):
+            return 512
+
+        def eval(self, ids):
+            self.tokens += ids
+
+        def reset(self):
+            self.tokens = []
+
+    fake.Llama = Llama
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    assert llamacpp._quantize_main("a.gguf", "b.gguf", "Q4_K_M") == 0 and calls == [(b"a.gguf", b"b.gguf", 15)]
+    assert llamacpp._time_main("m.gguf", "1", "32", "4", "2") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["n_prompt"] == 32 and rows[1]["n_gen"] == 4 and rows[0]["avg_ts"] > 0
+    # found as the runner when there is no llama-bench; the converter still comes from a source tree
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "convert_hf_to_gguf.py").write_text("")
+    assert llamacpp.find_tools(str(src))["runner"] == "llama-cpp-python"
+    assert "convert_hf_to_gguf.py" in llamacpp.find_tools(None)["missing"]
