@@ -251,6 +251,12 @@ def vision_engines(result: dict) -> list[dict]:
              "why": _why(t) if not t.get("vision_ms") else None}]
 
 
+SHORT = {"ours": "ours (onnxruntime)", "ours_openvino": "ours (openvino backend)", "genai": "onnxruntime-genai int4",
+         "llamacpp_Q4_0": "llama.cpp Q4_0", "llamacpp_Q4_K_M": "llama.cpp Q4_K_M", "openvino": "OpenVINO (NNCF)",
+         "torch_float32": "transformers fp32", "torch_bfloat16": "transformers bf16", "ort_fp32": "fp32 ONNX Runtime",
+         "torch_fp32": "transformers fp32"}  # plot labels
+
+
 OURS = ("ours", "ours_openvino")
 
 
@@ -509,12 +515,12 @@ def _bars(result: dict) -> list[tuple[str, list[tuple[str, float | None]]]]:
                                                       ("transformers eager", _mul(_get(g, "eager", "prefill_s")))]),
                 ("vision ms / tile (lower is better)", [("torch eager", g.get("vision_ms"))])]
     llm, vis = llm_engines(result), vision_engines(result)
-    short = lambda e: e["name"].split(" (")[0].replace("ours: bundle via Runtime", "ours")  # noqa: E731
+    short = lambda e: SHORT[e["key"]]  # noqa: E731
     return [("decode tok/s (higher is better)", [(short(e), _get(e, "llm", "decode_tok_s")) for e in llm]
              + [("bandwidth bound", result.get("ratios", {}).get("bound_tok_s"))]),
             (f"prefill {result['counts']['prefill']} tok, s (lower is better)",
              [(short(e), _get(e, "llm", "prefill_s")) for e in llm]),
-            ("vision ms / tile (lower is better)", [(short(e)[:24], e["ms"]) for e in vis])]
+            ("vision ms / tile (lower is better)", [(short(e), e["ms"]) for e in vis])]
 
 
 def plot(result: dict, path) -> None:
