@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
                    "own inside it (default: a per-preset cache dir); nothing else there is touched")
     p.add_argument("--llama-cpp", metavar="PATH", help="llama.cpp's llama-bench binary, build folder or source tree "
                    "(llama-quantize beside it, convert_hf_to_gguf.py above it); default: llama-bench on PATH")
+    p.add_argument("--prepare", action="store_true", help="only build and cache what the run needs (calibrated bundle, "
+                   "exports, GGUFs, OpenVINO IR), time nothing: the timed run after it is short")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for --preset")
     p.add_argument("--report", help="only render a saved --json result (docs, table)")
     p.set_defaults(func=bench_main)
@@ -78,7 +80,11 @@ def bench_main(args) -> int:
     else:
         result = run_bench(bundle=args.bundle, preset=args.preset, backend=args.backend, device=args.device,
                            threads=args.threads, quick=args.quick, work_dir=args.work_dir, seed=args.seed,
-                           llama_cpp=args.llama_cpp)
+                           llama_cpp=args.llama_cpp, prepare=args.prepare)
+    if result.get("prepared"):
+        for k, v in result["prepared"].items():
+            print(f"{k}: {v}")
+        return 0
     print(report.render_text(result))
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(result, indent=1))
@@ -175,7 +181,7 @@ def run_child(phase: str, spec: dict) -> dict:
 
 
 def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
-              work_dir=None, seed=0, llama_cpp=None) -> dict:
+              work_dir=None, seed=0, llama_cpp=None, prepare=False) -> dict:
     """Measure everything in one run; return the result (``bench_report`` shows it)."""
     t0 = time.time()
     counts = QUICK if quick else FULL
@@ -183,7 +189,7 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
     work.mkdir(parents=True, exist_ok=True)
     spec = {"bundle": str(Path(bundle).resolve()) if bundle else None, "preset": preset, "seed": seed,
             "threads": threads, "work": str(work), "counts": counts, "device": device, "genai": genai_available(),
-            "llama_cpp": llama_cpp}
+            "llama_cpp": llama_cpp, "prepare": prepare}
     spec.update(_prepare(spec))
     result = {"target": preset or Path(bundle).name, "preset": preset, "bundle": spec["bundle"], "backend": backend,
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -201,11 +207,42 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:
         result["machine"] = report.machine_info()
+        if prepare:
+            result["prepared"] = _prepare_cpu(spec)
+            return result
         _run_cpu(spec, result, counts, threads)
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.time() - t0, 1)
     result["ratios"], result["targets"] = report.evaluate(result)
     return result
+
+
+def _prepare_cpu(spec: dict) -> dict:
+    """--prepare: every cached build of a CPU run, no timing (each phase reports what it made or why not)."""
+    done: dict = {}
+    if spec["preset"]:
+        log("phase build (calibrate with the real recipes, export the cpu target; cached)")
+        built = run_child("build", spec)
+        done["build"] = built.get("error") or built.get("artifacts", {}).get("bundle")
+        spec.update(bundle_artifacts(built["artifacts"]["bundle"]) if built.get("artifacts") else {},
+                    calib_tiles=built.get("artifacts", {}).get("calib_tiles"))
+    tools = llamacpp.find_tools(spec["llama_cpp"])
+    spec["llamacpp"], spec["openvino"] = "missing" not in tools, openvino_missing() is None
+    log("phase torch (fp32 exports for the peers; no timing)")
+    t = run_child("torch", spec)
+    done["torch"] = t.get("error") or sorted(t.get("artifacts", {}))
+    spec.update(t.get("artifacts", {}))
+    if spec["llamacpp"] and spec.get("hf_llm"):
+        log("phase llamacpp (convert + quantize; no timing)")
+        lc = run_child("llamacpp", spec)
+        done["llamacpp"] = lc.get("error") or lc.get("prepared")
+    else:
+        done["llamacpp"] = tools.get("missing", "no HF weights")
+    if spec["openvino"]:
+        log("phase openvino_build")
+        ov = run_child("openvino_build", spec)
+        done["openvino"] = ov.get("error") or {k: v for k, v in ov.items() if k.startswith("ov-")}
+    return done
 
 
 def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
@@ -296,10 +333,11 @@ def phase_torch(spec: dict) -> dict:
         res["skipped"] = "the bundle has no torch target: no weights for the transformers baselines"
     else:
         size = model.config.vision.image_size
-        log("  transformers eager fp32 vision")
-        with torch.inference_mode():
-            res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
-                                           c["torch_vision_tiles"])
+        if not spec.get("prepare"):
+            log("  transformers eager fp32 vision")
+            with torch.inference_mode():
+                res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
+                                               c["torch_vision_tiles"])
         cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
         art["vision_fp32"] = str(work / "vision_fp32.onnx")
         model.vision_tower = None  # the LLM phases below do not need its 1.6 GB
@@ -324,6 +362,8 @@ def phase_torch(spec: dict) -> dict:
             art["genai_dir"] = str(work / "genai")
         except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
             res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"
+    if spec.get("prepare"):
+        return res
     ids = _prompt_ids(model.config, c["prefill"])
     for dtype in ("float32", "bfloat16"):
         log(f"  transformers eager {dtype} LLM: prefill {len(ids)}, decode {c['torch_tokens']}")

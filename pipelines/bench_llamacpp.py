@@ -155,6 +155,8 @@ def phase_llamacpp(spec: dict) -> dict:
         files = build_ggufs(tools, Path(spec["hf_llm"]), Path(spec["work"]) / "gguf")
     except Exception as e:  # noqa: BLE001 - a peer that fails to build is reported, the bench goes on
         return {"error": f"GGUF conversion failed: {type(e).__name__}: {str(e)[:500]}"}
+    if spec.get("prepare"):
+        return {"prepared": {q: str(p) for q, p in files.items()}}
     res: dict = {"tools": tools, "quants": {}}
     for q, path in files.items():
         try:

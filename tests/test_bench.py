@@ -303,3 +303,10 @@ def test_llama_cpp_python_runner(monkeypatch, capsys, tmp_path):
     (src / "convert_hf_to_gguf.py").write_text("")
     assert llamacpp.find_tools(str(src))["runner"] == "llama-cpp-python"
     assert "convert_hf_to_gguf.py" in llamacpp.find_tools(None)["missing"]
+
+
+def test_prepare_builds_and_times_nothing(work, capsys):
+    """--prepare fills the cache (the tiny one is already built by the quick run: reused, not redone)."""
+    assert main(["bench", "--preset", "tiny", "--prepare", "--threads", "1", "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "build: " in out and "bundle" in out and "torch: " in out and "decode tok/s" not in out
