@@ -226,7 +226,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-retries", type=int, help="give up after this many failed opens in a row (default: never)")
     p.add_argument("--backoff", type=float, default=0.5, help="first reconnect delay in seconds (doubles, max 8 s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"), default="auto")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino", "tensorrt", "torch"), default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
 
 

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     s.add_argument("bundle", help="bundle directory (`nvila-edge export`)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"), default="auto")
+    s.add_argument("--backend", choices=("auto", "onnxruntime", "openvino", "tensorrt", "torch"), default="auto")
     s.add_argument("--threads", type=int, help="CPU threads for the backend")
     s.add_argument("--model-name", help="model id reported by /v1/models (default: the bundle's model name)")
     s.add_argument("--media-dir", help="allow file:// image / video URLs, but only inside this folder")

@@ -28,6 +28,7 @@ OPTIONAL_BACKENDS = {
     "onnx": ("onnx", "export", "ONNX export"),
     "onnxruntime": ("onnxruntime", "runtime", "CPU runtime"),
     "onnxruntime_genai": ("onnxruntime-genai", "export", "int4 decoder baseline"),
+    "openvino": ("openvino", "openvino", "OpenVINO CPU backend (the cpu target's graphs)"),
     "tensorrt": ("tensorrt", "gpu", "TensorRT vision engine"),
     "tensorrt_llm": ("tensorrt-llm", "gpu", "TensorRT-LLM decoder"),
     "pycuda": ("pycuda", "gpu", "CUDA buffers for TensorRT"),

@@ -25,15 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
+from nvila_edge.errors import ConfigError
+from nvila_edge.io import atomic_write_text
+
 from . import bench_report as report
 from .bench_report import bandwidth_gbs, peak_rss_mb
+from . import bench_llamacpp as llamacpp
 from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
-                           _torch_llm, _torch_model, _ttft, log)
+                           _torch_llm, _torch_model, _ttft, cached, cosine, log,
+                           module_missing)
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
-        "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
+        "peer_tokens": 64, "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
 QUICK = {"vision_tiles": 1, "torch_vision_tiles": 1, "prefill": 128, "ort_tokens": 8, "genai_tokens": 8,
-         "torch_tokens": 4, "reps": 1, "ttft_reps": 1}
+         "peer_tokens": 8, "torch_tokens": 4, "reps": 1, "ttft_reps": 1}
+OWNED = ".nvila-edge-bench"  # marks a folder the bench made: it writes nowhere else in --work-dir
 def add_parser(sub) -> None:
     import argparse
 
@@ -49,7 +55,12 @@ def add_parser(sub) -> None:
     p.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                    help="update docs/BENCHMARKS.md and write a PNG plot (default: on for full runs)")
     p.add_argument("--docs", help="markdown file to update (default: the checkout's docs/BENCHMARKS.md)")
-    p.add_argument("--work-dir", help="where exported graphs are kept (default: a per-preset cache dir)")
+    p.add_argument("--work-dir", help="where the calibrated bundle and the peers' files are kept, in a folder of its "
+                   "own inside it (default: a per-preset cache dir); nothing else there is touched")
+    p.add_argument("--llama-cpp", metavar="PATH", help="llama.cpp's llama-bench binary, build folder or source tree "
+                   "(llama-quantize beside it, convert_hf_to_gguf.py above it); default: llama-bench on PATH")
+    p.add_argument("--prepare", action="store_true", help="only build and cache what the run needs (calibrated bundle, "
+                   "exports, GGUFs, OpenVINO IR), time nothing: the timed run after it is short")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for --preset")
     p.add_argument("--report", help="only render a saved --json result (docs, table)")
     p.set_defaults(func=bench_main)
@@ -68,11 +79,15 @@ def bench_main(args) -> int:
         return 2
     else:
         result = run_bench(bundle=args.bundle, preset=args.preset, backend=args.backend, device=args.device,
-                           threads=args.threads, quick=args.quick, work_dir=args.work_dir, seed=args.seed)
+                           threads=args.threads, quick=args.quick, work_dir=args.work_dir, seed=args.seed,
+                           llama_cpp=args.llama_cpp, prepare=args.prepare)
+    if result.get("prepared"):
+        for k, v in result["prepared"].items():
+            print(f"{k}: {v}")
+        return 0
     print(report.render_text(result))
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+        atomic_write_text(args.json_out, json.dumps(result, indent=1))
     if args.write_docs if args.write_docs is not None else not result.get("quick"):
         docs = Path(args.docs) if args.docs else default_docs()
         log(f"wrote {docs} and {report.write_docs(result, docs)}")
@@ -81,19 +96,29 @@ def bench_main(args) -> int:
 
 # ---- orchestration -----------------------------------------------------------------------------------------
 def _work_dir(work_dir, preset, bundle, seed, backend) -> Path:
-    if work_dir:
-        return Path(work_dir)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvila-edge" / "bench"
+    """The bench's own folder (``OWNED`` inside): in ``--work-dir`` a subfolder named after the run, so a user's
+    files there are never overwritten; a folder of that name that the bench did not make is refused."""
     name = f"{preset}-seed{seed}" if preset else "bundle-" + Path(bundle).resolve().name
-    return base / (name + ("-torch" if backend == "torch" else ""))
+    name += "-torch" if backend == "torch" else ""
+    if work_dir:
+        work = Path(work_dir) / f"nvila-edge-bench-{name}"
+    else:
+        work = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvila-edge" / "bench" / name
+    if work.exists() and any(work.iterdir()) and not (work / OWNED).is_file():
+        raise ConfigError(f"{work} exists and was not made by `nvila-edge bench`; pass another --work-dir "
+                          "(the bench writes only into a folder of its own)")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / OWNED).write_text("files made by `nvila-edge bench` (a cache: safe to delete)\n")
+    return work
 
 
 def genai_available() -> bool:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:  # also what a test's sys.modules[...] = None gives
-        return False
-    return True
+    return not module_missing("onnxruntime_genai")
+
+
+def openvino_missing() -> str | None:
+    gone = [m for m in ("openvino", "nncf") if module_missing(m)]
+    return f"{' and '.join(gone)} not installed (pip install 'nvila-edge[bench]')" if gone else None
 
 
 def _prepare(spec: dict) -> dict:
@@ -113,20 +138,30 @@ def _prepare(spec: dict) -> dict:
         tok.save_pretrained(work / "tokenizer")
         art["tokenizer"] = str(work / "tokenizer")
     else:
+        art.update(bundle_artifacts(spec["bundle"]))
         from nvila_edge.bundle import Bundle
 
-        b = Bundle.open(spec["bundle"])
-        cfg, cpu = b.config, b.target("cpu")
-        art.update(tokenizer=str(b.tokenizer_dir), projector=str(b.file("projector")), decoder=str(b.file("decoder")),
-                   embeddings=str(b.file("embeddings")), decoder_io=cpu["io"]["decoder"],
-                   limits=cpu.get("limits") or {})
-        if cpu.get("precision", {}).get("vision") == "int8-qdq":
-            art.update(vision_int8=str(b.file("vision")), vision_int8_kind="INT8 QDQ (bundle)")
-        else:
-            art["vision_fp32"] = str(b.file("vision"))
-        if b.has("checkpoint", "torch"):
-            art["checkpoint"] = str(b.file("checkpoint", "torch"))
+        cfg = Bundle.open(spec["bundle"]).config
     Path(art["config"]).write_text(cfg.to_json())
+    return art
+
+
+def bundle_artifacts(path) -> dict:
+    """The engines a bundle's cpu target ships (what the ort phase runs) and its torch checkpoint, if any."""
+    from nvila_edge.bundle import Bundle
+
+    b = Bundle.open(path)
+    cpu = b.target("cpu")
+    art = {"bundle": str(Path(path).resolve()), "tokenizer": str(b.tokenizer_dir), "projector": str(b.file("projector")),
+           "decoder": str(b.file("decoder")), "embeddings": str(b.file("embeddings")),
+           "decoder_io": cpu["io"]["decoder"], "limits": cpu.get("limits") or {}}
+    if cpu.get("precision", {}).get("vision") == "int8-qdq":
+        q = b.manifest.get("quantization", {}).get("vision", {}).get("name", "?")
+        art.update(vision_int8=str(b.file("vision")), vision_int8_kind=f"bundle's ModelOpt {q} Q/DQ")
+    else:
+        art["vision_fp32"] = str(b.file("vision"))
+    if b.has("checkpoint", "torch"):
+        art["checkpoint"] = str(b.file("checkpoint", "torch"))
     return art
 
 
@@ -146,14 +181,15 @@ def run_child(phase: str, spec: dict) -> dict:
 
 
 def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
-              work_dir=None, seed=0) -> dict:
+              work_dir=None, seed=0, llama_cpp=None, prepare=False) -> dict:
     """Measure everything in one run; return the result (``bench_report`` shows it)."""
     t0 = time.time()
     counts = QUICK if quick else FULL
     work = _work_dir(work_dir, preset, bundle, seed, backend)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"bundle": str(Path(bundle).resolve()) if bundle else None, "preset": preset, "seed": seed,
-            "threads": threads, "work": str(work), "counts": counts, "device": device, "genai": genai_available()}
+            "threads": threads, "work": str(work), "counts": counts, "device": device, "genai": genai_available(),
+            "llama_cpp": llama_cpp, "prepare": prepare}
     spec.update(_prepare(spec))
     result = {"target": preset or Path(bundle).name, "preset": preset, "bundle": spec["bundle"], "backend": backend,
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -171,50 +207,121 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:
         result["machine"] = report.machine_info()
-        log(f"work dir {work}; phase torch (model, exports, eager baselines)")
-        result["torch"] = run_child("torch", spec)
-        spec.update(result["torch"].pop("artifacts", {}))
-        log("phase ort (our runtime)")
-        ready = all(spec.get(k) for k in ("decoder", "vision_int8", "projector"))
-        result["ort"] = run_child("ort", spec) if ready else {"error": "the engines could not be prepared"}
-        if not spec["genai"]:
-            result["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install 'nvila-edge[export]')"}
-        elif not spec.get("genai_dir"):
-            result["genai"] = {"skipped": result["torch"].get("genai_skipped", "no HF weights to build it from")}
-        else:
-            log("phase genai (onnxruntime-genai on the same int4 LLM)")
-            result["genai"] = run_child("genai", spec)
-        # measured last: Linux carries a parent's peak RSS into the children it starts (kept across exec)
-        result["bandwidth_gbs"] = bandwidth_gbs(threads or os.cpu_count() or 2)
-        log(f"memory bandwidth {result['bandwidth_gbs']:.1f} GB/s")
-        if spec.get("decoder"):
-            ctx = counts["prefill"] + counts["ort_tokens"] // 2  # mean KV length while decoding
-            result["bytes_per_token"] = report.decoder_bytes(spec["decoder"], spec["decoder_io"], ctx)
-            if spec.get("genai_dir"):
-                result["genai_bytes_per_token"] = report.decoder_bytes(Path(spec["genai_dir"]) / "model.onnx",
-                                                                       spec["decoder_io"], ctx)
+        if prepare:
+            result["prepared"] = _prepare_cpu(spec)
+            return result
+        _run_cpu(spec, result, counts, threads)
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.time() - t0, 1)
     result["ratios"], result["targets"] = report.evaluate(result)
     return result
 
 
-def _cached(work: Path, name: str, build) -> None:
-    """Run ``build`` unless a previous run finished it (a marker file is written after success)."""
-    mark = work / f"{name}.done"
-    if not mark.exists():
-        t = time.perf_counter()
-        build()
-        mark.write_text(f"{time.perf_counter() - t:.1f} s\n")
-        log(f"  built {name} in {time.perf_counter() - t:.0f} s")
+def _prepare_cpu(spec: dict) -> dict:
+    """--prepare: every cached build of a CPU run, no timing (each phase reports what it made or why not)."""
+    done: dict = {}
+    if spec["preset"]:
+        log("phase build (calibrate with the real recipes, export the cpu target; cached)")
+        built = run_child("build", spec)
+        done["build"] = built.get("error") or built.get("artifacts", {}).get("bundle")
+        spec.update(bundle_artifacts(built["artifacts"]["bundle"]) if built.get("artifacts") else {},
+                    calib_tiles=built.get("artifacts", {}).get("calib_tiles"))
+    tools = llamacpp.find_tools(spec["llama_cpp"])
+    spec["llamacpp"], spec["openvino"] = "missing" not in tools, openvino_missing() is None
+    log("phase torch (fp32 exports for the peers; no timing)")
+    t = run_child("torch", spec)
+    done["torch"] = t.get("error") or sorted(t.get("artifacts", {}))
+    spec.update(t.get("artifacts", {}))
+    if spec["llamacpp"] and spec.get("hf_llm"):
+        log("phase llamacpp (convert + quantize; no timing)")
+        lc = run_child("llamacpp", spec)
+        done["llamacpp"] = lc.get("error") or lc.get("prepared")
+    else:
+        done["llamacpp"] = tools.get("missing", "no HF weights")
+    if spec["openvino"]:
+        log("phase openvino_build")
+        ov = run_child("openvino_build", spec)
+        done["openvino"] = ov.get("error") or {k: v for k, v in ov.items() if k.startswith("ov-")}
+    return done
+
+
+def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
+    """The CPU phases, each in its own interpreter: build (preset) → torch → ours → the peers."""
+    work = Path(spec["work"])
+    if spec["preset"]:
+        log(f"work dir {work}; phase build (calibrate with the real recipes, export the cpu target; cached)")
+        result["build"] = run_child("build", spec)
+        built = result["build"].pop("artifacts", {})
+        if built.get("bundle"):
+            spec.update(bundle_artifacts(built["bundle"]), calib_tiles=built.get("calib_tiles"))
+    tools = llamacpp.find_tools(spec["llama_cpp"])
+    spec["llamacpp"] = "missing" not in tools
+    spec["openvino"] = openvino_missing() is None
+    log("phase torch (model, fp32 exports for the peers, eager baselines)")
+    result["torch"] = run_child("torch", spec)
+    spec.update(result["torch"].pop("artifacts", {}))
+    log("phase ort (ours: the bundle through Runtime)")
+    ready = all(spec.get(k) for k in ("decoder", "vision_int8", "projector"))
+    result["ort"] = run_child("ort", spec) if ready else {"error": "the engines could not be prepared (see the build phase)"}
+    if not spec["openvino"]:
+        result["ours_openvino"] = {"skipped": openvino_missing()}
+    elif not ready or spec.get("vision_int8_kind", "").startswith("dynamic"):
+        result["ours_openvino"] = {"skipped": "the bundle's cpu target could not be prepared / has no INT8 tower"}
+    else:
+        log("phase ours_openvino (ours: the same bundle through Runtime on the openvino backend)")
+        result["ours_openvino"] = run_child("ours_openvino", spec)
+    if not spec["genai"]:
+        result["genai"] = {"skipped": "onnxruntime-genai is not installed (pip install 'nvila-edge[export]')"}
+    elif not spec.get("genai_dir"):
+        result["genai"] = {"skipped": result["torch"].get("genai_skipped", "no HF weights to build it from")}
+    else:
+        log("phase genai (onnxruntime-genai on the same int4 LLM)")
+        result["genai"] = run_child("genai", spec)
+    if not spec["llamacpp"]:
+        result["llamacpp"] = {"skipped": tools["missing"]}
+    elif not spec.get("hf_llm"):
+        result["llamacpp"] = {"skipped": "no HF weights to convert (the torch phase did not write them)"}
+    else:
+        log("phase llamacpp (convert_hf_to_gguf + llama-quantize Q4_0 / Q4_K_M, cached; llama-bench)")
+        result["llamacpp"] = run_child("llamacpp", spec)
+    result["openvino"] = _openvino(spec)
+    # measured last: Linux carries a parent's peak RSS into the children it starts (kept across exec)
+    result["bandwidth_gbs"] = bandwidth_gbs(threads or os.cpu_count() or 2)
+    log(f"memory bandwidth {result['bandwidth_gbs']:.1f} GB/s")
+    if spec.get("decoder"):
+        ctx = counts["prefill"] + counts["ort_tokens"] // 2  # mean KV length while decoding
+        result["bytes_per_token"] = report.decoder_bytes(spec["decoder"], spec["decoder_io"], ctx)
+        if spec.get("genai_dir"):
+            result["genai_bytes_per_token"] = report.decoder_bytes(Path(spec["genai_dir"]) / "model.onnx",
+                                                                   spec["decoder_io"], ctx)
+
+
+def _openvino(spec: dict) -> dict:
+    """OpenVINO: build (convert + NNCF, cached), then vision and LLM timed in their own processes."""
+    why = openvino_missing()
+    if why:
+        return {"skipped": why}
+    log("phase openvino_build (NNCF INT8 vision PTQ, INT4 weight compression; cached)")
+    built = run_child("openvino_build", spec)
+    if "error" in built:
+        return built
+    out: dict = {"build": built}
+    for part, phase in (("vision", "openvino_vision"), ("llm", "openvino_llm")):
+        state = built.get(f"ov-{part}", "skipped: not built")
+        if state != "ok":
+            out[part] = {"error" if state.startswith("failed") else "skipped": state}
+            continue
+        log(f"phase {phase}")
+        out[part] = run_child(phase, spec)
+    return out
 
 
 # ---- phases ------------------------------------------------------------------------------------------------
 def phase_torch(spec: dict) -> dict:
     import torch
 
-    from nvila_edge.export.llm_onnx import export_decoder, export_embeddings
-    from nvila_edge.export.vision_onnx import export_projector, export_vision
+    from nvila_edge.export.llm_onnx import export_decoder
+    from nvila_edge.export.vision_onnx import export_vision
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -226,38 +333,37 @@ def phase_torch(spec: dict) -> dict:
         res["skipped"] = "the bundle has no torch target: no weights for the transformers baselines"
     else:
         size = model.config.vision.image_size
-        log("  transformers eager fp32 vision")
-        with torch.inference_mode():
-            res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
-                                           c["torch_vision_tiles"])
-        _cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
+        if not spec.get("prepare"):
+            log("  transformers eager fp32 vision")
+            with torch.inference_mode():
+                res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
+                                               c["torch_vision_tiles"])
+        cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
         art["vision_fp32"] = str(work / "vision_fp32.onnx")
-        if spec["preset"]:
-            _cached(work, "projector", lambda: export_projector(model, work))
-            art["projector"] = str(work / "projector.onnx")
         model.vision_tower = None  # the LLM phases below do not need its 1.6 GB
         gc.collect()
     if not spec.get("vision_int8") and (art.get("vision_fp32") or spec.get("vision_fp32")):
         src = art.get("vision_fp32") or spec["vision_fp32"]
-        _cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
+        cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
         art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
     if model is None:
         return res
-    if spec["preset"]:
-        def decoder():
-            io = export_decoder(model, work, precision="int4")
-            emb = export_embeddings(model, work)
-            (work / "decoder_io.json").write_text(json.dumps({"decoder": io, "embeddings": emb}))
-
-        _cached(work, "decoder", decoder)
-        art.update(decoder=str(work / "decoder.onnx"), embeddings=str(work / "embeddings.safetensors"),
-                   decoder_io=json.loads((work / "decoder_io.json").read_text())["decoder"])
+    # the peers' inputs, from the same fp32 weights: an HF folder (llama.cpp's converter), an fp32 decoder ONNX
+    # (OpenVINO reads it, then NNCF compresses it)
+    if spec.get("llamacpp"):
+        cached(work, "hf_llm", lambda: _save_hf(model.llm, spec, work / "hf_llm"))
+        art["hf_llm"] = str(work / "hf_llm")
+    if spec.get("openvino"):
+        cached(work, "decoder_fp32", lambda: export_decoder(model, work / "decoder_fp32", precision="fp32"))
+        art["decoder_fp32"] = str(work / "decoder_fp32" / "decoder.onnx")
     if spec["genai"]:
         try:
-            _cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
+            cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
             art["genai_dir"] = str(work / "genai")
         except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
             res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"
+    if spec.get("prepare"):
+        return res
     ids = _prompt_ids(model.config, c["prefill"])
     for dtype in ("float32", "bfloat16"):
         log(f"  transformers eager {dtype} LLM: prefill {len(ids)}, decode {c['torch_tokens']}")
@@ -266,15 +372,42 @@ def phase_torch(spec: dict) -> dict:
     return res
 
 
-def phase_ort(spec: dict) -> dict:
-    from nvila_edge.runtime.backends.onnxruntime import OrtBackend
+def _runtime_bytes(spec: dict, kv_positions: int) -> dict:
+    """What the runtime must hold: the cpu target's files (graphs + external weights + embedding table) and one
+    cache's float32 KV for ``kv_positions`` (ONNX Runtime: the capacity it allocates up front; OpenVINO: the
+    longest sequence it held, its state grows)."""
+    folder = Path(spec["decoder"]).parent
+    io = spec["decoder_io"]
+    kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * kv_positions * 4
+    files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")} | \
+        {f.resolve() for f in folder.iterdir() if f.name.startswith("decoder")}
+    return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": kv_positions}
+
+
+def _save_hf(llm, spec: dict, out: Path) -> None:
+    """The Qwen2 LLM as a plain HF folder (config, safetensors, tokenizer files)."""
+    from nvila_edge import NVILATokenizer
+
+    llm.save_pretrained(out)
+    NVILATokenizer.from_pretrained(spec["tokenizer"]).save_pretrained(out)
+
+
+def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
+    """Ours: the bundle through ``Runtime`` on ``backend`` (vision, prefill, decode, TTFT, peak RSS), then the fp32
+    vision graph on ONNX Runtime for the ratio and the feature cosine."""
     from nvila_edge.runtime import Runtime
+    from nvila_edge.runtime.backends.onnxruntime import OrtBackend
+    from nvila_edge.runtime.backends.onnxruntime import session as ort_session
 
     cfg, tok = _config_tok(spec)
     c = spec["counts"]
-    be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
-                    spec["decoder_io"], threads=spec["threads"])
-    rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
+    if backend == "onnxruntime" and spec.get("vision_int8_kind", "").startswith("dynamic"):  # fp32 tower: our INT8 variant
+        be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
+                        spec["decoder_io"], threads=spec["threads"])
+        rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
+    else:  # the bundle as a user opens it
+        rt = Runtime.load(spec["bundle"], backend=backend, threads=spec["threads"])
+        be = rt.backend
     size = cfg.vision.image_size
     res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
     log("  vision INT8")
@@ -285,12 +418,18 @@ def phase_ort(spec: dict) -> dict:
     res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
     res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
     res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
+    held = max(res["ttft_video"]["prompt_tokens"], c["prefill"] + c["ort_tokens"])
+    res["runtime_bytes"] = _runtime_bytes(spec, be.capacity if backend == "onnxruntime" else held)
     if spec.get("vision_fp32"):
         log("  vision fp32 ONNX")
-        sess = be._session(spec["vision_fp32"])  # same session options as the runtime's own graphs
+        sess = ort_session(spec["vision_fp32"], spec["threads"])  # the runtime's session options
         name = sess.get_inputs()[0].name
         res["vision_fp32_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
+        tile = np.load(spec["calib_tiles"])[:1] if spec.get("calib_tiles") else \
+            np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        res["vision_cosine_vs_fp32"] = cosine(be.encode_tiles(tile), sess.run(None, {name: tile})[0])
     return res
+
 
 
 def phase_genai(spec: dict) -> dict:
@@ -362,7 +501,13 @@ def phase_gpu(spec: dict, quick: bool = False) -> dict:
     return res
 
 
-PHASES = {"torch": phase_torch, "ort": phase_ort, "genai": phase_genai}
+def _phases() -> dict:
+    from . import bench_build, bench_openvino as ov
+
+    return {"build": bench_build.phase_build, "torch": phase_torch, "ort": phase_ort, "genai": phase_genai,
+            "ours_openvino": lambda spec: phase_ort(spec, backend="openvino"),
+            "llamacpp": llamacpp.phase_llamacpp, "openvino_build": ov.phase_openvino_build,
+            "openvino_vision": ov.phase_openvino_vision, "openvino_llm": ov.phase_openvino_llm}
 
 
 def _phase_main(argv: list[str]) -> int:
@@ -370,7 +515,7 @@ def _phase_main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads") and phase != "torch":
         os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    res = PHASES[phase](spec)
+    res = _phases()[phase](spec)
     res["peak_rss_mb"] = peak_rss_mb()
     Path(out_path).write_text(json.dumps(res, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
     return 0

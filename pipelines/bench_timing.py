@@ -4,6 +4,7 @@ GPU comparison (``bench_gpu.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -17,6 +18,27 @@ GPU = {"vision_tiles": 10, "prefill": 512, "tokens": 128, "reps": 3}  # a GPU st
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def module_missing(name: str) -> bool:
+    """Whether ``name`` cannot be imported, asked without importing it (an import here would raise the peak RSS
+    every child inherits)."""
+    if name in sys.modules:
+        return sys.modules[name] is None  # a test's sys.modules[...] = None: as if not installed
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def cached(work: Path, name: str, build) -> None:
+    """Run ``build`` unless a previous run finished it (a marker file is written after success)."""
+    mark = work / f"{name}.done"
+    if not mark.exists():
+        t = time.perf_counter()
+        build()
+        mark.write_text(f"{time.perf_counter() - t:.1f} s\n")
+        log(f"  built {name} in {time.perf_counter() - t:.0f} s")
 
 
 # ---- measuring helpers -------------------------------------------------------------------------------------
@@ -36,6 +58,14 @@ def _time_tiles(fn, size: int, n: int, sync=lambda: None) -> float:
         sync()
         times.append((time.perf_counter() - t) * 1000)
     return _median(times)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-token cosine of two feature arrays (..., C), as the GPU comparison and the calibration report."""
+    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, np.float64).reshape(-1, np.shape(b)[-1])
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return round(float(cos.mean()), 5)
 
 
 def _prompt_ids(cfg, n: int) -> np.ndarray:

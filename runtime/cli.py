@@ -20,7 +20,7 @@ def add_run_parser(sub) -> None:
     r.add_argument("question", help='the question; "-" reads it from stdin')
     r.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     r.add_argument("--video", help="video file (frames sampled uniformly)")
-    r.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "torch"), default="auto")
+    r.add_argument("--backend", choices=("auto", "onnxruntime", "openvino", "tensorrt", "torch"), default="auto")
     r.add_argument("--device", help="cpu or cuda (default: the fastest available)")
     r.add_argument("--threads", type=int, help="CPU threads for the backend")
     r.add_argument("--max-new-tokens", type=int, default=256)

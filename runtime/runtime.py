@@ -34,7 +34,7 @@ from .results import RunResult, collect, sampling_params
 from .session import Session
 from .video_stream import VideoStream
 
-TARGET_OF = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "torch": "torch"}  # torch: its .target says which
+TARGET_OF = {"onnxruntime": "cpu", "openvino": "cpu", "tensorrt": "tensorrt", "torch": "torch"}  # torch: its .target says which
 POOLED_CACHES = 2  # one-shot requests' caches kept allocated between requests (more are made when needed)
 
 

@@ -6,6 +6,9 @@
 2. ``onnxruntime`` on the ``cpu`` target,
 3. ``torch`` on the ``torch`` target (plain weights).
 
+``openvino`` runs the same ``cpu`` target files on OpenVINO's CPU plugin (the Q/DQ tower on its int8 kernels, the
+int4 decoder made stateful); it is picked only when named (``backend="openvino"``, the ``[openvino]`` extra).
+
 A ``cuda``-only bundle on a machine without CUDA raises ``BackendUnavailable`` saying to use the cpu target
 (``backend="torch", device="cpu"`` still runs it, with the CPU variants of the kernels). ``tensorrt`` is never
 picked by ``auto``: it is untested (no TensorRT on any machine this project runs on), so it runs only when
@@ -25,7 +28,7 @@ from nvila_edge.errors import BackendUnavailable, BundleError
 
 from .base import Backend, KVCache, check_embeds
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 
 
 def _installed(module: str) -> bool:
@@ -85,6 +88,10 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
         from .onnxruntime import OrtBackend
 
         return OrtBackend.from_bundle(bundle, threads=threads, device=device)
+    if name == "openvino":
+        from .openvino import OpenVINOBackend
+
+        return OpenVINOBackend.from_bundle(bundle, threads=threads, device=device)
     if name == "tensorrt":
         from .tensorrt import TensorRTBackend
 

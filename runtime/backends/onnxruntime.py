@@ -44,6 +44,23 @@ def providers_for(device: str | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session(path, threads: int | None = None, providers: list[str] | None = None):
+    """An InferenceSession with the runtime's options (also what ``bench`` opens its comparison graphs with)."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no spinning: between decode steps Python samples the next token, and spinning pool threads take
+    # the cores it needs (measured on 2 cores: 10 → 16 tok/s); onnxruntime-genai turns it off too
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not Path(path).is_file():
+        raise BundleError(f"ONNX graph not found: {path}")
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+
+
 class OrtKVCache(KVCache):
     """One sequence's KV buffers and the decoder IOBinding bound to them (several can be alive at once)."""
 
@@ -173,19 +190,7 @@ class OrtBackend(Backend):
                    bundle.file("embeddings"), io, threads=threads, device=device, **kw)
 
     def _session(self, path):
-        ort = _ort()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # no spinning: between decode steps Python samples the next token, and spinning pool threads take
-        # the cores it needs (measured on 2 cores: 10 → 16 tok/s); onnxruntime-genai turns it off too
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if self.threads:
-            so.intra_op_num_threads = int(self.threads)
-            so.inter_op_num_threads = 1
-        if not Path(path).is_file():
-            raise BundleError(f"ONNX graph not found: {path}")
-        return ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+        return session(path, self.threads, self.providers)
 
     def _ortvalue(self, array: np.ndarray):
         ort = _ort()

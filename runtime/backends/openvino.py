@@ -1,0 +1,165 @@
+"""OpenVINO backend: the bundle's own ``cpu`` target (the ModelOpt Q/DQ vision ONNX, the projector, the
+MatMulNBits int4 decoder ONNX, the embedding table) compiled by OpenVINO's CPU plugin instead of ONNX Runtime.
+
+Same files, same weights: OpenVINO reads the ONNX graphs (its ONNX reader knows the com.microsoft ops our
+exporter writes: MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization) and runs the Q/DQ tower
+with its int8 kernels. The decoder is made *stateful* (past → present pairs become plugin state, as
+optimum-intel's models are), so a decode step passes one embedding row in and gets the logits out; each
+``OpenVINOKVCache`` is its own infer request, so several sequences can be alive at once.
+
+Numerics: ``precision="f32"`` (default) asks the plugin for fp32 activations, the same class of arithmetic as
+ONNX Runtime; ``"bf16"`` lets it use bf16 where the CPU has it (faster, less exact).
+
+Only openvino and numpy are imported (no torch), and only when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from nvila_edge.config import NVILAConfig
+from nvila_edge.errors import BundleError, GenerationError
+from nvila_edge.optional import require
+
+from .base import Backend, KVCache, check_embeds
+
+PRECISIONS = ("f32", "bf16")
+
+
+def _ov():
+    return require("openvino", "openvino", "the OpenVINO backend")
+
+
+class OpenVINOKVCache(KVCache):
+    """One sequence: a stateful infer request of the decoder (its KV lives in the plugin)."""
+
+    def __init__(self, backend: "OpenVINOBackend", capacity: int):
+        self.be = backend
+        self.request = backend.decoder.create_infer_request()
+        self.capacity = min(capacity, backend.graph_max)
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        length = max(0, min(int(length), self.length))
+        if length == self.length:
+            return
+        if length == 0:
+            self.request.reset_state()
+        else:  # keep the first ``length`` positions of every K / V state
+            for state in self.request.query_state():
+                kept = np.ascontiguousarray(state.state.data[:, :, :length])
+                state.state = _ov().Tensor(kept)
+        self.length = length
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    target = "cpu"  # runs the bundle's cpu target
+
+    def __init__(self, config: NVILAConfig, vision, projector, decoder, embeddings, io: dict, *,
+                 threads: int | None = None, precision: str = "f32", capacity: int | None = None):
+        ov = _ov()
+        if precision not in PRECISIONS:
+            raise BundleError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.config, self.io, self.threads, self.precision = config, dict(io), threads, precision
+        self.core = ov.Core()
+        self.vision = self._compile(vision) if vision is not None else None
+        self.projector = self._compile(projector) if projector is not None else None
+        self.decoder = self._compile(decoder, stateful=True)
+        if not callable(embeddings):
+            from nvila_edge.embeddings import load_embeddings
+
+            embeddings = load_embeddings(embeddings)
+        self.table = embeddings
+        self.graph_max = int(io.get("max_length") or config.llm.context_length)
+        self.capacity = min(self.graph_max, capacity or self.graph_max)
+        self._mask = np.ones((1, self.graph_max), np.int64)
+        self.tile_batch = max(1, 8192 // (config.vision.grid ** 2))
+
+    @classmethod
+    def from_bundle(cls, bundle, threads: int | None = None, device: str | None = None, **kw) -> "OpenVINOBackend":
+        if device is not None and not str(device).startswith("cpu"):
+            raise BundleError(f"the OpenVINO backend runs on the CPU; got device={device!r}")
+        spec = bundle.target("cpu")
+        io = spec.get("io", {}).get("decoder")
+        if not io:
+            raise BundleError(f"bundle {bundle.path}: the cpu target has no decoder io contract in its manifest")
+        return cls(bundle.config, bundle.file("vision"), bundle.file("projector"), bundle.file("decoder"),
+                   bundle.file("embeddings"), io, threads=threads, **kw)
+
+    def _properties(self) -> dict:
+        props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": self.precision}
+        if self.threads:
+            props["INFERENCE_NUM_THREADS"] = str(int(self.threads))
+        return props
+
+    def _compile(self, path, stateful: bool = False):
+        if not os.path.isfile(path):
+            raise BundleError(f"ONNX graph not found: {path}")
+        model = self.core.read_model(str(path))
+        if stateful:
+            self._make_stateful(model)
+        return self.core.compile_model(model, "CPU", self._properties())
+
+    def _make_stateful(self, model) -> None:
+        from openvino._offline_transformations import apply_make_stateful_transformation
+
+        io, n = self.io, int(self.io["num_layers"])
+        kv, hd = int(io["num_kv_heads"]), int(io["head_dim"])
+        pairs = {io[f"past_{k}"].format(i=i): io[f"present_{k}"].format(i=i) for i in range(n) for k in ("key", "value")}
+        shapes = {io["inputs_embeds"]: [1, -1, self.config.llm.hidden_size], io["attention_mask"]: [1, -1]}
+        shapes.update({p: [1, kv, -1, hd] for p in pairs})
+        if io.get("position_ids"):
+            shapes[io["position_ids"]] = [1, -1]
+        model.reshape(shapes)  # a static batch of 1: the state's initial (empty) value needs it
+        apply_make_stateful_transformation(model, pairs)
+
+    def new_cache(self, capacity: int | None = None) -> OpenVINOKVCache:
+        return OpenVINOKVCache(self, capacity or self.capacity)
+
+    # ---- vision --------------------------------------------------------------------------------------
+    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise BundleError("this OpenVINO backend was opened without a vision graph")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        outs = [self.vision(pixels[s:s + self.tile_batch])[0] for s in range(0, pixels.shape[0], self.tile_batch)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        if self.projector is None:
+            raise BundleError("this OpenVINO backend was opened without a projector graph")
+        return self.projector(np.ascontiguousarray(features, dtype=np.float32))[0].astype(np.float32, copy=False)
+
+    # ---- LLM -----------------------------------------------------------------------------------------
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return self.table(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def _run(self, embeds: np.ndarray, cache: OpenVINOKVCache) -> np.ndarray:
+        total = cache.length + embeds.shape[1]
+        if total > self.graph_max:
+            raise GenerationError(f"the sequence needs {total} positions but the decoder was exported for "
+                                  f"{self.graph_max}; re-export with a larger max_length")
+        io = self.io
+        feeds = {io["inputs_embeds"]: embeds, io["attention_mask"]: self._mask[:, :total]}
+        if io.get("position_ids"):
+            feeds[io["position_ids"]] = np.arange(cache.length, total, dtype=np.int64)[None]
+        cache.request.infer(feeds, share_inputs=True)
+        cache.length = total
+        return np.array(cache.request.get_output_tensor(0).data[0, -1], dtype=np.float32)
+
+    def prefill(self, embeds: np.ndarray, cache: OpenVINOKVCache | None = None) -> np.ndarray:
+        return self._run(check_embeds(embeds, self.config.llm.hidden_size), self._cache(cache))
+
+    def decode_step(self, token_id: int, cache: OpenVINOKVCache | None = None) -> np.ndarray:
+        row = self.table(np.asarray([int(token_id)]))[None].astype(np.float32, copy=False)
+        return self._run(row, self._cache(cache))
+
+    @property
+    def max_length(self) -> int:
+        return self.graph_max
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": "cpu", "kv": "stateful (plugin)", "precision": self.precision,
+                "threads": self.threads, "openvino": _ov().__version__}
