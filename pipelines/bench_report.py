@@ -345,7 +345,6 @@ def cpu_tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             _fmt(e["cos"], 4), _fmt(e.get("rss") if e["key"] != "ours" else _get(result, "ort", "peak_rss_mb"), 0),
             e["why"] or ""] for e in vision_engines(result)]
     vis_head = ["engine (vision tower, 1 tile)", "ms / tile", "ours is faster by", "cosine vs fp32", "peak RSS (MB)", "note"]
-    bound = r.get("bound_tok_s")
     llm = []
     for e in llm_engines(result):
         d, k = e["llm"] or {}, e["key"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Counting, make_runtime, random_image
+from conftest import make_runtime, random_image
 from nvila_edge.errors import ContextOverflowError, GenerationError
 from nvila_edge.events import FinishEvent, TokenEvent
-from nvila_edge.runtime import PlanEvent, Runtime
+from nvila_edge.runtime import PlanEvent
 
 
 @pytest.fixture(scope="module")
