@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nvila_edge.errors import MediaError
-from nvila_edge.media.video import VideoClip, read_frames, sample_frame_indices
+from nvila_edge.media.video import VideoClip, read_frames, sample_frame_indices, time_token_pattern  # noqa: F401
 
 
 @dataclass
@@ -77,10 +77,6 @@ def load_segment(info: VideoInfo, start_s: float, end_s: float, num_frames: int)
         cap.release()
     return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], info.fps, info.frame_count, info.path,
                      [int(i) / fps for i in idx])
-
-
-def time_token_pattern(fmt: str = "<t{t}>") -> re.Pattern:
-    return re.compile(re.escape(fmt).replace(re.escape("{t}"), r"(\d+)"))
 
 
 def time_tokens_to_seconds(text: str, frame_times_s: list[float], num_time_tokens: int,

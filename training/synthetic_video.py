@@ -16,8 +16,7 @@ file clip's content exactly. Time tokens name slots: with as many time tokens as
 from __future__ import annotations
 
 import random
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nvila_edge.errors import ConfigError
-from nvila_edge.media.video import sample_frame_indices, time_token_index
+from nvila_edge.media.video import sample_frame_indices, time_token_index, time_token_pattern
 
 from .data import CachedExamples, ExampleCache
 from .drawing import COLORS, SHAPES, background, draw_shape
@@ -45,7 +44,6 @@ class Clip:
     question: str
     answer: str
     segment: tuple[int, int] | None = None
-    meta: dict = field(default_factory=dict)
 
 
 def slot_of_frame(cfg) -> list[int]:
@@ -162,8 +160,7 @@ def video_record(i: int, task: str, question: str, answer: str, video: str, pref
 # ---- time-token answers: parsing and temporal IoU (paper Table 10: mean IoU, precision@0.5) ----------------
 def time_tokens(text: str, time_token_format: str = "<t{t}>") -> list[int]:
     """The indices of the time tokens in ``text``, in order."""
-    pattern = re.escape(time_token_format).replace(re.escape("{t}"), r"(\d+)")
-    return [int(m) for m in re.findall(pattern, text)]
+    return [int(m) for m in time_token_pattern(time_token_format).findall(text)]
 
 
 def answer_segment(text: str, time_token_format: str = "<t{t}>") -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,11 @@ def time_token_index(time_s: float, duration_s: float, num_time_tokens: int) -> 
         raise MediaError("time tokens need num_time_tokens >= 1 and a positive duration")
     t = min(max(time_s / duration_s, 0.0), 1.0)
     return int(round(t * (num_time_tokens - 1)))
+
+
+def time_token_pattern(fmt: str = "<t{t}>") -> re.Pattern:
+    """The regex of a time token in ``fmt`` (``"<t{t}>"``), its index as group 1."""
+    return re.compile(re.escape(fmt).replace(re.escape("{t}"), r"(\d+)"))
 
 
 @dataclass
