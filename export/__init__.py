@@ -16,7 +16,7 @@ _LAZY = {
     "TARGETS": "targets", "ExportTarget": "targets", "get_target": "targets", "register": "targets",
     "baked_state_dict": "targets",
     "export_vision": "vision_onnx", "export_projector": "vision_onnx", "qdq_summary": "vision_onnx",
-    "fold_weight_quantizers": "vision_onnx",
+    "fold_weight_quantizers": "vision_onnx", "fold_weight_transposes": "vision_onnx",
     "export_decoder": "llm_onnx", "export_embeddings": "llm_onnx",
     "export_trtllm_checkpoint": "trtllm", "check_trtllm_checkpoint": "trtllm", "build_trtllm_engine": "trtllm",
     "build_vision_engine": "tensorrt",
