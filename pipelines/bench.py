@@ -405,13 +405,19 @@ def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
         be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
                         spec["decoder_io"], threads=spec["threads"])
         rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
-    else:  # the bundle as a user opens it
-        rt = Runtime.load(spec["bundle"], backend=backend, threads=spec["threads"])
+    else:  # the bundle as a user opens it; the tower on OpenVINO beside the ORT decoder when it is installed
+        engine = "openvino" if backend == "onnxruntime" and spec.get("openvino") else None
+        rt = Runtime.load(spec["bundle"], backend=backend, threads=spec["threads"], vision_engine=engine)
         be = rt.backend
     size = cfg.vision.image_size
     res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
-    log("  vision INT8")
+    log(f"  vision INT8 ({(res['describe'].get('vision') or {}).get('engine', backend)})")
     res["vision_int8_ms"] = _time_tiles(be.encode_tiles, size, c["vision_tiles"])
+    if (res["describe"].get("vision") or {}).get("engine") == "openvino":  # the same graph on ORT, for the record
+        sess = ort_session(spec["vision_int8"], spec["threads"])
+        name = sess.get_inputs()[0].name
+        res["vision_int8_ort_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
+        del sess
     log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
     res["llm"] = _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])
     log("  TTFT image / 8-frame video")

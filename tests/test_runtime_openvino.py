@@ -89,3 +89,36 @@ def test_not_imported_unless_chosen(bundle):
             f"Runtime.load({str(bundle)!r}, backend='onnxruntime', threads=1); "
             "assert 'openvino' not in sys.modules and 'nvila_edge.runtime.backends.openvino' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- vision_engine="openvino": the tower on OpenVINO, the decoder on ONNX Runtime ---------------------------
+def test_vision_engine_openvino_beside_the_ort_decoder(bundle, runtimes, tiny_config):
+    ort_rt, _ = runtimes
+    mixed = Runtime.load(bundle, backend="onnxruntime", threads=1, vision_engine="openvino")
+    d = mixed.backend.describe()
+    assert d["backend"] == "onnxruntime" and d["vision"]["engine"] == "openvino"
+    assert d["vision"]["precision"] in ("f32", "bf16")  # the plugin's own choice for this CPU
+    assert ort_rt.backend.describe()["vision"] == {"engine": "onnxruntime"}
+    s = tiny_config.vision.image_size
+    px = np.random.default_rng(1).standard_normal((2, 3, s, s)).astype(np.float32)
+    fo, fv = ort_rt.backend.encode_tiles(px), mixed.backend.encode_tiles(px)
+    assert fv.shape == fo.shape and fv.dtype == np.float32
+    cos = (fo * fv).sum(-1) / (np.linalg.norm(fo, axis=-1) * np.linalg.norm(fv, axis=-1))
+    assert cos.min() > 0.999, cos.min()  # bf16 outside the matmuls where the CPU has it: close, not equal
+    res = mixed.generate("What is in the image?", images=[random_image(90, 70)], max_new_tokens=6)
+    assert res.usage.visual_tokens > 0 and len(res.token_ids) > 0
+
+
+def test_vision_engine_openvino_missing_names_its_extra(bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailable, match="openvino"):
+        Runtime.load(bundle, backend="onnxruntime", vision_engine="openvino")
+
+
+def test_vision_engine_unknown_or_for_another_backend(bundle):
+    from nvila_edge.errors import BundleError
+
+    with pytest.raises(BundleError, match="unknown vision engine 'tvm'"):
+        Runtime.load(bundle, backend="onnxruntime", vision_engine="tvm")
+    with pytest.raises(BundleError, match="applies to the onnxruntime backend"):
+        Runtime.load(bundle, backend="torch", vision_engine="openvino")

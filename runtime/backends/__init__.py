@@ -81,13 +81,22 @@ def choose_backend(bundle, name: str = "auto", device: str | None = None) -> str
     raise BackendUnavailable("onnxruntime", "export", f"running a bundle with targets {sorted(targets)}")
 
 
-def load_backend(bundle, name: str = "auto", *, threads: int | None = None, device: str | None = None) -> Backend:
-    """Open the bundle's engines with the named backend (``auto``: the fastest one that can run here)."""
+def load_backend(bundle, name: str = "auto", *, threads: int | None = None, device: str | None = None,
+                 vision_engine: str | None = None) -> Backend:
+    """Open the bundle's engines with the named backend (``auto``: the fastest one that can run here).
+
+    ``vision_engine`` (onnxruntime backend only): the engine that runs the vision graph — ``"onnxruntime"``
+    (default) or ``"openvino"`` (the same Q/DQ graph on OpenVINO's CPU plugin; the decoder stays on ONNX Runtime).
+    """
     name = choose_backend(bundle, name, device)
+    if vision_engine is not None and name != "onnxruntime" and vision_engine != name:
+        raise BundleError(f"vision_engine={vision_engine!r} applies to the onnxruntime backend; the {name} backend "
+                          "runs its own vision graph (leave vision_engine out, or pass backend='onnxruntime')")
     if name == "onnxruntime":
         from .onnxruntime import OrtBackend
 
-        return OrtBackend.from_bundle(bundle, threads=threads, device=device)
+        return OrtBackend.from_bundle(bundle, threads=threads, device=device,
+                                      vision_engine=vision_engine or "onnxruntime")
     if name == "openvino":
         from .openvino import OpenVINOBackend
 

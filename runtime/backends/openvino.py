@@ -10,6 +10,12 @@ optimum-intel's models are), so a decode step passes one embedding row in and ge
 Numerics: ``precision="f32"`` (default) asks the plugin for fp32 activations, the same class of arithmetic as
 ONNX Runtime; ``"bf16"`` lets it use bf16 where the CPU has it (faster, less exact).
 
+``OpenVINOVision`` is the tower alone on the plugin: what the ONNX Runtime backend runs its vision part on with
+``vision_engine="openvino"`` (the decoder stays on ONNX Runtime, whose int4 decode is the faster one). It leaves
+the precision to the plugin — bf16 for the non-int8 ops (attention, softmax, norms) where the CPU has bf16, f32
+elsewhere: on a 2-core AMD EPYC (avx512_bf16) one 448² SigLIP-400M tile takes ~1.46 s against ~2.2 s on ONNX
+Runtime, feature cosine vs the fp32 tower 0.99975 (ONNX Runtime's: 0.99976), 2026-12-07.
+
 Only openvino and numpy are imported (no torch), and only when this backend is chosen.
 """
 
@@ -30,6 +36,37 @@ PRECISIONS = ("f32", "bf16")
 
 def _ov():
     return require("openvino", "openvino", "the OpenVINO backend")
+
+
+def plugin_properties(threads: int | None = None, precision: str | None = None) -> dict:
+    """One stream, latency hint; ``precision=None`` keeps the plugin's own choice (bf16 where the CPU has it)."""
+    props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if precision is not None:
+        props["INFERENCE_PRECISION_HINT"] = precision
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = str(int(threads))
+    return props
+
+
+class OpenVINOVision:
+    """The vision graph compiled for OpenVINO's CPU plugin: ``pixels (N, 3, S, S) → features``."""
+
+    def __init__(self, path, *, threads: int | None = None, precision: str | None = None):
+        ov = _ov()
+        if precision is not None and precision not in PRECISIONS:
+            raise BundleError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not os.path.isfile(path):
+            raise BundleError(f"ONNX graph not found: {path}")
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(str(path)), "CPU", plugin_properties(threads, precision))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.model(np.ascontiguousarray(pixels, dtype=np.float32))[0]
+
+    def describe(self) -> dict:
+        precision = self.model.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
+        return {"engine": "openvino", "precision": getattr(precision, "to_string", lambda: str(precision))(),
+                "openvino": _ov().__version__}
 
 
 class OpenVINOKVCache(KVCache):
@@ -90,10 +127,7 @@ class OpenVINOBackend(Backend):
                    bundle.file("embeddings"), io, threads=threads, **kw)
 
     def _properties(self) -> dict:
-        props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": self.precision}
-        if self.threads:
-            props["INFERENCE_NUM_THREADS"] = str(int(self.threads))
-        return props
+        return plugin_properties(self.threads, self.precision)
 
     def _compile(self, path, stateful: bool = False):
         if not os.path.isfile(path):
