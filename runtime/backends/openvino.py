@@ -113,7 +113,7 @@ class OpenVINOBackend(Backend):
         self.graph_max = int(io.get("max_length") or config.llm.context_length)
         self.capacity = min(self.graph_max, capacity or self.graph_max)
         self._mask = np.ones((1, self.graph_max), np.int64)
-        self.tile_batch = max(1, 8192 // (config.vision.grid ** 2))
+        self.tile_batch = 1  # one tile per run on a CPU (see onnxruntime.tile_batch)
 
     @classmethod
     def from_bundle(cls, bundle, threads: int | None = None, device: str | None = None, **kw) -> "OpenVINOBackend":
