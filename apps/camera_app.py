@@ -228,6 +228,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino", "tensorrt", "torch"), default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
+    p.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
+                   help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
 
 
 def add_parser(sub) -> None:
@@ -249,7 +251,8 @@ def camera_main(args) -> int:
         except cv2.error:
             raise GenerationError("OpenCV here has no GUI support (opencv-python-headless); "
                                   "use --headless --out out.mp4") from None
-    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads) as rt:
+    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
+                      vision_engine=args.vision_engine) as rt:
         app = CameraApp(rt, args.source, args.question, every=args.every, out=args.out, headless=args.headless,
                         max_seconds=args.max_seconds, max_retries=args.max_retries, backoff_s=args.backoff,
                         max_new_tokens=args.max_new_tokens)

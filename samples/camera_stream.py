@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads) as rt:
+    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads, vision_engine=args.vision_engine) as rt:
         app = CameraApp(rt, args.source, args.question, every=args.every, out=args.out, headless=args.headless,
                         max_seconds=args.max_seconds, max_retries=args.max_retries, backoff_s=args.backoff,
                         max_new_tokens=args.max_new_tokens)

@@ -98,6 +98,33 @@ def test_kv_buffers_grow_without_changing_results(bundle, tiny_model, one_thread
     assert small.describe()["kv_capacity"] == 64 and small.cache_length == 33  # 8 → 32 → 64
 
 
+def test_long_prefill_runs_in_chunks_with_the_same_logits(bundle, tiny_model, monkeypatch, one_thread):
+    """A prompt longer than PREFILL_CHUNK is fed in chunks over the cache: same logits and KV as one run."""
+    from nvila_edge.bundle import Bundle
+    from nvila_edge.runtime.backends import onnxruntime as ob
+
+    be = OrtBackend.from_bundle(Bundle.open(bundle), threads=1)
+    chunk = ob.PREFILL_CHUNK
+    e = be.embed_tokens(np.random.default_rng(0).integers(10, 400, 2 * chunk + 17))[None]
+    runs = []
+    real = be._run
+    monkeypatch.setattr(be, "_run", lambda x, c: runs.append(x.shape[1]) or real(x, c))
+    chunked = be.prefill(e)
+    assert runs == [chunk, chunk, 17] and be.cache_length == e.shape[1]
+    after = be.decode_step(5)
+    monkeypatch.setattr(ob, "PREFILL_CHUNK", 10_000)
+    be.reset()
+    whole = be.prefill(e)
+    assert runs[-1] == e.shape[1]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(be.decode_step(5), after, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(ob, "PREFILL_CHUNK", chunk)
+    be.reset()
+    runs.clear()
+    be.prefill(e[:, :chunk])  # exactly one chunk: one run
+    assert runs == [chunk]
+
+
 def test_session_on_ort_equals_fresh_prompt(ort_rt, bundle, one_thread):
     fresh_rt = Runtime.load(bundle, backend="onnxruntime", threads=1)
     img = random_image(500, 300, seed=7)
