@@ -68,9 +68,12 @@ def session(path, threads: int | None = None, providers: list[str] | None = None
     # without it the runtime's peak RSS is ~0.5 GB lower and decode no slower (nvila-lite-2b, 2-core AMD EPYC,
     # 2026-12-07: 2.17 vs 2.65 GB, 26.5 / 25.9 vs 24.5 / 19.6 tok/s in two A/B pairs)
     so.enable_cpu_mem_arena = False
-    # no spinning: between decode steps Python samples the next token, and spinning pool threads take
-    # the cores it needs (measured on 2 cores: 10 → 16 tok/s); onnxruntime-genai turns it off too
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # intra-op spinning on: a decode step is ~560 small ops, and waking a sleeping pool thread for each parallel
+    # one costs more than spinning the second core (nvila-lite-2b, 2-core AMD EPYC, 2026-12-07, interleaved A/B:
+    # 24.3–24.9 vs 19.9–23.1 tok/s on the decoder alone, 26.2 / 29.5 vs 25.1 / 24.8 through Runtime.generate).
+    # (An older build measured the opposite, 10 → 16 tok/s with spinning off, when its Python loop between
+    # steps needed that core.) The inter-op pool is unused (sequential execution): no spinning there.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = int(threads)
