@@ -66,3 +66,16 @@ def test_errors(bundle, tmp_path):
         run([str(bundle), ""])
     with pytest.raises(BundleError):
         run([str(tmp_path / "missing"), "hi"])
+
+
+def test_run_vision_engine_openvino(bundle, image, capsys, monkeypatch, one_thread):
+    pytest.importorskip("openvino")
+    from nvila_edge.runtime import Runtime
+
+    opened = []
+    load = Runtime.load.__func__
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **kw: opened.append(load(cls, *a, **kw)) or opened[-1]))
+    assert run([str(bundle), "--image", str(image), "--max-new-tokens", "4", "--vision-engine", "openvino",
+                "--json", "What is it?"]) == 0
+    assert json.loads(capsys.readouterr().out)["usage"]["visual_tokens"] > 0
+    assert opened[0].backend.describe()["vision"]["engine"] == "openvino"

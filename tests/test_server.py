@@ -358,3 +358,26 @@ def test_media_options_are_runtime_keywords():
     assert set(MediaOptions.model_fields) <= set(stream)
     req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "max_tiles": 3, "overflow": "drop_frames"})
     assert req.options == {"max_tiles": 3, "overflow": "drop_frames"}
+
+
+def test_create_app_passes_the_vision_engine(monkeypatch, tmp_path):
+    """``nvila-edge serve --vision-engine openvino`` reaches ``Runtime.load``."""
+    from nvila_edge.apps.server_cli import add_parser
+    from nvila_edge.runtime import Runtime
+
+    seen = {}
+
+    def fake_load(cls, bundle, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Runtime, "load", classmethod(fake_load))
+    with pytest.raises(RuntimeError, match="stop here"):
+        create_app(str(tmp_path), vision_engine="openvino")
+    assert seen["vision_engine"] == "openvino"
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="verb"))
+    assert p.parse_args(["serve", "B", "--vision-engine", "openvino"]).vision_engine == "openvino"
+    assert p.parse_args(["serve", "B"]).vision_engine is None
