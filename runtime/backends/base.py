@@ -26,6 +26,21 @@ import numpy as np
 from nvila_edge.config import NVILAConfig
 
 
+def tile_batch(config: NVILAConfig, device: str) -> int:
+    """Tiles per vision run. On a GPU, batches bounded by activation memory (like torch); on a CPU one tile per run:
+    as fast per tile and a fraction of the memory (448² SigLIP-400M, 2-core AMD EPYC, 2026-12-07: 1 506 vs 1 603
+    ms / tile at batch 8 on OpenVINO, 2 498 vs 2 919 on ONNX Runtime, whose batch-8 attention scores alone are
+    0.5 GB)."""
+    return max(1, 8192 // (config.vision.grid ** 2)) if device == "cuda" else 1
+
+
+def encode_in_batches(vision, pixels: np.ndarray, batch: int) -> np.ndarray:
+    """``vision`` (a callable float32 tiles → features) over ``pixels`` ``batch`` tiles at a time."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    outs = [vision(pixels[s:s + batch]) for s in range(0, pixels.shape[0], batch)]
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
 class KVCache(ABC):
     """Positions one sequence holds in a backend's KV cache. Made by ``Backend.new_cache``; each backend
     subclasses it with its own storage (ONNX Runtime buffers, a transformers cache, a CUDA static cache)."""

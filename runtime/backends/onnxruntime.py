@@ -27,7 +27,7 @@ from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BackendUnavailable, BundleError, GenerationError
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds
+from .base import Backend, KVCache, check_embeds, encode_in_batches, tile_batch
 
 _NP = {"float32": np.float32, "float16": np.float16}
 INITIAL_CAPACITY = 4096  # KV positions allocated up front; grows (doubling) up to the graph's max_length
@@ -49,14 +49,6 @@ def providers_for(device: str | None) -> list[str]:
     if device is not None and str(device).startswith("cuda"):
         raise BackendUnavailable("onnxruntime-gpu", "gpu", "the ONNX Runtime CUDA provider")
     return ["CPUExecutionProvider"]
-
-
-def tile_batch(config: NVILAConfig, device: str) -> int:
-    """Tiles per vision run. On a GPU, batches bounded by activation memory (like torch); on a CPU one tile per run:
-    as fast per tile and a fraction of the memory (448² SigLIP-400M, 2-core AMD EPYC, 2026-12-07: 1 506 vs 1 603
-    ms / tile at batch 8 on OpenVINO, 2 498 vs 2 919 on ONNX Runtime, whose batch-8 attention scores alone are
-    0.5 GB)."""
-    return max(1, 8192 // (config.vision.grid ** 2)) if device == "cuda" else 1
 
 
 def session(path, threads: int | None = None, providers: list[str] | None = None):
@@ -260,9 +252,7 @@ class OrtBackend(Backend):
     def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise BundleError("this ONNX Runtime backend was opened without a vision graph")
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        outs = [self.vision(pixels[s:s + self.tile_batch]) for s in range(0, pixels.shape[0], self.tile_batch)]
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return encode_in_batches(self.vision, pixels, self.tile_batch)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         if self.projector is None:

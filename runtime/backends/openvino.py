@@ -29,7 +29,7 @@ from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BundleError, GenerationError
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds
+from .base import Backend, KVCache, check_embeds, encode_in_batches, tile_batch
 
 PRECISIONS = ("f32", "bf16")
 
@@ -40,6 +40,8 @@ def _ov():
 
 def plugin_properties(threads: int | None = None, precision: str | None = None) -> dict:
     """One stream, latency hint; ``precision=None`` keeps the plugin's own choice (bf16 where the CPU has it)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise BundleError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     props = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
     if precision is not None:
         props["INFERENCE_PRECISION_HINT"] = precision
@@ -53,12 +55,11 @@ class OpenVINOVision:
 
     def __init__(self, path, *, threads: int | None = None, precision: str | None = None):
         ov = _ov()
-        if precision is not None and precision not in PRECISIONS:
-            raise BundleError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        props = plugin_properties(threads, precision)
         if not os.path.isfile(path):
             raise BundleError(f"ONNX graph not found: {path}")
         core = ov.Core()
-        self.model = core.compile_model(core.read_model(str(path)), "CPU", plugin_properties(threads, precision))
+        self.model = core.compile_model(core.read_model(str(path)), "CPU", props)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.model(np.ascontiguousarray(pixels, dtype=np.float32))[0]
@@ -98,11 +99,10 @@ class OpenVINOBackend(Backend):
     def __init__(self, config: NVILAConfig, vision, projector, decoder, embeddings, io: dict, *,
                  threads: int | None = None, precision: str = "f32", capacity: int | None = None):
         ov = _ov()
-        if precision not in PRECISIONS:
-            raise BundleError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        plugin_properties(threads, precision)  # a bad precision fails before any graph is compiled
         self.config, self.io, self.threads, self.precision = config, dict(io), threads, precision
         self.core = ov.Core()
-        self.vision = self._compile(vision) if vision is not None else None
+        self.vision = OpenVINOVision(vision, threads=threads, precision=precision) if vision is not None else None
         self.projector = self._compile(projector) if projector is not None else None
         self.decoder = self._compile(decoder, stateful=True)
         if not callable(embeddings):
@@ -113,7 +113,7 @@ class OpenVINOBackend(Backend):
         self.graph_max = int(io.get("max_length") or config.llm.context_length)
         self.capacity = min(self.graph_max, capacity or self.graph_max)
         self._mask = np.ones((1, self.graph_max), np.int64)
-        self.tile_batch = 1  # one tile per run on a CPU (see onnxruntime.tile_batch)
+        self.tile_batch = tile_batch(config, "cpu")
 
     @classmethod
     def from_bundle(cls, bundle, threads: int | None = None, device: str | None = None, **kw) -> "OpenVINOBackend":
@@ -157,9 +157,7 @@ class OpenVINOBackend(Backend):
     def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise BundleError("this OpenVINO backend was opened without a vision graph")
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        outs = [self.vision(pixels[s:s + self.tile_batch])[0] for s in range(0, pixels.shape[0], self.tile_batch)]
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return encode_in_batches(self.vision, pixels, self.tile_batch)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         if self.projector is None:
