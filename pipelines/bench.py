@@ -411,7 +411,8 @@ def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
         be = rt.backend
     size = cfg.vision.image_size
     res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
-    log(f"  vision INT8 ({(res['describe'].get('vision') or {}).get('engine', backend)})")
+    tower = (res["describe"].get("vision") or {}).get("engine", backend)  # what runs the vision graph
+    log(f"  vision INT8 ({tower})")
     res["vision_int8_ms"] = _time_tiles(be.encode_tiles, size, c["vision_tiles"])
     log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
     res["llm"] = _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])
@@ -421,7 +422,7 @@ def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
     res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
     held = max(res["ttft_video"]["prompt_tokens"], c["prefill"] + c["ort_tokens"])
     res["runtime_bytes"] = _runtime_bytes(spec, be.capacity if backend == "onnxruntime" else held)
-    if (res["describe"].get("vision") or {}).get("engine") == "openvino":  # the same graph on ORT, for the record
+    if backend == "onnxruntime" and tower == "openvino":  # the same graph on ORT, for the record
         log("  the vision INT8 graph on ONNX Runtime")
         sess = ort_session(spec["vision_int8"], spec["threads"])
         name = sess.get_inputs()[0].name
