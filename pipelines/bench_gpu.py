@@ -18,12 +18,8 @@ dequantized. Runs on CPU too (the CPU kernels, eager decoding): the tests do, wi
 
 from __future__ import annotations
 
-
 import numpy as np
 
-# the comparison's report pieces live beside the rest of the report (bench_report.py); imported here as before
-from .bench_report import QUANT_HEAD as HEAD  # noqa: F401
-from .bench_report import QUANT_TARGETS, quant_ratios as ratios, quant_rows as rows  # noqa: F401
 
 def quant_bytes(model, cfg, kv_positions: int, kv_item: int = 2) -> dict:
     """Bytes one decode step of the quantized LLM reads: every LLM tensor but the token table (one row),
@@ -144,4 +140,4 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     return res
 
 
-__all__ = ["phase_quantized", "ratios", "rows", "quant_bytes", "QUANT_TARGETS", "HEAD"]
+__all__ = ["phase_quantized", "quant_bytes"]

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from .. import vila_format
 from ..config import NVILAConfig
 from ..errors import ContextOverflowError, GenerationError, MediaError
 from ..events import FinishEvent, GenerationResult, StreamEvent, Timings
+from ..generation import stream_tokens
 from ..media.processor import MediaItem, ProcessedInputs
 from ..media.tiling import ImagePlan
 from ..media.video import VideoPlan
 from ..sampling import SamplingParams
-from .generate import stream_tokens
 from .loss import CHUNK_TOKENS, chunked_lm_loss, supervised_positions
 from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
@@ -34,9 +35,9 @@ class NVILAModel(nn.Module):
     def __init__(self, config: NVILAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        vcfg = SiglipVisionConfig(**config.vision_hf_config())
+        vcfg = SiglipVisionConfig(**vila_format.vision_hf_config(config))
         vcfg._attn_implementation = attn_implementation
-        lcfg = Qwen2Config(**config.llm_hf_config())
+        lcfg = Qwen2Config(**vila_format.llm_hf_config(config))
         lcfg._attn_implementation = attn_implementation
         self.vision_tower = SiglipVisionModel(vcfg)
         self.mm_projector = MultimodalProjector(config)
