@@ -311,13 +311,13 @@ def load_model(cls, path: str | os.PathLike, dtype=None, device="cpu", attn_impl
     model.load_state_dict(read_weights(plan, dtype, device), strict=False, assign=True)
     if config.llm.tie_word_embeddings:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.eval()
     model.tokenizer = tokenizer
     return model
 
 
-def _materialize_buffers(model, device) -> None:
+def materialize_buffers(model, device) -> None:
     """Recreate the non-persistent buffers (rotary frequencies, SigLIP position ids) left on meta."""
     import torch
 
