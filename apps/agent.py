@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Union
 
 from nvila_edge.errors import GenerationError, NVILAEdgeError
 from nvila_edge.events import FinishEvent
@@ -243,8 +243,6 @@ def _first_json_object(text: str) -> dict | None:
 
 def _schema_type(rule):
     """The pydantic type of one schema rule: allowed values → ``Literal``, types → their (strict) union."""
-    from typing import Literal, Union
-
     if isinstance(rule, (set, frozenset, list)):
         return Literal[tuple(rule)]
     types = rule if isinstance(rule, tuple) else (rule,)
