@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from nvila_edge.errors import ExportError
-from nvila_edge.modeling.quantized import quantize_int8_rows
+from nvila_edge.quant_format import (OTHER_QUANTIZERS, Int4Handler, enabled_quantizer, fake_quant_weight, pre_quant_scale,
+                                     quantize_int8_rows)
 
 PRECISIONS = ("fp32", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "int8", "int4")
@@ -39,66 +40,17 @@ def _llm_of(model):
 
 
 # ---- quantization ----------------------------------------------------------------------------------------
-def _quantizer(module, name):
-    q = getattr(module, name, None)
-    return q if q is not None and getattr(q, "is_enabled", False) else None
-
-
-def _pre_quant_scale(lin):
-    q = getattr(lin, "input_quantizer", None)
-    pqs = getattr(q, "pre_quant_scale", None) if q is not None else None
-    if pqs is None or bool(torch.all(pqs == 1)):
-        return None  # an all-ones scale (AWQ chose alpha 0) needs no op
-    return pqs.detach().float().reshape(-1)
-
-
 def _check_quantizers(llm) -> None:
     """Only W4A16 blockwise weight quantizers map to MatMulNBits; say so for anything else ModelOpt enabled."""
     for name, mod in llm.named_modules():
-        for qname in ("input_quantizer", "output_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "q_bmm_quantizer"):
-            if _quantizer(mod, qname) is not None:
+        for qname in ("input_quantizer", *OTHER_QUANTIZERS):
+            if enabled_quantizer(mod, qname) is not None:
                 raise ExportError(f"{name}.{qname} is enabled: the CPU decoder supports weight-only INT4 (W4A16, "
                                   "e.g. mtq.INT4_AWQ_CFG) only; re-calibrate with a weight-only recipe")
-        wq = _quantizer(mod, "weight_quantizer")
+        wq = enabled_quantizer(mod, "weight_quantizer")
         if wq is not None and (wq.num_bits != 4 or not (wq.block_sizes or {}).get(-1)):
             raise ExportError(f"{name}: weight quantizer is {wq.num_bits}-bit with block_sizes={wq.block_sizes}; "
                               "the CPU decoder needs INT4 blockwise along the input dim (INT4_AWQ_CFG)")
-
-
-def _fake_quant(lin) -> torch.Tensor:
-    with torch.no_grad():
-        return lin.weight_quantizer(lin.weight.detach()).float()
-
-
-def _modelopt_int4(lin, block_size: int):
-    """Packed codes and scales of ModelOpt's fake quantization: q = round(w * 7 / amax) in [-8, 7].
-
-    The codes are read back from the fake-quantized weight itself, so ORT dequantizes to those very values."""
-    wq = lin.weight_quantizer
-    bs = int(wq.block_sizes[-1])
-    if bs != block_size:
-        raise ExportError(f"the model was calibrated with INT4 block size {bs}; export it with block_size={bs}")
-    fq = _fake_quant(lin)
-    n, k = fq.shape
-    if k % bs:
-        raise ExportError(f"in_features {k} is not a multiple of the quantization block size {bs}")
-    amax = wq.amax.detach().float().reshape(n, k // bs)
-    scale = torch.where(amax <= 2.0 ** -24, torch.ones_like(amax), amax / 7.0)  # ModelOpt's zero-amax rule
-    blocks = fq.reshape(n, k // bs, bs)
-    codes = torch.round(blocks / scale[..., None])
-    err = (codes * scale[..., None] - blocks).abs().max().item()
-    if codes.min() < -8 or codes.max() > 7 or err > 1e-5 * max(1.0, float(amax.max())):
-        raise ExportError(f"{type(lin).__name__}: the fake-quantized weight is not on its INT4 grid "
-                          f"(error {err:.2e}); unsupported quantizer settings")
-    return _pack((codes + 8).to(torch.uint8).numpy().reshape(n, k), 4, bs), scale.numpy()
-
-
-def _pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """(N, K) unsigned codes → MatMulNBits B (N, K/block, block*bits/8); the low nibble holds the even k."""
-    n, k = codes.shape
-    if bits == 8:
-        return codes.reshape(n, k // block, block)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)
 
 
 def _rtn(weight: torch.Tensor, bits: int, block: int):
@@ -173,18 +125,18 @@ class _DecoderBuilder:
     # one linear: MatMul (``bits`` None) or MatMulNBits; ``mods`` share the input and are fused along N
     def linear(self, x: str, mods, name: str, bits: int | None) -> str:
         g = self.g
-        quantized = [_quantizer(m, "weight_quantizer") is not None for m in mods]
+        quantized = [enabled_quantizer(m, "weight_quantizer") is not None for m in mods]
         if any(quantized) and not all(quantized):
             raise ExportError(f"{name}: fused linears are partly quantized")
         pname = name[1:].replace("/", ".")
         if bits is None:  # calibrated layers keep their fake-quantized values, so fp32 matches torch too
-            ws = [_fake_quant(m) if q else m.weight.detach().float() for m, q in zip(mods, quantized)]
+            ws = [fake_quant_weight(m) if q else m.weight.detach().float() for m, q in zip(mods, quantized)]
             w = torch.cat(ws) if len(ws) > 1 else ws[0]
             out = g.node("MatMul", [x, g.init(f"{pname}.weight", w.numpy().T)], f"{name}/MatMul")[0]
             del ws, w
         else:
             bits = 4 if any(quantized) else bits
-            parts = [_modelopt_int4(m, self.block) if q else _rtn(m.weight, bits, self.block)
+            parts = [Int4Handler(pname, m, self.block).matmulnbits() if q else _rtn(m.weight, bits, self.block)
                      for m, q in zip(mods, quantized)]
             codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
             scales = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
@@ -202,7 +154,7 @@ class _DecoderBuilder:
 
     def scaled_input(self, x: str, lin, name: str) -> str:
         """ModelOpt's AWQ pre-quant scale that could not be folded into a norm: a Mul on the activation."""
-        pqs = _pre_quant_scale(lin)
+        pqs = pre_quant_scale(lin)
         if pqs is None:
             return x
         return self.g.node("Mul", [x, self.g.init(name[1:].replace("/", ".") + ".pre_quant_scale", pqs)], name)[0]
@@ -224,7 +176,7 @@ class _DecoderBuilder:
     @staticmethod
     def shared_scale(mods):
         """The one pre-quant scale every linear of a group shares (foldable into the norm), else None."""
-        s = [_pre_quant_scale(m) for m in mods]
+        s = [pre_quant_scale(m) for m in mods]
         if s[0] is not None and all(x is not None and torch.equal(x, s[0]) for x in s[1:]):
             return s[0]
         return None
@@ -250,7 +202,7 @@ class _DecoderBuilder:
             qkv = [at.q_proj, at.k_proj, at.v_proj]
             fold = self.shared_scale(qkv)
             x, residual = self.norm(residual, skip, layer.input_layernorm.weight, f"{p}/input_layernorm", fold)
-            if fold is not None or all(_pre_quant_scale(m) is None for m in qkv):
+            if fold is not None or all(pre_quant_scale(m) is None for m in qkv):
                 q, k, v = self.linear(x, qkv, f"{p}/attn/qkv_proj", B), "", ""
             else:  # different AWQ scales per projection: separate MatMulNBits, each on its scaled input
                 q, k, v = (self.linear(self.scaled_input(x, m, f"{p}/attn/{n}/pre_quant_scale/Mul"), [m],
@@ -367,8 +319,8 @@ def export_decoder(model, out_dir: str | os.PathLike, *, precision: str = "int4"
                                                     helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10, producer_name="nvila-edge")
     save_model(proto, str(path))
-    awq = any(_pre_quant_scale(m) is not None for m in llm.modules())
-    calibrated = any(_quantizer(m, "weight_quantizer") is not None for m in llm.modules())
+    awq = any(pre_quant_scale(m) is not None for m in llm.modules())
+    calibrated = any(enabled_quantizer(m, "weight_quantizer") is not None for m in llm.modules())
     return {
         "file": DECODER_FILE, "external_data": data_path.name if external else None,
         "inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask", "position_ids": None,

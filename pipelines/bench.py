@@ -31,7 +31,7 @@ from nvila_edge.io import atomic_write_text
 from . import bench_report as report
 from .bench_report import bandwidth_gbs, peak_rss_mb
 from . import bench_llamacpp as llamacpp
-from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,  # noqa: F401
+from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,
                            _torch_llm, _torch_model, _ttft, cached, cosine, log,
                            module_missing)
 

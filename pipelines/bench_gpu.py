@@ -10,7 +10,7 @@ fake-quant arithmetic (the same modules run on dequantized weights, ``kernels=Fa
 for one image and an 8-frame video on both paths; peak GPU memory; the bandwidth bound (weight + KV bytes a
 token reads / measured device bandwidth) and the fraction of it achieved.
 
-For ``--preset`` the quantized tensors come from ``modeling.quantized.random_quantized_tensors`` (RTN int4
+For ``--preset`` the quantized tensors come from ``random_quantized_tensors`` below (RTN int4
 with ModelOpt's formula, W8A8 with activation ranges measured on one random tile): kernel speed does not
 depend on how the numbers were chosen. For a bundle the fp16 path is the cuda target's own weights,
 dequantized. Runs on CPU too (the CPU kernels, eager decoding): the tests do, with ``--quick``.
@@ -18,12 +18,61 @@ dequantized. Runs on CPU too (the CPU kernels, eager decoding): the tests do, wi
 
 from __future__ import annotations
 
-
 import numpy as np
 
-# the comparison's report pieces live beside the rest of the report (bench_report.py); imported here as before
-from .bench_report import QUANT_HEAD as HEAD  # noqa: F401
-from .bench_report import QUANT_TARGETS, quant_ratios as ratios, quant_rows as rows  # noqa: F401
+
+def random_quantized_tensors(model, calibration_pixels=None, group_size: int = 128) -> dict:
+    """A float model → the cuda target's layout without ModelOpt (benchmarks on random weights), on
+    ``nvila_edge.quant_format``'s rules: the LLM's decoder linears int4 round-to-nearest (scale = amax / 7 per
+    group), the vision tower's used linears W8A8 with per-channel weights and activation amax measured on
+    ``calibration_pixels`` (no smoothing), the token table (and an untied LM head) int8 per row, the rest fp16.
+    Not a calibration: use ``nvila-edge calibrate`` for real models."""
+    import torch
+    from torch import nn
+
+    from nvila_edge import quant_format as qf
+
+    out: dict[str, torch.Tensor] = {}
+    amax: dict[str, float] = {}
+    hooks = []
+    vis = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("vision_tower.")]
+    if calibration_pixels is not None:
+        for n in vis:
+            def hook(mod, args, name=n):
+                amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
+            hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+        with torch.inference_mode():
+            model.encode_tiles(calibration_pixels)
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            w = m.weight.detach().float().cpu()
+            if name.startswith("llm.model.layers.") and w.shape[1] % group_size == 0:
+                codes, scales = qf.quantize_int4_groups(w, group_size)
+                out[f"{name}.qweight"], out[f"{name}.scales"] = qf.pack_int4(codes), scales
+            elif name in amax:
+                out[f"{name}.weight"], out[f"{name}.weight_scale"] = qf.quantize_int8_channels(w)
+                out[f"{name}.input_amax"] = torch.tensor(amax[name])
+            else:
+                continue
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().float().cpu()
+        q, sc = qf.quantize_int8_rows(model.llm.get_input_embeddings().weight)
+        out["llm.model.embed_tokens.weight"], out["llm.model.embed_tokens.scales"] = q, sc
+        done = {k.rsplit(".", 1)[0] for k in out}
+        for k, v in model.state_dict().items():
+            mod = k.rsplit(".", 1)[0]
+            if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
+                continue
+            if k == "llm.lm_head.weight":
+                out[k], out["llm.lm_head.scales"] = qf.quantize_int8_rows(v)
+                continue
+            out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
+    return {k: v.contiguous() for k, v in out.items()}
+
 
 def quant_bytes(model, cfg, kv_positions: int, kv_item: int = 2) -> dict:
     """Bytes one decode step of the quantized LLM reads: every LLM tensor but the token table (one row),
@@ -80,7 +129,7 @@ def _models(spec, dev, cuda):
         fp16 = _torch_model(spec, device="cpu")  # random weights of the seed, float32
         s = cfg.vision.image_size
         px = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, s, s)).astype(np.float32))
-        tensors = Q.random_quantized_tensors(fp16, px)
+        tensors = random_quantized_tensors(fp16, px)
         quant = Q.from_tensors(cfg, tensors, device=dev, dtype=qdtype)
         fake = Q.from_tensors(cfg, tensors, device=dev, dtype=qdtype, kernels=False)
         del tensors
@@ -144,4 +193,4 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     return res
 
 
-__all__ = ["phase_quantized", "ratios", "rows", "quant_bytes", "QUANT_TARGETS", "HEAD"]
+__all__ = ["phase_quantized", "quant_bytes", "random_quantized_tensors"]

@@ -97,20 +97,26 @@ def _torch_llm(llm, ids: np.ndarray, n_tokens: int, reps: int = 1, sync=lambda: 
 
 
 def _backend_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None) -> dict:
-    """Our backend: prefill the same prompt's embeddings, then greedy ``decode_step``s (IOBinding on ORT)."""
+    """Our backend through the step API the Runtime drives: prefill the prompt's embeddings on a cache of its
+    own, then greedy ``decode_step``s with the backend's own sampler (IOBinding on ORT; on CUDA the graph replay
+    and the on-device pick, one id to the host per token)."""
+    from nvila_edge.sampling import SamplingParams
+
     embeds = be.embed_tokens(ids)[None]
-    be.reset()
-    be.prefill(embeds[:, :16])  # warm-up
+    pick = be.sampler(SamplingParams(max_new_tokens=n_tokens))  # greedy
+    cache = be.new_cache(len(ids) + n_tokens)
+    be.prefill(embeds[:, :16], cache)  # warm-up
     prefill, decode = [], []
     for _ in range(reps):
-        be.reset()
+        cache.clear()
         sync()
         t = time.perf_counter()
-        logits = be.prefill(embeds)
+        logits = be.prefill(embeds, cache)
+        tok = pick(logits)
         prefill.append(time.perf_counter() - t)
         t = time.perf_counter()
         for _ in range(n_tokens):
-            logits = be.decode_step(int(np.argmax(logits)))
+            tok = pick(be.decode_step(tok, cache))
         sync()
         decode.append(n_tokens / (time.perf_counter() - t))
     return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}

@@ -5,12 +5,14 @@
         ...                                              # PlanEvent, TokenEvent..., FinishEvent
     rt.generate(...)  /  rt.session(system=...)  /  rt.video_stream(fps=2, window_s=8)
 
-Every answer runs on a KV cache its caller owns: a session or a video stream keeps its own, and a one-shot
-request borrows one from a small pool (kept allocated, emptied on return), so no call spoils another's.
+Every answer runs on a KV cache its caller owns: a session keeps its own across turns; a one-shot request
+and each question to a video stream borrow one from a small pool (kept allocated, emptied on return), so no
+call spoils another's.
 
-One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode`` →
-``backend.prompt_embeds`` (``nvila_edge.visual`` in numpy, or the model's own torch math on the device) →
-``backend.prefill_logits`` → the core decode loop with the backend's sampler (on the GPU for torch/CUDA).
+One pipeline for every backend, on its one step API (``backends/base.py``): core processor (tiling, video
+sampling) → ``backend.encode_tiles`` → ``backend.prompt_embeds`` (``nvila_edge.visual`` in numpy, or the model's
+own torch math on the device) → ``backend.prefill(embeds, cache)`` → the core decode loop over
+``backend.decode_step(token, cache)`` with the backend's sampler (on the GPU for torch/CUDA).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from nvila_edge.generation import stream_tokens
 from nvila_edge.media.processor import ProcessedInputs
 from nvila_edge.sampling import SamplingParams
 
-from .backends import Backend, KVCache, load_backend
+from nvila_edge.kv_cache import KVCache
+
+from .backends import Backend, load_backend
 from .planner import MediaPlanner, Planned
 from .results import RunResult, collect, sampling_params
 from .session import Session
@@ -82,12 +86,11 @@ class Runtime:
             self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
         return self._end
 
-    def encode_tiles(self, pixels: np.ndarray, native: bool = False) -> tuple[np.ndarray, float]:
-        """Vision features of tiles, and the ms it took (feeds the latency-aware tiling). ``native``: in the
-        backend's own array type (device-resident on a GPU), for ``embed``."""
+    def encode_tiles(self, pixels: np.ndarray) -> tuple[object, float]:
+        """Vision features of tiles in the backend's own array type (device-resident on a GPU), and the ms it
+        took (feeds the latency-aware tiling)."""
         t0 = time.perf_counter()
-        encode = self.backend.encode if native else self.backend.encode_tiles
-        feats = encode(np.ascontiguousarray(pixels, dtype=np.float32))
+        feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
         ms = (time.perf_counter() - t0) * 1000
         self.planner.record(pixels.shape[0], ms)
         return feats, ms
@@ -103,7 +106,7 @@ class Runtime:
         """Processor outputs → (1, L', H) prompt embeddings (vision time into ``timings.vision_ms``)."""
         t0 = time.perf_counter()
         if features is None and inputs.pixel_values is not None:
-            features, _ = self.encode_tiles(inputs.pixel_values, native=True)
+            features, _ = self.encode_tiles(inputs.pixel_values)
         end = self.end_embeds() if inputs.media else None
         embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
         if timings is not None:
@@ -112,7 +115,7 @@ class Runtime:
 
     # ---- KV caches -----------------------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """A KV cache of the caller's own (``Session`` / ``VideoStream`` / an app's conversation)."""
+        """A KV cache of the caller's own (a ``Session``, an app's conversation)."""
         return self.backend.new_cache(capacity)
 
     def _borrow(self) -> KVCache:
@@ -141,13 +144,12 @@ class Runtime:
                                  context_used=context_used, context_limit=self.context_length,
                                  add_generation_prompt=add_generation_prompt)
 
-    def decode(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0,
-               cache: KVCache | None = None) -> Iterator:
+    def decode(self, embeds, cache: KVCache, params: SamplingParams, timings: Timings,
+               visual_tokens: int = 0) -> Iterator:
         """Prefill ``embeds`` after what ``cache`` holds, then the shared decode loop on that cache."""
         be = self.backend
-        cache = be.default_cache if cache is None else cache
         prompt_tokens = cache.length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill_logits(embeds, cache), lambda tok: be.decode_logits(tok, cache),
+        return stream_tokens(lambda: be.prefill(embeds, cache), lambda tok: be.decode_step(tok, cache),
                              self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
                              self.context_length, timings, sampler=be.sampler(params))
 
@@ -155,7 +157,7 @@ class Runtime:
         """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""
         cache = self._borrow()
         try:
-            yield from self.decode(embeds, params, timings, visual_tokens, cache)
+            yield from self.decode(embeds, cache, params, timings, visual_tokens)
         finally:
             self._give_back(cache)
 

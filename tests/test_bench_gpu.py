@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from nvila_edge.pipelines import bench_gpu
 from nvila_edge.pipelines import bench_report as report
 from nvila_edge.cli import main
 
@@ -32,7 +31,7 @@ def test_quantized_bench_on_cpu_kernels(tmp_path, capsys):
     assert g["kernels"]["Int4Linear:int4"] == 14 and g["w4a16"]["ttft_video"]["tiles"] == 8
     assert g["bytes_per_token"]["weights"] < 0.5 * g["fp16_bytes_per_token"]["weights"] * 2  # int4 vs fp32 here
     labels = [t["target"] for t in r["targets"]]
-    assert len(labels) == len(report.GPU_TARGETS) + len(bench_gpu.QUANT_TARGETS)
+    assert len(labels) == len(report.GPU_TARGETS) + len(report.QUANT_TARGETS)
     assert {t["status"] for t in r["targets"]} <= {"met", "not met", "skipped (not measured)"}
     out = capsys.readouterr().out
     assert "cuda target (W4A16 LLM, W8A8 vision" in out and "W4A16 decode ≥ 2.5×" in out

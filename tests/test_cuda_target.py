@@ -16,6 +16,7 @@ import torch
 
 from nvila_edge import BackendUnavailable, BundleError, NVILAConfig, NVILAProcessor
 from nvila_edge.bundle import Bundle
+from nvila_edge import quant_format as qf
 from nvila_edge.modeling import quantized as Q
 
 from conftest import make_model, random_image
@@ -51,18 +52,8 @@ def fake(built):
 
 
 def _int4_modules(model):
-    from nvila_edge.export.llm_onnx import _quantizer
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and _quantizer(m, "weight_quantizer") is not None and m.weight_quantizer.num_bits == 4]
-
-
-def test_pack_unpack_round_trip():
-    codes = torch.randint(-8, 8, (24, 256))
-    packed = Q.pack_int4(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (24, 128)
-    assert torch.equal(Q.unpack_int4(packed).long(), codes)
-    assert int(packed[0, 0]) == int(codes[0, 0] + 8) | (int(codes[0, 1] + 8) << 4)  # low nibble = even k
+            and qf.enabled_quantizer(m, "weight_quantizer") is not None and m.weight_quantizer.num_bits == 4]
 
 
 def test_int4_codes_are_modelopt_codes_and_the_cpu_targets_bytes(built, fake):
@@ -84,9 +75,9 @@ def test_int4_codes_are_modelopt_codes_and_the_cpu_targets_bytes(built, fake):
         amax = wq.amax.float().reshape(fq.shape[0], -1)
         scale = torch.where(amax <= 2.0 ** -24, torch.ones_like(amax), amax / 7.0)
         codes = torch.round(fq.reshape(fq.shape[0], -1, g) / scale[..., None]).reshape(fq.shape)
-        assert torch.equal(Q.unpack_int4(t[f"{name}.qweight"]).float(), codes), name
+        assert torch.equal(qf.unpack_int4(t[f"{name}.qweight"]).float(), codes), name
         assert torch.equal(t[f"{name}.scales"], scale), name
-        assert torch.allclose(Q.dequantize_int4(t[f"{name}.qweight"], t[f"{name}.scales"]), fq, atol=1e-6)
+        assert torch.allclose(qf.dequantize_int4(t[f"{name}.qweight"], t[f"{name}.scales"]), fq, atol=1e-6)
     g = onnx.load(str(b.file("decoder")), load_external_data=True).graph
     inits = {i.name: i for i in g.initializer}
     ort_bytes = numpy_helper.to_array(inits["model.layers.0.attn.o_proj.MatMul.weight_Q4"])
@@ -215,7 +206,7 @@ def test_real_cuda_probe_is_torch_free():
 def test_unsupported_gpu_falls_back_to_dense_with_a_warning(monkeypatch):
     torch.manual_seed(1)
     lin = Q.Int4Linear(256, 64, 128, bias=True, pre_quant_scale=True)
-    lin.qweight.copy_(Q.pack_int4(torch.randint(-8, 8, (64, 256))))
+    lin.qweight.copy_(qf.pack_int4(torch.randint(-8, 8, (64, 256))))
     lin.scales.copy_(torch.rand(64, 2) * 0.1 + 0.01)
     lin.bias.copy_(torch.randn(64))
     lin.pre_quant_scale.copy_(torch.rand(256) + 0.5)

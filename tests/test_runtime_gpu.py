@@ -31,12 +31,13 @@ def test_fp16_cuda_follows_fp32_cpu(gpu_rt, tiny_model, tokenizer):
     e_cpu, e_gpu = _np(cpu.embed(inputs)), _np(gpu_rt.embed(inputs))
     cos = np.sum(e_cpu * e_gpu, -1) / np.linalg.norm(e_cpu, axis=-1) / np.linalg.norm(e_gpu, axis=-1)
     assert cos.min() > 0.995
-    ours, ref = be.prefill(e_cpu), cpu.backend.prefill(e_cpu)
+    cb, cc = be.new_cache(), cpu.backend.new_cache()
+    ours, ref = _np(be.prefill(e_cpu, cb)), _np(cpu.backend.prefill(e_cpu, cc))
     top1 = []
     for _ in range(24):  # teacher-forced on the fp32 path
         tok = int(np.argmax(ref))
         top1.append(int(np.argmax(ours)) == tok)
-        ours, ref = be.decode_step(tok), cpu.backend.decode_step(tok)
+        ours, ref = _np(be.decode_step(tok, cb)), _np(cpu.backend.decode_step(tok, cc))
     assert np.mean(top1) >= 0.9
 
 
@@ -62,11 +63,13 @@ def test_cuda_graph_decoding_equals_eager(gpu_rt, tiny_config, tokenizer):
     inputs = eager.plan("What is in the image?", images=[random_image(400, 300, seed=2)]).inputs
     e = _np(eager.embed(inputs))
     a, b = gpu_rt.backend, eager.backend
-    a.reset(), b.reset()
-    la, lb = a.prefill(e), b.prefill(e)
+    ca, cb = a.new_cache(), b.new_cache()
+    assert type(ca).__name__ == "GraphDecoder" and type(cb).__name__ == "TorchKVCache"
+    la, lb = _np(a.prefill(e, ca)), _np(b.prefill(e, cb))
     for step in range(16):
         assert np.abs(la - lb).max() < 0.05 * max(1.0, float(np.abs(lb).max())), step
         tok = int(np.argmax(lb))
-        la, lb = a.decode_step(tok), b.decode_step(tok)
-    a.truncate(e.shape[1] + 3), b.truncate(e.shape[1] + 3)
-    np.testing.assert_allclose(a.decode_step(5), b.decode_step(5), atol=0.05 * max(1.0, float(np.abs(lb).max())))
+        la, lb = _np(a.decode_step(tok, ca)), _np(b.decode_step(tok, cb))
+    ca.truncate(e.shape[1] + 3), cb.truncate(e.shape[1] + 3)
+    np.testing.assert_allclose(_np(a.decode_step(5, ca)), _np(b.decode_step(5, cb)),
+                               atol=0.05 * max(1.0, float(np.abs(lb).max())))

@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     """LoRA / QLoRA on the LLM + LayerNorm-only on the vision tower; or --estimate the memory of that run."""
     from nvila_edge.config import NVILAConfig
-    from nvila_edge.training.finetune import FinetuneConfig, finetune
+    from nvila_edge.training.finetune import finetune
+    from nvila_edge.training.finetune_config import FinetuneConfig
 
     # one config for both: --estimate shows the step the run with the same flags makes
     cfg = FinetuneConfig(mode=args.mode, r=args.r, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,

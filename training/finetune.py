@@ -32,9 +32,7 @@ from nvila_edge.io import atomic_directory
 from nvila_edge.optional import require
 
 from .data import DataIssue, NVILACollator, NVILADataset, read_jsonl
-# the settings live in finetune_config.py; imported from here as before
-from .finetune_config import MODES, QWEN2_LINEARS, VIT_FROZEN_NAME_PARTS, VIT_LR_RATIO_RANGE  # noqa: F401
-from .finetune_config import FinetuneConfig, tile_capped_config
+from .finetune_config import QWEN2_LINEARS, VIT_FROZEN_NAME_PARTS, FinetuneConfig, tile_capped_config
 from .trainer import training_arguments
 
 log = logging.getLogger("nvila_edge.training")

@@ -47,7 +47,7 @@ def check_preprocessing(overrides: dict | None, what: str) -> None:
     """Preprocessing overrides must be a mapping of ``PreprocessingConfig`` fields."""
     if not overrides:
         return
-    from nvila_edge.config import PreprocessingConfig
+    from nvila_edge.subconfigs import PreprocessingConfig
 
     known = {f.name for f in dataclasses.fields(PreprocessingConfig)}
     if not isinstance(overrides, dict) or set(overrides) - known:

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from .. import vila_format
 from ..config import NVILAConfig
 from ..errors import ContextOverflowError, GenerationError, MediaError
 from ..events import FinishEvent, GenerationResult, StreamEvent, Timings
+from ..generation import stream_tokens
 from ..media.processor import MediaItem, ProcessedInputs
 from ..media.tiling import ImagePlan
 from ..media.video import VideoPlan
 from ..sampling import SamplingParams
-from .generate import stream_tokens
+from .decoding import TorchKVCache
 from .loss import CHUNK_TOKENS, chunked_lm_loss, supervised_positions
 from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
@@ -34,9 +36,9 @@ class NVILAModel(nn.Module):
     def __init__(self, config: NVILAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        vcfg = SiglipVisionConfig(**config.vision_hf_config())
+        vcfg = SiglipVisionConfig(**vila_format.vision_hf_config(config))
         vcfg._attn_implementation = attn_implementation
-        lcfg = Qwen2Config(**config.llm_hf_config())
+        lcfg = Qwen2Config(**vila_format.llm_hf_config(config))
         lcfg._attn_implementation = attn_implementation
         self.vision_tower = SiglipVisionModel(vcfg)
         self.mm_projector = MultimodalProjector(config)
@@ -331,19 +333,18 @@ class NVILAModel(nn.Module):
         kwargs.pop("num_items_in_batch", None)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    # ---- generation ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, inputs_embeds: torch.Tensor):
-        """Run the prompt; return (last-position logits as float32 numpy, KV cache)."""
-        out = self.llm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float().cpu().numpy(), out.cache
+    # ---- generation: the backends' step API (modeling/decoding.py) ----------------------------------
+    def new_cache(self, capacity: int | None = None, static: bool = False) -> TorchKVCache:
+        """An empty KV cache for one sequence (default capacity: the context length)."""
+        return TorchKVCache(self.llm, capacity or self.config.llm.context_length, static=static)
 
-    @torch.inference_mode()
-    def decode_step(self, token_id: int, cache):
-        """Feed one token with the cache; return (logits numpy, cache)."""
-        ids = torch.tensor([[token_id]], device=self.device)
-        out = self.llm(input_ids=ids, cache=cache, use_cache=True)
-        return out.logits[0, -1].float().cpu().numpy(), out.cache
+    def prefill(self, inputs_embeds: torch.Tensor, cache: TorchKVCache) -> torch.Tensor:
+        """Append (1, L, H) embeddings to ``cache``; the last position's logits (V,), on the model's device."""
+        return cache.prefill(inputs_embeds)
+
+    def decode_step(self, token_id: int, cache: TorchKVCache) -> torch.Tensor:
+        """Append one token to ``cache``; its logits (V,), on the model's device."""
+        return cache.decode_step(token_id)
 
     @torch.inference_mode()
     def stream(
@@ -385,18 +386,10 @@ class NVILAModel(nn.Module):
         chunks = self.embed_media(pixel_values, media)
         timings.vision_ms = (time.perf_counter() - t0) * 1000
         embeds = self.embed_inputs(ids[None], chunks)
-        state = {}
-
-        def prefill():
-            logits, state["cache"] = self.prefill(embeds)
-            return logits
-
-        def decode(tok: int):
-            logits, state["cache"] = self.decode_step(tok, state["cache"])
-            return logits
-
-        yield from stream_tokens(prefill, decode, tokenizer, params, tokenizer.eos_token_ids, int(embeds.shape[1]),
-                                 visual, limit, timings)
+        cache = self.new_cache(limit)
+        host = lambda logits: logits.float().cpu().numpy()  # noqa: E731 - the reference samples on the host
+        yield from stream_tokens(lambda: host(self.prefill(embeds, cache)), lambda tok: host(self.decode_step(tok, cache)),
+                                 tokenizer, params, tokenizer.eos_token_ids, int(embeds.shape[1]), visual, limit, timings)
 
     def generate(self, *args, **kwargs) -> GenerationResult:
         """Like ``stream`` but returns the final ``GenerationResult``."""

@@ -2,8 +2,8 @@
 activation scale) linears, int8 embeddings, and the model that holds them.
 
 Export writes these tensors and the runtime reads them, and neither may import the other, so the one
-definition lives here. The bundle holds a portable layout; ``prepare`` converts it to the kernel's layout
-on the device at load:
+definition lives here. The bundle holds a portable layout (its codes and rules: ``nvila_edge.quant_format``); ``prepare``
+converts it to the kernel's layout on the device at load:
 
 - ``Int4Linear``: ``qweight`` uint8 (N, K/2), two unsigned codes q = c + 8 a byte (low nibble = even k: the
   very bytes of the cpu target's ``MatMulNBits``), ``scales`` float32 (N, K/g); w = c * scale. Kernel:
@@ -30,41 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvila_edge.errors import BundleError
+from nvila_edge.quant_format import dequantize_int4, unpack_int4
 
 GROUP_SIZES = (32, 64, 128, 256)  # tinygemm's
-
-
-# ---- int4 packing (the portable layout) ---------------------------------------------------------------------
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Signed codes (N, K) in [-8, 7] → uint8 (N, K/2): q = c + 8, the low nibble holds the even k."""
-    q = (codes.to(torch.int16) + 8).to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) → signed int8 codes (N, K) (the inverse of ``pack_int4``)."""
-    lo, hi = (packed & 0x0F).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-
-
-def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (token tables, LM heads): (int8 codes, float32 row scales = amax / 127),
-    computed ``chunk`` rows at a time so no full-size float copy of a large table is made."""
-    q = torch.empty(tuple(w.shape), dtype=torch.int8)
-    scales = torch.empty(w.shape[0])
-    for s in range(0, w.shape[0], chunk):
-        rows = w[s:s + chunk].detach().float().cpu()
-        sc = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[s:s + chunk] = torch.round(rows / sc[:, None]).clamp(-127, 127).to(torch.int8)
-        scales[s:s + chunk] = sc
-    return q, scales
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    codes = unpack_int4(packed).float()
-    n, k = codes.shape
-    g = k // scales.shape[1]
-    return (codes.reshape(n, -1, g) * scales.float()[..., None]).reshape(n, k)
 
 
 def _warn_fallback(what: str, why: str) -> None:
@@ -392,7 +360,7 @@ def load_quantized(config, path: str | os.PathLike, device: str | torch.device =
 def from_tensors(config, tensors: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  kernels: bool = True, where: str = "cuda target"):
     """``load_quantized`` on tensors already in memory (the layout of ``export/cuda.py``)."""
-    from nvila_edge.checkpoint import _materialize_buffers
+    from nvila_edge.checkpoint import materialize_buffers
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -411,64 +379,10 @@ def from_tensors(config, tensors: dict, device: str | torch.device = "cpu", dtyp
         keep = v.dtype in (torch.uint8, torch.int8) or _is_quant_meta(model, k)
         state[k] = (v if keep else v.to(dtype)).to(device)
     model.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.eval()
     prepare(model, dtype, kernels)
     return model
-
-
-def random_quantized_tensors(model, calibration_pixels: torch.Tensor | None = None, group_size: int = 128) -> dict:
-    """A float model → this layout without ModelOpt (benchmarks on random weights): the LLM's decoder linears
-    int4 round-to-nearest with ModelOpt's formula (scale = amax / 7 per group), the vision tower's used linears
-    W8A8 with per-channel weights and activation amax measured on ``calibration_pixels`` (no smoothing), the
-    token table int8 per row, the rest fp16. Not a calibration: use ``nvila-edge calibrate`` for real models."""
-    out: dict[str, torch.Tensor] = {}
-    amax: dict[str, float] = {}
-    hooks = []
-    vis = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("vision_tower.")]
-    if calibration_pixels is not None:
-        for n in vis:
-            def hook(mod, args, name=n):
-                amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
-            hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
-        with torch.inference_mode():
-            model.encode_tiles(calibration_pixels)
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if not isinstance(m, nn.Linear):
-                continue
-            w = m.weight.detach().float().cpu()
-            if name.startswith("llm.model.layers.") and w.shape[1] % group_size == 0:
-                n, k = w.shape
-                a = w.reshape(n, k // group_size, group_size).abs().amax(-1)
-                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 7.0)
-                codes = torch.clamp(torch.round(w.reshape(n, -1, group_size) / scale[..., None]), -8, 7)
-                out[f"{name}.qweight"] = pack_int4(codes.reshape(n, k).to(torch.int8))
-                out[f"{name}.scales"] = scale
-            elif name in amax:
-                a = w.abs().amax(1)
-                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 127.0)
-                out[f"{name}.weight"] = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-                out[f"{name}.weight_scale"] = scale
-                out[f"{name}.input_amax"] = torch.tensor(amax[name])
-            else:
-                continue
-            if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach().float().cpu()
-        q, sc = quantize_int8_rows(model.llm.get_input_embeddings().weight)
-        out["llm.model.embed_tokens.weight"], out["llm.model.embed_tokens.scales"] = q, sc
-        done = {k.rsplit(".", 1)[0] for k in out}
-        for k, v in model.state_dict().items():
-            mod = k.rsplit(".", 1)[0]
-            if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
-                continue
-            if k == "llm.lm_head.weight":
-                out[k], out["llm.lm_head.scales"] = quantize_int8_rows(v)
-                continue
-            out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _is_quant_meta(model, key: str) -> bool:
@@ -532,5 +446,5 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize_int4", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
-           "build_quantized", "load_quantized", "from_tensors", "random_quantized_tensors", "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]
+__all__ = ["Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head", "build_quantized", "load_quantized", "from_tensors",
+           "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]

@@ -26,7 +26,7 @@ import sys
 
 from nvila_edge.errors import BackendUnavailable, BundleError
 
-from .base import Backend, KVCache, check_embeds
+from .base import Backend, check_embeds
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 
@@ -110,4 +110,4 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
     return TorchBackend.from_bundle(bundle, device=device, threads=threads)
 
 
-__all__ = ["Backend", "KVCache", "BACKENDS", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]
+__all__ = ["Backend", "BACKENDS", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]

@@ -2,12 +2,11 @@
 or its ``cuda`` target (real int4 / int8 kernels: CUDA bf16, or the CPU variants of the same kernels).
 torch is imported here only, so the ONNX Runtime path never loads it.
 
-On CUDA the Runtime's device-resident path keeps everything on the GPU: ``encode`` returns device features,
-``prompt_embeds`` runs the model's own merge / TSP / splice in torch, the KV cache is a static one with a
-captured decode graph (``cuda_graph.GraphDecoder``), and ``sampler`` picks tokens from the device logits
-(greedy / top-k / top-p / repetition penalty), so a token costs one graph replay and one small copy (its id).
-The numpy methods (``encode_tiles``, ``project``, ``embed_tokens``, ``prefill``, ``decode_step``) stay for
-video streams, scripts and benchmarks.
+The step is the model's own (``nvila_edge.modeling.decoding``): ``prefill`` / ``decode_step`` hand the caller's
+cache to it. Everything stays on the device: ``encode_tiles`` returns device features, ``prompt_embeds`` runs the
+model's own merge / TSP / splice in torch, on CUDA each cache is a static one with its own captured decode graph
+(``cuda_graph.GraphDecoder``), and ``sampler`` picks tokens from the device logits (greedy / top-k / top-p /
+repetition penalty), so a token costs one graph replay and one small copy (its id).
 """
 
 from __future__ import annotations
@@ -19,28 +18,10 @@ import numpy as np
 from nvila_edge.errors import BackendUnavailable
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds
+from nvila_edge.kv_cache import KVCache
+from nvila_edge.modeling.decoding import TorchKVCache
 
-
-class TorchKVCache(KVCache):
-    """Eager decoding's cache: a transformers ``DynamicCache`` (made by the first prefill) and its length."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.cache = None
-
-    def truncate(self, length: int) -> None:
-        length = max(0, min(int(length), self.length))
-        if length == 0:
-            self.cache = None
-        elif self.cache is not None:
-            # per layer, so a prefill that failed halfway (some layers appended, others not) is consistent again
-            for layer in self.cache.layers:
-                extra = layer.get_seq_length() - length
-                if extra > 0:
-                    layer.crop(-extra)  # transformers 5: a negative count removes that many positions
-        self.length = length
+from .base import Backend, check_embeds
 
 
 class TorchSampler:
@@ -103,33 +84,21 @@ class TorchBackend(Backend):
         self.device = str(device)
         self.capacity = min(self.config.llm.context_length, max_cache_len)  # a static (CUDA-graph) cache's size
         self.cuda_graph = bool(cuda_graph and self.device.startswith("cuda"))
-        if self.cuda_graph:  # capture once up front: a failure falls back to eager now, not mid-answer
-            probe = self._make_graph(self.capacity)
-            self.cuda_graph = probe is not None
-            if probe is not None:
-                self._default_cache = probe
-
-    def _make_graph(self, capacity: int):
-        """Static cache + captured decode step; None (eager decoding) where capture fails."""
-        import warnings
-
-        from .cuda_graph import GraphDecoder
-
-        try:
-            g = GraphDecoder(self.model.llm, capacity)
-            g._capture()
-            return g
-        except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
-            warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
-            return None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache."""
+        """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache.
+        The graph is captured here, so a failure falls back to eager decoding now, never mid-answer."""
         if self.cuda_graph:
+            import warnings
+
             from .cuda_graph import GraphDecoder
 
-            return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
-        return TorchKVCache(int(capacity or self.config.llm.context_length))
+            try:
+                return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
+            except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
+                warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
+                self.cuda_graph = False
+        return self.model.new_cache(capacity)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
@@ -179,28 +148,26 @@ class TorchBackend(Backend):
             return x.to(self.device, self.model.dtype)
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.model.dtype)
 
-    @staticmethod
-    def _numpy(t) -> np.ndarray:
-        return t.float().cpu().numpy()
+    def to_numpy(self, value) -> np.ndarray:
+        if isinstance(value, self._torch.Tensor):
+            return value.float().cpu().numpy()
+        return np.asarray(value, dtype=np.float32)
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
             self._torch.cuda.synchronize()
 
     # ---- vision --------------------------------------------------------------------------------------
-    def encode(self, pixels: np.ndarray):
+    def encode_tiles(self, pixels: np.ndarray):
         """Device features; synchronised once, so the caller's timing (latency-aware tiling) is the real one."""
         with self._torch.inference_mode():
             feats = self.model.encode_tiles(self._torch.from_numpy(np.ascontiguousarray(pixels)))
         self._sync()
         return feats
 
-    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
-        return self._numpy(self.encode(pixels))
-
     def project(self, features: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self._numpy(self.model.mm_projector(self._tensor(features)))
+            return self.to_numpy(self.model.mm_projector(self._tensor(features)))
 
     def prompt_embeds(self, input_ids, media, features, end=None):
         """The model's own torch merge / TSP / splice, on the device (``end`` is recomputed there)."""
@@ -212,16 +179,7 @@ class TorchBackend(Backend):
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         ids = self._torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1), device=self.device)
         with self._torch.inference_mode():
-            return self._numpy(self.model.llm.get_input_embeddings()(ids))
-
-    def _run(self, cache: TorchKVCache, n: int, **kwargs):
-        if cache.length + n > cache.capacity:
-            raise OverflowError(f"{cache.length + n} positions exceed the cache of {cache.capacity}")
-        with self._torch.inference_mode():
-            out = self.model.llm(cache=cache.cache, use_cache=True, logits_to_keep=1, **kwargs)
-        cache.cache = out.cache
-        cache.length += n
-        return out.logits[0, -1]
+            return self.to_numpy(self.model.llm.get_input_embeddings()(ids))
 
     def _embeds(self, embeds):
         if isinstance(embeds, self._torch.Tensor):
@@ -231,25 +189,12 @@ class TorchBackend(Backend):
             return self._tensor(embeds)
         return self._tensor(check_embeds(embeds, self.config.llm.hidden_size))
 
-    def prefill_logits(self, embeds, cache: KVCache | None = None):
+    def prefill(self, embeds, cache: TorchKVCache):
         """Device logits (V,) of the prompt's last position."""
-        x = self._embeds(embeds)
-        cache = self._cache(cache)
-        if isinstance(cache, TorchKVCache):
-            return self._run(cache, x.shape[1], inputs_embeds=x)
-        return cache.prefill(x)
+        return self.model.prefill(self._embeds(embeds), cache)
 
-    def decode_logits(self, token_id: int, cache: KVCache | None = None):
-        cache = self._cache(cache)
-        if isinstance(cache, TorchKVCache):
-            return self._run(cache, 1, input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
-        return cache.decode_step(token_id)
-
-    def prefill(self, embeds, cache: KVCache | None = None) -> np.ndarray:
-        return self._numpy(self.prefill_logits(embeds, cache))
-
-    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
-        return self._numpy(self.decode_logits(token_id, cache))
+    def decode_step(self, token_id: int, cache: TorchKVCache):
+        return self.model.decode_step(token_id, cache)
 
     def sampler(self, params) -> TorchSampler:
         return TorchSampler(params, self.device)
