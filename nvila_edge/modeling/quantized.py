@@ -124,6 +124,17 @@ def int4_kernel_support(device: torch.device) -> str | None:
     return f"no int4 kernel for device type {device.type}"
 
 
+def inner_k_tiles(k: int) -> int | None:
+    """tinygemm's inner k-tiles for K (the widest load that divides it: 8, 4 or 2 k-tiles of 16)."""
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+
+
+def cuda_int4_bytes(qweight: torch.Tensor) -> torch.Tensor:
+    """The portable bytes (low nibble = even k) as the CUDA converter reads them (high nibble = even k:
+    int4mm.cu's ``matrix_to_m16n8k16_Bint4_layout`` on uint8 input)."""
+    return (((qweight & 0x0F) << 4) | (qweight >> 4)).contiguous()
+
+
 # ---- modules -------------------------------------------------------------------------------------------------
 class Int4Linear(nn.Module):
     """W4A16 linear (AWQ codes and scales, optional AWQ pre-quant scale on the input)."""
@@ -154,13 +165,12 @@ class Int4Linear(nn.Module):
                 why = f"tinygemm on CUDA computes in bfloat16, not {dtype}"
             elif n % 8 or k % 32:
                 why = f"shape {n}x{k} is not a multiple of tinygemm's tiles (N % 8, K % 32)"
-        inner = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+        inner = inner_k_tiles(k)
         if why is None:
             try:
                 sz = torch.stack([self.scales.t(), torch.zeros_like(self.scales.t())], -1).contiguous()
-                if dev.type == "cuda":  # the CUDA converter takes the high nibble as the even k
-                    swapped = ((self.qweight & 0x0F) << 4) | (self.qweight >> 4)
-                    packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner)
+                if dev.type == "cuda":
+                    packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_bytes(self.qweight), inner)
                     self._mm = torch.ops.aten._weight_int4pack_mm
                 else:
                     q = unpack_int4(self.qweight).to(torch.int32) + 8
@@ -631,5 +641,5 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["KernelOptions", "pack_int4", "unpack_int4", "dequantize_int4", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
+__all__ = ["KernelOptions", "cuda_int4_bytes", "inner_k_tiles", "pack_int4", "unpack_int4", "dequantize_int4", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
            "build_quantized", "load_quantized", "from_tensors", "random_quantized_tensors", "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]
