@@ -22,11 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/cuda_artefacts.py: what the gpu test reads
 
-# module → the version it must have (None: any), for the check's steps; fastapi / modelopt are not needed
-NEEDS = {"torch": None, "transformers": "5.17.0", "peft": None, "onnxruntime": None, "accelerate": None,
+# module → the lowest version it must have (None: any), for the check's steps; fastapi / modelopt are not needed.
+# The device image has transformers 5.17, older than the `cache=` API this project uses (5.24): the check
+# carries transformers' wheel (TRANSFORMERS_WHEEL, pure Python; its needs are all in the image).
+TRANSFORMERS_WHEEL = "transformers==5.24.0"
+NEEDS = {"torch": "2.6", "transformers": "5.24", "peft": None, "onnxruntime": None, "accelerate": None,
          "pytest": None, "safetensors": None, "tokenizers": None, "numpy": None, "PIL": None, "cv2": None}
 DIST = {"PIL": "pillow", "cv2": "opencv-python-headless"}
-TORCH_FLOOR = (2, 6)  # pyproject's floor: transformers 5 disables older torch
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int("".join(c for c in x if c.isdigit()) or 0) for x in v.split("+")[0].split(".")[:3])
 
 
 def prepare(folder: str | None = None) -> int:
@@ -38,6 +44,12 @@ def prepare(folder: str | None = None) -> int:
     from nvila_edge import NVILATokenizer
     from nvila_edge.calibration import load_calibrated
 
+    import subprocess
+
+    wheels = ROOT / ".whl"
+    if not list(wheels.glob("transformers-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        TRANSFORMERS_WHEEL, "-d", str(wheels)], check=True)
     out = Path(folder) if folder else cuda_artefacts.folder()
     tmp = Path(tempfile.mkdtemp(prefix=".gpu-check-", dir=out.parent))
     try:
@@ -65,13 +77,14 @@ def preflight(cpu: bool = False) -> int:
         except Exception as e:  # noqa: BLE001 - any import failure is a missing module here
             bad.append(f"module {mod} does not import ({type(e).__name__}: {e})")
             continue
-        if want is not None and md.version(DIST.get(mod, mod)) != want:
-            bad.append(f"{mod} is {md.version(DIST.get(mod, mod))}, the check needs {want}")
+        have = md.version(DIST.get(mod, mod))
+        if want is not None and _version(have) < _version(want):
+            hint = (f" (carry its wheel: `python scripts/gpu_check.py prepare` puts {TRANSFORMERS_WHEEL} in .whl/; "
+                    "name .whl in the run's carry)") if mod == "transformers" else ""
+            bad.append(f"{mod} is {have}, the check needs >= {want}{hint}")
     try:
         import torch
 
-        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < TORCH_FLOOR:
-            bad.append(f"torch {torch.__version__} is below the floor {'.'.join(map(str, TORCH_FLOOR))}")
         if not cpu and not torch.cuda.is_available():
             bad.append(f"torch {torch.__version__} sees no CUDA GPU (use --cpu-dry-run on a CPU machine)")
     except ImportError:
@@ -114,14 +127,14 @@ def _time(fn, cuda: bool, reps: int) -> float:
 
 
 def kernels(out: str, cpu: bool = False) -> int:
-    """Every KernelOptions alternative on the same random weights; NVILA-Lite-2B sizes (scaled down by 8 with
+    """Every KernelOptions alternative on the same random weights; NVILA-Lite-2B sizes (scaled down by 4 with
     --cpu, where only that each path runs is checked)."""
     import torch
 
     from nvila_edge.modeling import quantized as Q
 
     dev = torch.device("cpu" if cpu else "cuda")
-    cuda, d = dev.type == "cuda", 8 if cpu else 1
+    cuda, d = dev.type == "cuda", 4 if cpu else 1
     dt, reps = torch.bfloat16, 3 if cpu else 20
     h, inter, vocab, vh, vi, tile = 1536 // d, 8960 // d, 151936 // d, 1152 // d, 4304 // d, 729
     g = torch.Generator().manual_seed(0)
@@ -156,6 +169,8 @@ def kernels(out: str, cpu: bool = False) -> int:
             xm = torch.randn(m, h, device=dev, dtype=dt)
             for name, min_m in (("tinygemm", 1 << 62), ("cublas-dequant", 1)):
                 mode = lin4.prepare(dt, options=Q.KernelOptions(int4_dense_min_m=min_m))
+                if mode != "int4":
+                    raise RuntimeError(f"int4 linear {inter}x{h} fell back to {mode}: the kernel did not run")
                 ms[f"int4:{name}->{mode}:M{m}"] = _time(lambda: lin4(xm), cuda, reps)
     Path(out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The device check for the quantized CUDA path (issue 27): one prepared, self-contained command for a lent GPU.
-#   0. on a CPU machine with ModelOpt, beforehand: `python scripts/gpu_check.py prepare` → .gpu-check/ (~1 MiB,
-#      git-ignored: the calibrated tiny bundle + fp32 reference outputs), carried to the device;
-#   1. `pip install --no-deps -e .` (the package-dir mapping needs an install; the image has every dependency);
+#   0. on a CPU machine with ModelOpt, beforehand: `python scripts/gpu_check.py prepare` → .gpu-check/ (~11 MiB:
+#      the calibrated tiny bundle + fp32 reference outputs) and .whl/ (transformers 5.24's wheel, 13 MiB: the
+#      image has 5.17, older than the `cache=` API), both git-ignored, both carried to the device;
+#   1. the carried wheels into /tmp/gpu-check-site (PYTHONPATH), then `pip install --no-deps -e .` (the
+#      package-dir mapping needs an install; the image has every other dependency);
 #   2. preflight: every module, version and carried file the check needs, else exit 3 naming what is missing;
 #   3. the gpu-marked tests (cuda target on CUDA against the carried reference, describe(): cuda-graph decode and
 #      the kernel modes; torch backend fp16 / CUDA graph); a skipped test fails the check;
@@ -10,7 +12,7 @@
 #   5. `nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda` (random weights), JSON to $OUT.
 # Usage: OUT=/tmp/out scripts/gpu_check.sh [--cpu-dry-run] [--quick]
 #   --cpu-dry-run: every step on the CPU kernels (tiny preset, kernels scaled down), to prove the command here.
-# On a lent GPU (docs/BENCHMARKS.md): run(command="bash scripts/gpu_check.sh --quick", carry=[".gpu-check"],
+# On a lent GPU (docs/BENCHMARKS.md): run(command="bash scripts/gpu_check.sh --quick", carry=[".gpu-check", ".whl"],
 #   timeout_s=540); ~8 min on an H100 is the budget, so a rerun fits in the 15 minutes.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -24,6 +26,11 @@ export PYTHONUNBUFFERED=1 NVILA_GPU_ARTEFACTS=${NVILA_GPU_ARTEFACTS:-$PWD/.gpu-c
 step() { echo "== $(date -u +%H:%M:%S) $*"; }
 
 step install
+if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels the image lacks (transformers >= 5.24), never fetched
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site \
+        .whl/*.whl || { echo "installing the carried wheels failed"; exit 3; }
+    export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . > /tmp/gpu-check-install.log 2>&1 \
     || { tail -20 /tmp/gpu-check-install.log; echo "pip install --no-deps -e . failed"; exit 3; }
 step preflight
