@@ -81,11 +81,11 @@ class TorchSampler:
             self._seen, self._counted = torch.zeros(v, dtype=torch.bool, device=x.device), 0
         new = list(previous[self._counted:])
         if len(new) == 1 and self._last is not None and self._last[1] == new[0]:
-            self._seen[self._last[0]] = True  # device → device: its own pick
+            self._seen.index_fill_(0, self._last[0].reshape(1), True)  # device → device: its own pick
         else:
             ids = [int(t) for t in new if 0 <= int(t) < v]
             if ids:
-                self._seen[torch.tensor(ids, dtype=torch.long).to(x.device, non_blocking=True)] = True
+                self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.long).to(x.device, non_blocking=True), True)
         self._counted = len(previous)
         return torch.where(self._seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
 
