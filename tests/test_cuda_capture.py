@@ -106,3 +106,31 @@ def test_sampler_pick_is_sync_free(params):
         tok = s.pick(logits, [7, 7])  # the second 7: the sampler's own pick, kept on the device
     assert tok.shape == () and tok.device.type == "meta"
     assert w.bad == [], w.bad[:5]
+
+
+class DeviceIds(torch.Tensor):
+    """Ids as a CUDA tensor behaves for numpy (``np.asarray`` refuses it), on a CPU machine."""
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first")
+
+    def cpu(self, *args, **kwargs):
+        return torch.Tensor.as_subclass(self, torch.Tensor)
+
+
+def test_model_accepts_device_tensor_ids(tiny_model, tokenizer):
+    """After ``ProcessedInputs.to("cuda")`` the ids are a device tensor: generate and the loss take it."""
+    from nvila_edge.modeling.model import host_ids
+
+    ids = tokenizer.encode("what color is the circle?")
+    dev = torch.tensor([ids]).as_subclass(DeviceIds)
+    with pytest.raises(TypeError):
+        np.asarray(dev)
+    assert host_ids(dev).tolist() == ids
+    a = tiny_model.generate(input_ids=dev, tokenizer=tokenizer, max_new_tokens=4)
+    b = tiny_model.generate(input_ids=ids, tokenizer=tokenizer, max_new_tokens=4)
+    assert a.token_ids == b.token_ids
+    with torch.no_grad():
+        la = tiny_model(input_ids=dev, labels=torch.tensor(ids), media=[])
+        lb = tiny_model(input_ids=ids, labels=torch.tensor(ids), media=[])
+    assert torch.allclose(la.loss if hasattr(la, "loss") else la, lb.loss if hasattr(lb, "loss") else lb)
