@@ -56,3 +56,10 @@ def test_static_cache_with_eager_replay_equals_the_dynamic_cache(tiny_config, mo
         close(s.prefill(more), be.prefill_logits(more, d), "second prefill")
         close(s.decode_step(6), be.decode_logits(6, d), "decode after the second prefill")
         assert s.length == d.length
+
+
+def test_static_cache_is_sized_to_the_request_in_buckets():
+    from nvila_edge.runtime.backends.cuda_graph import cache_bucket
+
+    assert [cache_bucket(n, 8192) for n in (1, 256, 257, 600, 5000, 8192)] == [256, 256, 512, 1024, 8192, 8192]
+    assert cache_bucket(300, 400) == 400 and cache_bucket(9000, 8192) == 9000

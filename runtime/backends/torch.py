@@ -161,9 +161,10 @@ class TorchBackend(Backend):
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache."""
         if self.cuda_graph:
-            from .cuda_graph import GraphDecoder
+            from .cuda_graph import GraphDecoder, cache_bucket
 
-            return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
+            want = min(int(capacity or self.capacity), self.config.llm.context_length)
+            return GraphDecoder(self.model.llm, cache_bucket(want, self.config.llm.context_length))
         return TorchKVCache(int(capacity or self.config.llm.context_length))
 
     @classmethod
