@@ -79,3 +79,40 @@ def test_unswapped_bytes_would_give_other_weights():
     sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).numpy()
     w = emulate_weight(emulate_convert(qweight.numpy(), 2), sz, 8, 64, 32)
     assert not np.allclose(w, codes.float().numpy())
+
+
+def test_kernel_alternatives_compute_the_same_numbers():
+    """``KernelOptions``' alternatives (what the device check times) differ in speed only."""
+    g = torch.Generator().manual_seed(0)
+    lin = Q.Int4Linear(256, 64, 128)
+    lin.qweight.copy_(Q.pack_int4(torch.randint(-8, 8, (64, 256), generator=g)))
+    lin.scales.copy_(torch.rand(64, 2, generator=g) * 0.05)
+    x = torch.randn(80, 256, generator=g, dtype=torch.bfloat16)
+    assert lin.prepare(torch.bfloat16, options=Q.KernelOptions(int4_dense_min_m=1 << 30)) == "int4"
+    tiny = lin(x).float()
+    assert lin.prepare(torch.bfloat16, options=Q.KernelOptions(int4_dense_min_m=64)) == "int4"
+    cublas, small = lin(x).float(), lin(x[:3]).float()  # 80 rows: dequantized + F.linear; 3 rows: tinygemm
+    assert torch.allclose(cublas, tiny, atol=2e-2 * float(tiny.abs().max())) and torch.allclose(small, tiny[:3])
+    table = Q.Int8Embedding(300, 64)
+    table.weight.copy_(torch.randint(-127, 128, (300, 64), generator=g, dtype=torch.int8))
+    table.scales.copy_(torch.rand(300, generator=g) * 0.01)
+    head, h = Q.Int8Head(table), torch.randn(2, 64, generator=g, dtype=torch.bfloat16)
+    outs = {}
+    for choice in ("dense", "int8pack"):
+        mode = head.prepare(torch.bfloat16, options=Q.KernelOptions(head=choice))
+        outs[mode] = head(h).float()
+    assert set(outs) == {"dense", "int8"} and torch.allclose(outs["dense"], outs["int8"], atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="KernelOptions"):
+        Q.KernelOptions(head="fast").resolve(torch.device("cpu"))
+    assert Q.KernelOptions().resolve(torch.device("cuda")) == Q.KernelOptions("dense", "compile", 64)
+
+
+def test_dequantized_model_is_not_labelled_as_the_cuda_target(tiny_config):
+    from conftest import make_model
+    from nvila_edge.runtime.backends.torch import TorchBackend
+
+    model = make_model(tiny_config)
+    q = Q.from_tensors(tiny_config, Q.random_quantized_tensors(model, group_size=32))
+    assert TorchBackend(q, device="cpu").describe()["target"] == "cuda"
+    plain = TorchBackend(Q.dequantize(q), device="cpu").describe()
+    assert plain["target"] == "torch" and "kernels" not in plain
