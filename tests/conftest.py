@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -151,8 +152,17 @@ class FakeCapture:
         pass
 
 
+GPU_DEVICE_ENV = "NVILA_GPU_TEST_DEVICE"  # "cpu": the gpu tests on the CPU kernels (gpu_check.sh --cpu-dry-run)
+
+
+@pytest.fixture(scope="session")
+def gpu_device() -> str:
+    """The device the gpu-marked tests run on: CUDA, or the CPU for the device check's dry run."""
+    return os.environ.get(GPU_DEVICE_ENV, "cuda")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get(GPU_DEVICE_ENV) == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

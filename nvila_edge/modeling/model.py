@@ -32,6 +32,14 @@ from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
 
 
+
+def host_ids(ids) -> np.ndarray:
+    """Token ids (a list, numpy array or tensor on any device, e.g. after ``ProcessedInputs.to("cuda")``) as a
+    flat host array: numpy cannot read a CUDA tensor itself."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    return np.asarray(ids).reshape(-1)
+
 class NVILAModel(nn.Module):
     def __init__(self, config: NVILAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -241,11 +249,11 @@ class NVILAModel(nn.Module):
         chunks = iter(chunks)
         rows, labs = [], []
         for b, ids in enumerate(input_ids):
-            ids_t = torch.as_tensor(np.asarray(ids).reshape(-1), device=self.device)
+            ids_t = torch.as_tensor(host_ids(ids), device=self.device)
             own = [next(chunks) for m in media[b] for _ in range(m.num_placeholders)]
             rows.append(self.embed_inputs(ids_t[None], own)[0])
             if labels is not None:
-                lab = torch.as_tensor(np.asarray(labels[b]).reshape(-1), device=self.device)
+                lab = torch.as_tensor(host_ids(labels[b]), device=self.device)
                 is_media = (ids_t == self.config.image_token_id) | (ids_t == self.config.video_token_id)
                 pieces, pos, it = [], 0, iter(own)
                 for p in torch.nonzero(is_media).flatten().tolist():
@@ -323,7 +331,7 @@ class NVILAModel(nn.Module):
                 inputs_embeds = self.build_inputs_embeds(input_ids=input_ids, pixel_values=pixel_values, media=media)
             else:
                 if not batched:  # one prompt with labels: a batch of one
-                    input_ids, media, labels = [np.asarray(input_ids).reshape(-1)], [list(media or [])], [labels]
+                    input_ids, media, labels = [host_ids(input_ids)], [list(media or [])], [labels]
                 if packed and labels is not None:
                     chunks = self.embed_media(pixel_values, [m for items in media for m in items])
                     return self.llm_loss(input_ids, media, labels, chunks, packed=True, **kwargs)
@@ -374,7 +382,7 @@ class NVILAModel(nn.Module):
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                                 (stop,) if isinstance(stop, str) else tuple(stop))
         media = list(media or [])
-        ids = np.asarray(input_ids).reshape(-1)
+        ids = host_ids(input_ids)
         n_placeholders = sum(m.num_placeholders for m in media)
         visual = sum(m.num_tokens for m in media)
         length = num_tokens if num_tokens is not None else len(ids) - n_placeholders + visual

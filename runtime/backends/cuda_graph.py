@@ -17,6 +17,21 @@ from __future__ import annotations
 
 from nvila_edge.modeling.decoding import TorchKVCache, decode_one_token
 
+MIN_BUCKET = 256
+
+
+def cache_bucket(positions: int, limit: int) -> int:
+    """The static cache's size for a request of ``positions``: the next power of two from 256, at most ``limit``.
+    Every decode step attends over the whole static cache (transformers' ``StaticLayer`` masks to its full
+    length), so a cache sized to the request, not to the context, is what keeps a token's KV reads small;
+    buckets keep the number of distinct sizes (and captured graphs' shapes) few."""
+    if positions >= limit:
+        return positions  # the context's size (a request over it overflows at prefill, with its message)
+    b = MIN_BUCKET
+    while b < positions:
+        b *= 2
+    return min(b, limit)
+
 
 class GraphDecoder(TorchKVCache):
     def __init__(self, llm, capacity: int):

@@ -24,9 +24,22 @@ from nvila_edge.modeling.decoding import TorchKVCache
 from .base import Backend, check_embeds
 
 
+def torch_sees_cuda() -> bool:
+    """Whether the installed torch can run on a CUDA GPU (False for a CPU build, even beside a driver)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class TorchSampler:
     """``nvila_edge.sampling.Sampler``'s rules on torch logits, on their device. Greedy is identical to the numpy
-    sampler (first maximum); sampled tokens follow the same distribution from a torch generator."""
+    sampler (first maximum); sampled tokens follow the same distribution from a torch generator.
+
+    Every mode is fixed-shape and sync-free until the one copy a token (its id): the repetition penalty reads a
+    (V,) mask of the ids seen, kept on the device and updated with the sampler's own device pick (the history
+    crosses host → device only for ids it did not pick itself); top-k / top-p mask instead of indexing by a
+    data-dependent length; the draw is an exponential race (argmax p / E, E ~ Exp(1): the categorical
+    distribution, as ``torch.multinomial``) rather than a kernel that checks its input on the host."""
 
     def __init__(self, params, device):
         import torch
@@ -37,18 +50,34 @@ class TorchSampler:
             self.gen.manual_seed(int(params.seed))
         else:
             self.gen.seed()
+        self._seen = None  # (V,) bool on the device
+        self._counted = 0  # how many of ``previous`` the mask holds
+        self._last = None  # (device pick, its host id)
 
-    def __call__(self, logits, previous=()) -> int:
+    def _penalised(self, x, previous):
+        torch, p = self.torch, self.params
+        v = x.shape[0]
+        if self._seen is None or self._seen.shape[0] != v or self._seen.device != x.device or \
+                len(previous) < self._counted:
+            self._seen, self._counted = torch.zeros(v, dtype=torch.bool, device=x.device), 0
+        new = list(previous[self._counted:])
+        if len(new) == 1 and self._last is not None and self._last[1] == new[0]:
+            self._seen.index_fill_(0, self._last[0].reshape(1), True)  # device → device: its own pick
+        else:
+            ids = [int(t) for t in new if 0 <= int(t) < v]
+            if ids:
+                self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.long).to(x.device, non_blocking=True), True)
+        self._counted = len(previous)
+        return torch.where(self._seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+
+    def pick(self, logits, previous=()):
+        """The chosen id as a 0-d device tensor (nothing crosses to the host)."""
         torch, p = self.torch, self.params
         x = logits.reshape(-1).float()
-        if p.repetition_penalty != 1.0 and len(previous):
-            x = x.clone()
-            seen = torch.unique(torch.as_tensor(list(previous), dtype=torch.long)).to(x.device)
-            seen = seen[seen < x.shape[0]]
-            vals = x[seen]
-            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.repetition_penalty != 1.0:
+            x = self._penalised(x, previous)
         if p.greedy:
-            return int(torch.argmax(x))
+            return torch.argmax(x)
         x = x / p.temperature
         if p.top_k and p.top_k < x.shape[0]:
             kth = torch.topk(x, p.top_k).values[-1]
@@ -57,9 +86,15 @@ class TorchSampler:
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True, stable=True)
             keep = (torch.cumsum(sorted_p, 0) - sorted_p) < p.top_p  # smallest set whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
+        race = torch.empty_like(probs).exponential_(1.0, generator=self.gen)
+        return torch.argmax(probs / race)
+
+    def __call__(self, logits, previous=()) -> int:
+        tok = self.pick(logits, previous)
+        tid = int(tok)  # the one copy a token
+        self._last = (tok, tid)
+        return tid
 
 
 class TorchBackend(Backend):
@@ -91,10 +126,11 @@ class TorchBackend(Backend):
         if self.cuda_graph:
             import warnings
 
-            from .cuda_graph import GraphDecoder
+            from .cuda_graph import GraphDecoder, cache_bucket
 
+            want = min(int(capacity or self.capacity), self.config.llm.context_length)
             try:
-                return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
+                return GraphDecoder(self.model.llm, cache_bucket(want, self.config.llm.context_length))
             except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
                 warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
                 self.cuda_graph = False
