@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
+from nvila_edge.sampling import MAX_SEED, REPETITION_PENALTY_RANGE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -93,11 +94,13 @@ class ChatCompletionRequest(MediaOptions):
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     # temperature defaults to 0 (greedy), as `nvila-edge run`: edge apps want reproducible answers
+    # the bounds are SamplingParams' own (nvila_edge.sampling): a value admitted here always answers
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    top_p: Finite = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
-    repetition_penalty: Finite = 1.0
-    seed: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                               allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Union[Annotated[str, Field(min_length=1)],
                 Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)], None] = None
     stream: bool = False

@@ -55,6 +55,9 @@ class Runtime:
         self._end: np.ndarray | None = None
         self._pool: list[KVCache] = []
         self._pool_lock = threading.Lock()  # the agent and the server take caches from other threads
+        # one backend call at a time: the server's compute thread, an Agent's worker and media threads may share
+        # this runtime; held per call (an encode, a prefill, a decode step), so their answers interleave
+        self.lock = threading.RLock()
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
@@ -79,7 +82,8 @@ class Runtime:
     # ---- vision + embeddings -------------------------------------------------------------------------
     def end_embeds(self) -> np.ndarray:
         if self._end is None:  # the "\n" appended after every media item, looked up once
-            self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
+            with self.lock:
+                self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
         return self._end
 
     def encode_tiles(self, pixels: np.ndarray, native: bool = False) -> tuple[np.ndarray, float]:
@@ -87,7 +91,8 @@ class Runtime:
         backend's own array type (device-resident on a GPU), for ``embed``."""
         t0 = time.perf_counter()
         encode = self.backend.encode if native else self.backend.encode_tiles
-        feats = encode(np.ascontiguousarray(pixels, dtype=np.float32))
+        with self.lock:
+            feats = encode(np.ascontiguousarray(pixels, dtype=np.float32))
         ms = (time.perf_counter() - t0) * 1000
         self.planner.record(pixels.shape[0], ms)
         return feats, ms
@@ -105,7 +110,8 @@ class Runtime:
         if features is None and inputs.pixel_values is not None:
             features, _ = self.encode_tiles(inputs.pixel_values, native=True)
         end = self.end_embeds() if inputs.media else None
-        embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
+        with self.lock:
+            embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
         if timings is not None:
             timings.vision_ms += (time.perf_counter() - t0) * 1000
         return embeds
@@ -115,10 +121,14 @@ class Runtime:
         """A KV cache of the caller's own (``Session`` / ``VideoStream`` / an app's conversation)."""
         return self.backend.new_cache(capacity)
 
-    def _borrow(self) -> KVCache:
+    def _borrow(self, capacity: int | None = None) -> KVCache:
+        """A pooled cache that holds ``capacity`` positions, else a new one of that size."""
         with self._pool_lock:
-            cache = self._pool.pop() if self._pool else None
-        return cache if cache is not None else self.backend.new_cache()
+            fits = [c for c in self._pool if capacity is None or c.capacity >= capacity]
+            cache = min(fits, key=lambda c: c.capacity) if fits else None
+            if cache is not None:
+                self._pool.remove(cache)
+        return cache if cache is not None else self.backend.new_cache(capacity)
 
     def _give_back(self, cache: KVCache) -> None:
         cache.clear()
@@ -147,13 +157,23 @@ class Runtime:
         be = self.backend
         cache = be.default_cache if cache is None else cache
         prompt_tokens = cache.length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill_logits(embeds, cache), lambda tok: be.decode_logits(tok, cache),
+
+        def prefill():
+            with self.lock:
+                return be.prefill_logits(embeds, cache)
+
+        def step(tok):
+            with self.lock:
+                return be.decode_logits(tok, cache)
+
+        return stream_tokens(prefill, step,
                              self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
                              self.context_length, timings, sampler=be.sampler(params))
 
     def answer(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0) -> Iterator:
-        """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""
-        cache = self._borrow()
+        """``decode`` on a borrowed cache sized to the request (prompt + ``max_new_tokens``), returned to the pool
+        when the generator ends or is closed."""
+        cache = self._borrow(self.cache_capacity(embeds.shape[1], params.max_new_tokens))
         try:
             yield from self.decode(embeds, params, timings, visual_tokens, cache)
         finally:
@@ -171,6 +191,15 @@ class Runtime:
                             max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, num_frames=num_frames)
         timings = Timings(preprocess_ms=(time.perf_counter() - t0) * 1000)
         return self._run(planned, params, timings)
+
+    def cache_capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV positions one answer needs: its prompt and answer, within the context."""
+        return min(self.context_length, prompt_tokens + max_new_tokens)
+
+    def stream_planned(self, planned: Planned, *, preprocess_ms: float = 0.0, **sampling) -> Iterator:
+        """``stream`` for a request already planned (``plan``: media decoded, tiles cut, budgets checked, on any
+        thread): the model compute only."""
+        return self._run(planned, sampling_params(sampling), Timings(preprocess_ms=preprocess_ms))
 
     def _run(self, planned: Planned, params: SamplingParams, timings: Timings):
         yield planned.event

@@ -263,8 +263,8 @@ class SlowRuntime:
     def __getattr__(self, name):
         return getattr(self.rt, name)
 
-    def stream(self, *args, **kwargs):
-        return self._slow(self.rt.stream(*args, **kwargs))
+    def stream_planned(self, *args, **kwargs):
+        return self._slow(self.rt.stream_planned(*args, **kwargs))
 
     def _slow(self, gen):
         self.started.set()
