@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 PART_TYPES = ("text", "image_url", "video_url")
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
 MediaCount = Annotated[int, Field(ge=1, le=256)]  # frames are decoded before the context check: bound them
 
@@ -146,14 +145,21 @@ class ChatCompletionRequest(MediaOptions):
                 "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": tuple(stop)}
 
 
+def _field_names() -> frozenset[str]:
+    models = [m for m in globals().values() if isinstance(m, type) and issubclass(m, BaseModel) and m is not BaseModel]
+    return frozenset(name for m in models for name in m.model_fields)
+
+
 def _param(loc: tuple) -> str:
+    """A pydantic error location → the client's field (``messages[0].content[1].image_url``): list indices and
+    the names of this schema's fields; anything else in ``loc`` (the tags pydantic gives union branches) is not a
+    field of the request and is skipped."""
+    fields = _field_names()
     out = ""
     for x in loc:
         if isinstance(x, int):
             out += f"[{x}]"
-        elif x in ("str", "list", "MediaURL", "function-after", "constrained-str") or "[" in str(x):
-            continue  # union branch names, not fields
-        else:
+        elif x in fields:
             out += f".{x}" if out else str(x)
     return out
 

@@ -159,17 +159,18 @@ def resolve_file_url(url: str, media_dir: str | os.PathLike | None, param: str) 
         is_file = os.path.isfile(path)
     except (OSError, ValueError):  # a name the filesystem cannot hold (too long, bad encoding)
         raise RequestError(400, f"{param}: the file URL is not a usable path", "invalid_media", param) from None
+    # the messages name the file relative to the media folder: never a server path, not even the client's echo
     if os.path.commonpath([root, path]) != root:
-        raise RequestError(403, f"{param}: {_short_path(asked)!r} is outside the server's media folder",
+        raise RequestError(403, f"{param}: the file URL points outside the server's media folder",
                            "media_forbidden", param)
     if not is_file:
-        raise RequestError(400, f"{param}: no such file in the media folder: {_short_path(asked)!r}",
+        raise RequestError(400, f"{param}: no such file in the media folder: {_short(os.path.relpath(path, root))!r}",
                            "invalid_media", param)
     return path
 
 
-def _short_path(path: str) -> str:
-    return path if len(path) <= 200 else path[:197] + "..."
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_chat_request(body, *, media_dir=None, max_images: int = 8, max_videos: int = 1,
