@@ -333,12 +333,16 @@ class MemoryBudget:
         return self.limit - self.baseline - self.held
 
     def reserve(self, n: int, what: str) -> int:
+        """Hold ``n`` bytes or raise ``RequestError``: 429 while others hold the room, 400 if it never fits. The
+        room is what the reservations leave, and never more than the measured RSS leaves (allocator pools,
+        arenas and anything the estimates miss count too)."""
         with self._lock:
-            if n > self.limit - self.baseline - self.held:
+            used = max(self.baseline + self.held, rss_bytes())
+            if n > self.limit - used:
                 later = n <= self.limit - self.baseline  # it fits once others finish
                 raise RequestError(429 if later else 400,
                                    f"the request needs an estimated {n >> 20} MiB ({what}); the server has "
-                                   f"{max(0, self.room) >> 20} MiB free of its {self.limit >> 20} MiB limit; "
+                                   f"{max(0, self.limit - used) >> 20} MiB free of its {self.limit >> 20} MiB limit; "
                                    + ("retry shortly" if later else "send smaller media, fewer frames or a lower "
                                       "max_tokens"), "memory_busy" if later else "request_too_large", "messages",
                                    "rate_limit_error" if later else "invalid_request_error")
