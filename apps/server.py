@@ -115,6 +115,7 @@ class ChatRequest:
     tmpdir: tempfile.TemporaryDirectory | None = None
     media_names: dict = field(default_factory=dict)  # server path of a media file → the field that sent it
     media_params: list = field(default_factory=list)  # the field of every media part, in order
+    image_params: list = field(default_factory=list)  # the field of each image part
 
     def cleanup(self) -> None:
         if self.tmpdir is not None:
@@ -227,6 +228,8 @@ def _message(m, role: str, param: str, req: ChatRequest, media_dir) -> dict:
         media = _parse_media(part.url, kind, where, req, media_dir)
         (req.images if kind == "image" else req.videos).append(media)
         req.media_params.append(where)
+        if kind == "image":
+            req.image_params.append(where)
         if isinstance(media, str):
             req.media_names[media] = where
         pieces.append(IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN)
@@ -303,6 +306,25 @@ class _Engine:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.media.shutdown(wait=False, cancel_futures=True)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``): a decoded image's buffers are freed once its
+    tiles are cut, but glibc keeps them in the decoding thread's arena unless asked; elsewhere a no-op."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def rss_bytes() -> int:
@@ -410,10 +432,10 @@ class ServerState:
         budget = decode_pixel_budget(cfg)
         frames = req.options.get("num_frames") or cfg.video.num_frames
         held = self.memory.reserve(media_bytes(req, frames, budget), "decoding its media")
+        images = []
         try:
             limit = min(x for x in (self.max_image_pixels, cfg.preprocessing.max_image_pixels) if x)
-            images = []
-            for im, param in zip(req.images, req.media_params):
+            for im, param in zip(req.images, req.image_params):
                 try:
                     images.append(load_image(im, limit, budget))
                 except MediaError as e:
@@ -426,6 +448,8 @@ class ServerState:
         finally:
             self.memory.release(held)
             req.cleanup()  # the frames are sampled by now
+            del images
+            _trim_heap()
         held = self.memory.reserve(need, f"{tiles} tiles, {tokens} prompt tokens and its KV cache")
         return planned, held, (time.perf_counter() - t0) * 1000
 

@@ -475,7 +475,7 @@ def test_images_decode_within_the_pixel_budget(rt):
     from nvila_edge.runtime.planner import decode_pixel_budget
 
     budget = decode_pixel_budget(rt.config)
-    side = int((budget * 20) ** 0.5)
+    side = int((budget * 5) ** 0.5)
     big = Image.new("RGB", (side, side), (10, 200, 30))
     for fmt in ("JPEG", "PNG"):
         buf = io.BytesIO()
