@@ -128,8 +128,8 @@ def _device_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None
     copy a token, not all logits to the host. The first step (which captures the graph) is not timed."""
     from nvila_edge.sampling import SamplingParams
 
-    prefill = getattr(be, "prefill_logits", be.prefill)  # device logits
-    decode = getattr(be, "decode_logits", be.decode_step)
+    prefill = be.prefill  # device logits
+    decode = be.decode_step
     embeds = be.prompt_embeds(ids, [], [])
     cap = len(ids) + n_tokens + 2
     warm = be.new_cache(cap)  # warm-up: allocator, kernels

@@ -59,6 +59,9 @@ class Runtime:
         self._end: np.ndarray | None = None
         self._pool: list[KVCache] = []
         self._pool_lock = threading.Lock()  # the agent and the server take caches from other threads
+        # one backend call at a time: the server's compute thread, an Agent's worker and media threads may share
+        # this runtime; held per call (an encode, a prefill, a decode step), so their answers interleave
+        self.lock = threading.RLock()
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
@@ -83,14 +86,16 @@ class Runtime:
     # ---- vision + embeddings -------------------------------------------------------------------------
     def end_embeds(self) -> np.ndarray:
         if self._end is None:  # the "\n" appended after every media item, looked up once
-            self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
+            with self.lock:
+                self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
         return self._end
 
     def encode_tiles(self, pixels: np.ndarray) -> tuple[object, float]:
         """Vision features of tiles in the backend's own array type (device-resident on a GPU), and the ms it
         took (feeds the latency-aware tiling)."""
         t0 = time.perf_counter()
-        feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
+        with self.lock:
+            feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
         ms = (time.perf_counter() - t0) * 1000
         self.planner.record(pixels.shape[0], ms)
         return feats, ms
@@ -108,7 +113,8 @@ class Runtime:
         if features is None and inputs.pixel_values is not None:
             features, _ = self.encode_tiles(inputs.pixel_values)
         end = self.end_embeds() if inputs.media else None
-        embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
+        with self.lock:
+            embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
         if timings is not None:
             timings.vision_ms += (time.perf_counter() - t0) * 1000
         return embeds
@@ -118,10 +124,14 @@ class Runtime:
         """A KV cache of the caller's own (a ``Session``, an app's conversation)."""
         return self.backend.new_cache(capacity)
 
-    def _borrow(self) -> KVCache:
+    def _borrow(self, capacity: int | None = None) -> KVCache:
+        """A pooled cache that holds ``capacity`` positions, else a new one of that size."""
         with self._pool_lock:
-            cache = self._pool.pop() if self._pool else None
-        return cache if cache is not None else self.backend.new_cache()
+            fits = [c for c in self._pool if capacity is None or c.capacity >= capacity]
+            cache = min(fits, key=lambda c: c.capacity) if fits else None
+            if cache is not None:
+                self._pool.remove(cache)
+        return cache if cache is not None else self.backend.new_cache(capacity)
 
     def _give_back(self, cache: KVCache) -> None:
         cache.clear()
@@ -149,13 +159,23 @@ class Runtime:
         """Prefill ``embeds`` after what ``cache`` holds, then the shared decode loop on that cache."""
         be = self.backend
         prompt_tokens = cache.length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill(embeds, cache), lambda tok: be.decode_step(tok, cache),
+
+        def prefill():
+            with self.lock:
+                return be.prefill(embeds, cache)
+
+        def step(tok):
+            with self.lock:
+                return be.decode_step(tok, cache)
+
+        return stream_tokens(prefill, step,
                              self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
                              self.context_length, timings, sampler=be.sampler(params))
 
     def answer(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0) -> Iterator:
-        """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""
-        cache = self._borrow()
+        """``decode`` on a borrowed cache sized to the request (prompt + ``max_new_tokens``), returned to the pool
+        when the generator ends or is closed."""
+        cache = self._borrow(self.cache_capacity(embeds.shape[1], params.max_new_tokens))
         try:
             yield from self.decode(embeds, cache, params, timings, visual_tokens)
         finally:
@@ -173,6 +193,15 @@ class Runtime:
                             max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, num_frames=num_frames)
         timings = Timings(preprocess_ms=(time.perf_counter() - t0) * 1000)
         return self._run(planned, params, timings)
+
+    def cache_capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV positions one answer needs: its prompt and answer, within the context."""
+        return min(self.context_length, prompt_tokens + max_new_tokens)
+
+    def stream_planned(self, planned: Planned, *, preprocess_ms: float = 0.0, **sampling) -> Iterator:
+        """``stream`` for a request already planned (``plan``: media decoded, tiles cut, budgets checked, on any
+        thread): the model compute only."""
+        return self._run(planned, sampling_params(sampling), Timings(preprocess_ms=preprocess_ms))
 
     def _run(self, planned: Planned, params: SamplingParams, timings: Timings):
         yield planned.event

@@ -142,3 +142,35 @@ def test_sampler_filters():
     assert {s(logits) for _ in range(50)} == {1}
     # repetition penalty demotes a seen token
     assert Sampler(SamplingParams(repetition_penalty=10.0))(logits, previous=[1]) == 2
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e308}, {"temperature": 1.0, "top_p": 5e-324},
+    {"temperature": 1e-4, "top_p": 1e-300, "top_k": 1, "repetition_penalty": 0.01},
+    {"temperature": 1.0, "repetition_penalty": 100.0}, {"temperature": 2.0, "top_k": 10**30, "seed": 2**63 - 1},
+])
+def test_sampler_is_defined_at_the_admitted_extremes(kw):
+    """Every value SamplingParams admits picks a token without a floating-point warning (issue 32 class 1);
+    below GREEDY_BELOW the pick is the greedy one."""
+    import warnings
+
+    from nvila_edge.sampling import GREEDY_BELOW
+
+    logits = np.random.default_rng(0).normal(size=300).astype(np.float32) * 30
+    logits[5] = np.float32(3e38)  # an extreme logit too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = Sampler(SamplingParams(**kw))(logits, previous=[1, 2, 5])
+    assert 0 <= tok < 300
+    if kw.get("temperature", 0) < GREEDY_BELOW:
+        assert tok == Sampler(SamplingParams(repetition_penalty=kw.get("repetition_penalty", 1.0)))(logits, [1, 2, 5])
+
+
+@pytest.mark.parametrize("kw, field", [({"repetition_penalty": 1e-300}, "repetition_penalty"),
+                                       ({"repetition_penalty": 1e3}, "repetition_penalty"), ({"seed": 2**64}, "seed"),
+                                       ({"top_p": 0.0}, "top_p")])
+def test_sampling_params_refuse_what_cannot_be_computed(kw, field):
+    from nvila_edge.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**kw)

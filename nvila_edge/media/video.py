@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 
 from ..config import NVILAConfig
 from ..errors import MediaError
+
+DECODE_TIMEOUT_S = 20.0  # probing + seeking one video file: past it, MediaError (the compute never waits on it)
 
 
 def sample_frame_indices(frame_count: int, num_frames: int) -> np.ndarray:
@@ -53,12 +56,52 @@ class VideoClip:
         return self.frame_count / self.fps if self.fps > 0 else float(len(self.frames))
 
 
-def read_frames(cap, indices, what: str) -> dict[int, np.ndarray]:
-    """Decode the frames at ``indices`` (each once, in file order) from an open ``cv2.VideoCapture``: RGB."""
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise MediaError(f"decoding {what} took more than {DECODE_TIMEOUT_S:g} s; send a shorter or re-encoded clip")
+
+
+def _decodable_count(cap, count: int, deadline: float | None, what: str) -> int:
+    """Frames that really decode. The container's count can be wrong (or a lie: a header declaring hours of
+    frames): if its last frame does not decode, step back 1, 2, 4, ... frames, then bisect between the last
+    frame found and the first that failed: O(log count) seeks, not one per missing frame."""
+    import cv2
+
+    def ok(i: int) -> bool:
+        _check_deadline(deadline, what)
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        return bool(cap.grab())
+
+    if count <= 0:
+        return 0
+    if ok(count - 1):
+        return count
+    bad, step = count - 1, 1
+    while True:
+        i = max(0, count - 1 - step)
+        if ok(i):
+            good = i
+            break
+        if i == 0:
+            return 0
+        bad, step = i, step * 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good + 1
+
+
+def read_frames(cap, indices, what: str, deadline: float | None = None) -> dict[int, np.ndarray]:
+    """Decode the frames at ``indices`` (each once, in file order) from an open ``cv2.VideoCapture``: RGB.
+    ``deadline`` (``time.monotonic()``): past it, ``MediaError`` (seeking in a long, sparse-keyframe file)."""
     import cv2
 
     frames: dict[int, np.ndarray] = {}
     for i in sorted(set(int(i) for i in indices)):
+        _check_deadline(deadline, what)
         cap.set(cv2.CAP_PROP_POS_FRAMES, i)
         ok, frame = cap.read()
         if not ok or frame is None:
@@ -120,13 +163,13 @@ def load_video(video: str | os.PathLike | Sequence, num_frames: int, *, start_s:
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """The file's frame rate and the number of frames that really decode (what ``load_video`` samples from)."""
-    with _open_file(Path(path)) as (_, info):
+    with _open_file(Path(path)) as (_, info, _deadline):
         return info
 
 
 @contextmanager
 def _open_file(path: Path):
-    """An open ``cv2.VideoCapture`` and the file's ``VideoInfo``; released on exit."""
+    """An open ``cv2.VideoCapture``, the file's ``VideoInfo`` and the decode deadline; released on exit."""
     import cv2
 
     if not path.is_file():
@@ -138,24 +181,19 @@ def _open_file(path: Path):
         if not cap.isOpened():
             raise MediaError(f"cannot open video {path}: OpenCV found no decodable stream")
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        # The container's frame count can be wrong: walk back to the last frame that really decodes.
-        while count > 0:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, count - 1)
-            if cap.grab():
-                break
-            count -= 1
+        deadline = time.monotonic() + DECODE_TIMEOUT_S
+        count = _decodable_count(cap, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), deadline, f"video {path}")
         if count <= 0:
             raise MediaError(f"video {path} has no decodable frames")
-        yield cap, VideoInfo(str(path), fps, count)
+        yield cap, VideoInfo(str(path), fps, count), deadline
     finally:
         cap.release()
 
 
 def _load_file(path: Path, num_frames: int, start_s: float, end_s: float | None) -> VideoClip:
-    with _open_file(path) as (cap, info):
+    with _open_file(path) as (cap, info, deadline):
         idx = segment_frame_indices(info.frame_count, info.fps, num_frames, start_s, end_s)
-        frames = read_frames(cap, idx, f"video {path} ({info.frame_count} frames)")
+        frames = read_frames(cap, idx, f"video {path} ({info.frame_count} frames)", deadline)
     fps = info.fps
     return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], fps, info.frame_count, str(path),
                      [int(i) / fps if fps > 0 else float(i) for i in idx])
