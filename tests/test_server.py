@@ -402,7 +402,7 @@ def test_agent_and_server_share_one_runtime(rt, one_thread):
     ref_http = rt.generate("what color is the circle", max_new_tokens=10, stop=()).text
     inside, most = [0], [0]
     guard = threading.Lock()
-    real_prefill, real_decode = rt.backend.prefill_logits, rt.backend.decode_logits
+    real_prefill, real_decode = rt.backend.prefill, rt.backend.decode_step
 
     def counted(fn):
         def call(*a, **kw):
@@ -417,7 +417,7 @@ def test_agent_and_server_share_one_runtime(rt, one_thread):
                     inside[0] -= 1
         return call
 
-    rt.backend.prefill_logits, rt.backend.decode_logits = counted(real_prefill), counted(real_decode)
+    rt.backend.prefill, rt.backend.decode_step = counted(real_prefill), counted(real_decode)
     try:
         with ServerThread(create_app(rt, max_queue=4)) as srv, Agent(rt, cancel_previous=False) as agent:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -426,7 +426,7 @@ def test_agent_and_server_share_one_runtime(rt, one_thread):
                        "what color is the circle"}], max_tokens=10).choices[0].message.content for _ in range(3)]
             agent_answers = [f.result(60).text for f in futures]
     finally:
-        del rt.backend.prefill_logits, rt.backend.decode_logits
+        del rt.backend.prefill, rt.backend.decode_step
     assert answers == [ref_http] * 3 and agent_answers == [ref_agent] * 3
     assert most[0] == 1  # never two backend calls at once
 
