@@ -24,6 +24,16 @@ def cmd_train(args) -> int:
     from nvila_edge.training.recipe import Recipe
     from nvila_edge.training.trainer import run_recipe
 
+    if args.estimate:
+        from nvila_edge.config import NVILAConfig
+        from nvila_edge.training.memory import estimate_report
+        from nvila_edge.training.recipe import nvila_recipe
+
+        recipe = Recipe.load(args.recipe) if args.recipe else nvila_recipe(preset=args.preset)
+        print(estimate_report(NVILAConfig.from_preset(args.preset), recipe, args.gpus, args.gpu_mem, args.stage))
+        return 0
+    if not args.recipe or not args.output:
+        raise SystemExit("nvila-edge train: --recipe and -o/--output are required (or use --estimate)")
     recipe = Recipe.load(args.recipe)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     results = run_recipe(recipe, args.output, stages=stages, on_error=args.on_error, fsdp=args.fsdp,

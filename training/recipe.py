@@ -182,6 +182,7 @@ def nvila_recipe(data_dir: str | Path = ".", preset: str = "nvila-8b", checkpoin
     return Recipe(
         name="nvila",
         preset=preset if checkpoint is None else None,
+        gradient_checkpointing=True,  # the 8B's activations at the full Dynamic-S2 length need it on any GPU
         checkpoint=checkpoint,
         base_dir=d,
         stages=(
