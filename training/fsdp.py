@@ -256,10 +256,7 @@ def train_stage_fsdp(root: torch.nn.Module, model, dataset, collate, stage, out_
     per_rank = check_global_batch(stage, world)
     n = len(dataset)
     steps = total_steps(stage, n)
-    found = latest_shards(out_dir)
-    if found is not None and not resume:
-        raise ConfigError(f"stage {stage.name!r} has mid-stage shards at {found}: pass --resume to continue "
-                          f"from there, or delete {found.parent} to start the stage over")
+    found = latest_shards(out_dir) if resume else None  # run_recipe refused leftover shards without resume
     freeze_unused(model)
     shard(root, model, mode)
     params = [p for p in root.parameters() if p.requires_grad]

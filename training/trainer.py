@@ -400,6 +400,11 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
     if fsdp != "no":  # refused before any weight is built
         from . import fsdp as sharded
 
+        for i, stage in enumerate(recipe.stages):
+            found = sharded.latest_shards(stage_dir(output_dir, i, stage))
+            if found is not None and not resume and stage.name in wanted:
+                raise ConfigError(f"stage {stage.name!r} has mid-stage shards at {found}: pass --resume to continue "
+                                  f"from there, or delete {found.parent} to start the stage over")
         world = sharded.init_process_group()
         sharded.stage_needs([recipe.stage(n) for n in wanted], world)
     elif resume:
