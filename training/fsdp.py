@@ -8,7 +8,8 @@ process groups, so that path could not be tested here on CPU ranks; ``fully_shar
 clipped at 1.0) with one difference that makes the run independent of the world size: a stage's
 ``batch_size`` is the *global* batch, split over the ranks, and the LM loss is the sum over each rank's
 supervised tokens divided by the global count (``num_items_in_batch``), so G ranks compute the gradient one
-process computes on the whole batch.
+process computes on the whole batch. Not carried over from the Trainer path: ``group_by_length`` (batches are
+drawn at random), and a media-tag objective's loss is weighted by examples, not tokens.
 
 Units: one per SigLIP encoder layer, the SigLIP patch embedding, one per Qwen2 decoder layer, and the root
 (embeddings, projector, norms, LM head, a training-time tag head). Mid-stage saves are
@@ -79,9 +80,7 @@ def shard(root: torch.nn.Module, model, mode: str) -> torch.nn.Module:
     bf16 GPU the gathered weights are bf16 and gradients reduce in fp32; on the CPU everything stays fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        root.to(torch.device("cuda", torch.cuda.current_device()))
+    cuda = torch.cuda.is_available()  # fully_shard moves each rank's shards to its GPU (never the whole model)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cuda and torch.cuda.is_bf16_supported() else MixedPrecisionPolicy())
     reshard = mode == "full_shard"
