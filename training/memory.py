@@ -193,6 +193,49 @@ def _projector_activation_bytes(config: NVILAConfig, n_vis: int, patch_tokens: i
     return out
 
 
+def _activation_parts(config: NVILAConfig, batch_size: int, tiles: int, seq_len: int, answer_tokens: int, act: int,
+                      llm_layer: float, vit_layer: float | None, proj_act: float, gradient_checkpointing: bool,
+                      tile_batch_size: int | None, loss_chunk_tokens: int) -> tuple[dict[str, int], str]:
+    """The activation parts of a step (``estimate_finetune_memory``'s docstring says what each is) from one LLM
+    layer's and one ViT layer's saved bytes (``vit_layer=None``: the tower keeps nothing, it is not in the
+    backward) and the projector's; and the phase that makes the peak."""
+    c, v = config.llm, config.vision
+    L = c.num_hidden_layers
+    head_dim = c.hidden_size // c.num_attention_heads
+    tokens = batch_size * seq_len
+    patch_tokens = batch_size * tiles * v.grid ** 2
+    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
+    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
+    answers = batch_size * answer_tokens
+    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act  # docstring
+    parts: dict[str, int] = {}
+    if not gradient_checkpointing:
+        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
+        parts["activations: vision tower"] = int(used * vit_layer if vit_layer is not None else 0)
+        parts["activations: projector"] = int(proj_act)
+        parts["activations: logits + loss"] = int(logits)
+        return parts, "backward start"
+    llm_keep = L * tokens * c.hidden_size * act + llm_fixed
+    vit_keep = used * patch_tokens * v.hidden_size * act if vit_layer is not None else 0
+    # peak phase: start of backward (logits), LLM layer recompute, or ViT layer recompute (by then the
+    # LLM checkpoints and the projector's tensors are freed)
+    mlp_grads = 3 * tokens * c.intermediate_size * act  # backward temporaries inside the recomputed layer
+    phases = {"logits": logits, "LLM layer recompute": llm_layer + mlp_grads}
+    if vit_layer is not None:
+        # the vision tower runs (and recomputes) tile_batch_size tiles at a time
+        if tile_batch_size is None:
+            tile_batch_size = max(1, 8192 // v.grid ** 2)
+        n_tiles = batch_size * tiles
+        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
+        phases["ViT layer recompute"] = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act) - llm_keep - proj_act
+    peak_phase = max(phases, key=phases.get)
+    parts["activations: LLM layer inputs"] = int(llm_keep)
+    parts["activations: vision layer inputs"] = int(vit_keep)
+    parts["activations: projector"] = int(proj_act)
+    parts[f"activations: peak ({peak_phase})"] = int(max(phases.values()))
+    return parts, peak_phase
+
+
 def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 64, batch_size: int = 1,
                              seq_len: int | None = None, tiles: int | None = None, gradient_checkpointing: bool = True,
                              train_projector: bool = False, optimizer: str = "adamw", dropout: float = 0.05,
@@ -281,40 +324,12 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
     # ---- activations
     tokens = batch_size * seq_len
     patch_tokens = batch_size * tiles * v.grid ** 2
-    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
     llm_layer = llm_layer_activation_bytes(config, tokens, r, dropout, act, targets, device)
     vit_layer = vit_layer_activation_bytes(config, patch_tokens, act)
-    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
-    answers = batch_size * answer_tokens
-    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act  # docstring
-
     proj_act = _projector_activation_bytes(config, batch_size * vis_tokens, patch_tokens, act, train_projector)
-
-    if gradient_checkpointing:
-        llm_keep = L * tokens * c.hidden_size * act + llm_fixed
-        vit_keep = used * patch_tokens * v.hidden_size * act
-        # peak phase: start of backward (logits), LLM layer recompute, or ViT layer recompute (by then the
-        # LLM checkpoints and the projector's tensors are freed)
-        mlp_grads = 3 * tokens * c.intermediate_size * act  # backward temporaries inside the recomputed layer
-        # the vision tower runs (and recomputes) tile_batch_size tiles at a time
-        if tile_batch_size is None:
-            tile_batch_size = max(1, 8192 // v.grid ** 2)
-        n_tiles = batch_size * tiles
-        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
-        vit_chunk = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act)
-        phases = {"logits": logits, "LLM layer recompute": llm_layer + mlp_grads,
-                  "ViT layer recompute": vit_chunk - llm_keep - proj_act}
-        peak_phase = max(phases, key=phases.get)
-        parts["activations: LLM layer inputs"] = int(llm_keep)
-        parts["activations: vision layer inputs"] = int(vit_keep)
-        parts["activations: projector"] = int(proj_act)
-        parts[f"activations: peak ({peak_phase})"] = int(max(phases.values()))
-    else:
-        peak_phase = "backward start"
-        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
-        parts["activations: vision tower"] = int(used * vit_layer)
-        parts["activations: projector"] = int(proj_act)
-        parts["activations: logits + loss"] = int(logits)
+    acts, peak_phase = _activation_parts(config, batch_size, tiles, seq_len, answer_tokens, act, llm_layer, vit_layer,
+                                         proj_act, gradient_checkpointing, tile_batch_size, loss_chunk_tokens)
+    parts.update(acts)
     # the batch: fp32 tile pixels, int64 ids and labels
     parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
 
@@ -459,7 +474,6 @@ def estimate_training_memory(config: NVILAConfig, trains, batch_size: int = 1, w
     seq_len = vis_tokens + 512 if seq_len is None else int(seq_len)
     answer_tokens = max(1, seq_len - vis_tokens) if answer_tokens is None else int(answer_tokens)
     c, v = config.llm, config.vision
-    L = c.num_hidden_layers
 
     llm_all, llm_layer_params = _llm_params(config)
     vit_all, _ = _vision_params(config)
@@ -486,40 +500,19 @@ def estimate_training_memory(config: NVILAConfig, trains, batch_size: int = 1, w
 
     tokens = batch_size * seq_len
     patch_tokens = batch_size * tiles * v.grid ** 2
-    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
-    head_dim = c.hidden_size // c.num_attention_heads
     llm_layer = llm_layer_activation_bytes(config, tokens, 1, 0.0, act, (), device)
-    if "llm" in trains:
+    if "llm" in trains:  # the trained linears keep their inputs: two normalised hidden states, the MLP product
         llm_layer += tokens * (2 * c.hidden_size + c.intermediate_size) * act
     vision_trains = "vision_tower" in trains
-    vit_layer = vit_layer_activation_bytes(config, patch_tokens, act) + patch_tokens * (2 * v.hidden_size + v.intermediate_size) * act
-    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4
-    answers = batch_size * answer_tokens
-    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act
+    vit_layer = None
+    if vision_trains:
+        vit_layer = vit_layer_activation_bytes(config, patch_tokens, act) + patch_tokens * (2 * v.hidden_size + v.intermediate_size) * act
     proj_act = 0.0
     if vision_trains or "mm_projector" in trains:
         proj_act = _projector_activation_bytes(config, batch_size * vis_tokens, patch_tokens, act, "mm_projector" in trains)
-    if gradient_checkpointing:
-        llm_keep = L * tokens * c.hidden_size * act + llm_fixed
-        vit_keep = used * patch_tokens * v.hidden_size * act if vision_trains else 0
-        if tile_batch_size is None:
-            tile_batch_size = max(1, 8192 // v.grid ** 2)
-        n_tiles = batch_size * tiles
-        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
-        phases = {"logits": logits,
-                  "LLM layer recompute": llm_layer + 3 * tokens * c.intermediate_size * act}
-        if vision_trains:
-            phases["ViT layer recompute"] = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act) - llm_keep - proj_act
-        peak = max(phases, key=phases.get)
-        parts["activations: LLM layer inputs"] = int(llm_keep)
-        parts["activations: vision layer inputs"] = int(vit_keep)
-        parts["activations: projector"] = int(proj_act)
-        parts[f"activations: peak ({peak})"] = int(max(phases.values()))
-    else:
-        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
-        parts["activations: vision tower"] = int(used * vit_layer if vision_trains else 0)
-        parts["activations: projector"] = int(proj_act)
-        parts["activations: logits + loss"] = int(logits)
+    acts, _ = _activation_parts(config, batch_size, tiles, seq_len, answer_tokens, act, llm_layer, vit_layer, proj_act,
+                                gradient_checkpointing, tile_batch_size, loss_chunk_tokens)
+    parts.update(acts)
     parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
     settings = {"model": config.name, "trains": "+".join(trains), "fsdp": fsdp, "world": world,
                 "batch_per_rank": batch_size, "seq_len": seq_len, "tiles": tiles, "grad_ckpt": gradient_checkpointing,
