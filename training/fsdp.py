@@ -273,21 +273,21 @@ def train_stage_fsdp(root: torch.nn.Module, model, dataset, collate, stage, out_
     for step in range(start, steps):
         mine = global_batch(n, stage.batch_size, step, seed)[rank * per_rank:(rank + 1) * per_rank]
         batch = collate([dataset[i] for i in mine])
-        if batch.get("pixel_values") is not None:
-            batch["pixel_values"] = batch["pixel_values"].to(device)
         lm = stage.objective == "lm"
-        count = torch.tensor([float(_supervised(batch) if lm else len(mine))])
+        # collectives on the rank's device (NCCL takes only GPU tensors)
+        count = torch.tensor([float(_supervised(batch) if lm else len(mine))], device=device)
+        batch = torch.utils._pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
         dist.all_reduce(count)
         if lm:  # sum over this rank's tokens / all ranks' tokens: the whole batch's token mean, summed over ranks
-            loss = root(**batch, num_items_in_batch=count.to(device)).loss
+            loss = root(**batch, num_items_in_batch=count[0]).loss
         else:  # mean over this rank's examples, weighted by its share of the batch
-            loss = root(**batch).loss * (len(mine) / count.item())
+            loss = root(**batch).loss * (len(mine) / float(count))
         (loss * world).backward()  # FSDP averages the gradients over the ranks
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         sched.step()
         optimizer.zero_grad(set_to_none=True)
-        total = loss.detach().float().cpu().reshape(1)
+        total = loss.detach().float().reshape(1)
         dist.all_reduce(total)
         losses.append(float(total))
         bar.update(1)
