@@ -245,8 +245,9 @@ class _Engine:
 def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int = 32 << 20, max_images: int = 8,
                max_videos: int = 1, media_dir: str | os.PathLike | None = None, model_name: str | None = None,
                default_max_tokens: int = 512, backend: str = "auto", threads: int | None = None,
-               vision_engine: str | None = None):
-    """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way."""
+               vision_engine: str | None = None, ui: bool = False, api_key: str | None = None):
+    """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way; ``ui``: the
+    chat page at ``/`` (``apps/web``); ``api_key``: the API needs ``Authorization: Bearer KEY``."""
     fastapi = _require("fastapi")
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
@@ -421,4 +422,8 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
         yield b"data: [DONE]\n\n"
 
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    if ui or api_key:
+        from .web.pages import install
+
+        install(app, "chat" if ui else None, api_key)
     return app
