@@ -94,11 +94,11 @@ class CameraApp:
     def __init__(self, runtime, source, question: str, *, every: float | None = 2.0, out: str | None = None,
                  headless: bool = True, max_seconds: float | None = None, max_retries: int | None = None,
                  backoff_s: float = 0.5, queue_size: int = 1, max_new_tokens: int = 32, answer_timeout: float = 60.0,
-                 log=None, on_update=None, on_frame=None):
+                 log=None, on_update=None, on_frame=None, capture_factory=None):
         """``on_update(dict)``: what happens, as it happens ("ask", "token", "answer", "failed", "camera",
         "ended"; the web page's feed); ``on_frame(Frame)``: every frame the loop takes. ``question`` and
         ``every`` may be changed while it runs (the next question uses them); ``ask_soon()`` asks at the next
-        frame, ``stop()`` ends ``run``."""
+        frame, ``stop()`` ends ``run``. ``capture_factory``: as ``CameraSource``'s (tests, custom sources)."""
         self.runtime = runtime
         self.source = source
         self.question = question
@@ -108,7 +108,8 @@ class CameraApp:
         self.max_seconds = max_seconds
         self.answer_timeout = answer_timeout
         self.camera = CameraSource(source, queue_size=queue_size, max_retries=max_retries, backoff_s=backoff_s,
-                                   max_backoff_s=max(backoff_s, 8.0), on_event=self._camera_event)
+                                   max_backoff_s=max(backoff_s, 8.0), on_event=self._camera_event,
+                                   capture_factory=capture_factory)
         self.agent = Agent(runtime, max_new_tokens=max_new_tokens)
         self.report = CameraReport(output=out)
         self.log = log or sys.stderr
@@ -127,9 +128,9 @@ class CameraApp:
     def ask_soon(self) -> None:
         self._ask_now.set()
 
-    def _publish(self, kind: str, **data) -> None:
+    def _publish(self, event_type: str, **data) -> None:
         if self.on_update is not None:
-            self.on_update({"type": kind, **data})
+            self.on_update({"type": event_type, **data})
 
     def _say(self, msg: str) -> None:
         print(msg, file=self.log, flush=True)
@@ -306,8 +307,6 @@ def camera_main(args) -> int:
     from nvila_edge.runtime import Runtime
 
     if args.web:
-        from .web.camera_page import camera_web_main
-
         return camera_web_main(args)
     if not args.question:
         raise ConfigError("--question is required (or use --web and set it from the page)")
@@ -327,3 +326,36 @@ def camera_main(args) -> int:
         report = app.run()
     print(report.summary(), flush=True)
     return 0 if report.frames else 1
+
+
+def camera_web_main(args) -> int:
+    """``nvila-edge camera ... --web``: the camera loop in a thread, the page on uvicorn in this one."""
+    from nvila_edge.optional import require
+
+    from nvila_edge.runtime import Runtime
+
+    from .web.camera_page import CameraHub, create_camera_app
+    from .web.security import check_bind
+
+    uvicorn = require("uvicorn", "server", "nvila-edge camera --web")
+    check_bind(args.host, args.api_key)
+    hub = CameraHub()
+    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
+                      vision_engine=args.vision_engine) as rt:
+        cam = CameraApp(rt, args.source, args.question or "Describe what you see in one sentence.",
+                        every=args.every, out=args.out, headless=True, max_seconds=args.max_seconds,
+                        max_retries=args.max_retries, backoff_s=args.backoff, max_new_tokens=args.max_new_tokens,
+                        on_update=hub.publish, on_frame=hub.on_frame)
+        reports = []
+        loop = threading.Thread(target=lambda: reports.append(cam.run()), name="camera-loop", daemon=True)
+        loop.start()
+        print(f"nvila-edge camera: http://{args.host}:{args.port}/  (Ctrl-C stops)", flush=True)
+        try:
+            uvicorn.run(create_camera_app(cam, hub, api_key=args.api_key), host=args.host, port=args.port,
+                        log_level="warning")
+        finally:
+            cam.stop()
+            loop.join(30)
+    if reports:
+        print(reports[0].summary(), flush=True)
+    return 0

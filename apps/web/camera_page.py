@@ -1,4 +1,4 @@
-"""The live camera page: ``nvila-edge camera BUNDLE --source S --web [--host --port --api-key]``.
+"""The live camera page of ``nvila-edge camera BUNDLE --source S --web [--host --port --api-key]``.
 
     hub = CameraHub()
     app = CameraApp(rt, source, question, headless=True, on_update=hub.publish, on_frame=hub.on_frame)
@@ -192,36 +192,3 @@ async def _read_small(request, limit: int, error_cls) -> bytes:
         if len(body) > limit:
             raise error_cls(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
     return bytes(body)
-
-
-def camera_web_main(args) -> int:
-    """``nvila-edge camera ... --web``: the camera loop in a thread, the page on uvicorn in this one."""
-    from nvila_edge.optional import require
-
-    from nvila_edge.runtime import Runtime
-
-    from ..camera_app import CameraApp
-    from .security import check_bind
-
-    uvicorn = require("uvicorn", "server", "nvila-edge camera --web")
-    check_bind(args.host, args.api_key)
-    hub = CameraHub()
-    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
-                      vision_engine=args.vision_engine) as rt:
-        cam = CameraApp(rt, args.source, args.question or "Describe what you see in one sentence.",
-                        every=args.every, out=args.out, headless=True, max_seconds=args.max_seconds,
-                        max_retries=args.max_retries, backoff_s=args.backoff, max_new_tokens=args.max_new_tokens,
-                        on_update=hub.publish, on_frame=hub.on_frame)
-        reports = []
-        loop = threading.Thread(target=lambda: reports.append(cam.run()), name="camera-loop", daemon=True)
-        loop.start()
-        print(f"nvila-edge camera: http://{args.host}:{args.port}/  (Ctrl-C stops)", flush=True)
-        try:
-            uvicorn.run(create_camera_app(cam, hub, api_key=args.api_key), host=args.host, port=args.port,
-                        log_level="warning")
-        finally:
-            cam.stop()
-            loop.join(30)
-    if reports:
-        print(reports[0].summary(), flush=True)
-    return 0
