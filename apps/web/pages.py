@@ -22,6 +22,6 @@ def install(app, page: str | None, api_key: str | None = None) -> None:
         async def index():
             return FileResponse(html, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
-        app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/", index, methods=["GET", "HEAD"], include_in_schema=False)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(WebSecurity, api_key=api_key)
