@@ -41,7 +41,7 @@ TIMEOUT_MS = 60_000
 def find_chromium() -> str | None:
     exe = os.environ.get("NVILA_EDGE_CHROMIUM")
     if exe:
-        return exe
+        return exe if os.path.isfile(exe) else None
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)

@@ -14,7 +14,22 @@ function askForKey(message) {
   document.getElementById("key").focus();
 }
 
+// The key bar, the same on both pages: built here, shown on a 401.
 function setupKeyBar(onSaved) {
+  const bar = el("div");
+  bar.id = "keybar";
+  bar.hidden = true;
+  const form = el("form", "row");
+  form.id = "keyform";
+  const msg = el("span", "", "This server needs an API key.");
+  msg.id = "keymsg";
+  const input = el("input", "grow");
+  Object.assign(input, { id: "key", type: "password", placeholder: "API key", autocomplete: "off" });
+  const button = el("button", "", "Use key");
+  button.type = "submit";
+  form.append(msg, input, button);
+  bar.append(form);
+  document.body.prepend(bar);
   document.getElementById("keyform").addEventListener("submit", (ev) => {
     ev.preventDefault();
     sessionStorage.setItem(KEY_ITEM, document.getElementById("key").value.trim());
