@@ -246,7 +246,13 @@ def test_chat_bad_input_shows_the_servers_error(chat, page, tmp_path):
         expect()(err).to_contain_text(message)
         expect()(page.locator("#attachments .attachment")).to_have_count(1)  # handed back, to remove
         page.click("#attachments .attachment button")
-    assert page.locator(".msg.assistant").count() == 0
+    assert page.locator(".msg.assistant").count() == 0 and page.locator(".msg.user").count() == 0  # turns taken back
+    from _media_helpers import video_colours, write_video
+
+    clip = write_video(tmp_path / "clip", video_colours(8))  # and a good video file is answered
+    send(page, "What happens?", files=[clip], max_tokens=3)
+    expect()(page.locator(".msg.assistant .stats")).to_contain_text("visual tokens")
+    assert page.locator(".msg.user .dim").inner_text().startswith("[video: clip.")
     # the page's fetch reaches no file:// path the API refuses, and no file outside the static folder
     status = page.evaluate("""async () => (await fetch('/v1/chat/completions', {method: 'POST',
         headers: {'Content-Type': 'application/json'}, body: JSON.stringify({messages: [{role: 'user',

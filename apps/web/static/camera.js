@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 let currentId = null;
+let currentFresh = false;  // the last answer stays up until the next one's first token
 let frameUrl = null;
 let streamsRunning = 0;
 
@@ -28,15 +29,17 @@ function onEvent(ev) {
       break;
     case "ask":
       currentId = ev.id;
-      $("current").textContent = "";
+      currentFresh = true;
       $("current").dataset.question = ev.question;
       $("current-stats").textContent = `Q: ${ev.question}  (frame at ${fmt(ev.at_s, 1, " s")})…`;
       break;
     case "token":
-      if (ev.id === currentId) $("current").textContent += ev.text;
+      if (ev.id !== currentId) break;
+      if (currentFresh) { $("current").textContent = ""; currentFresh = false; }
+      $("current").textContent += ev.text;
       break;
     case "answer": {
-      if (ev.id === currentId) $("current").textContent = ev.text;
+      if (ev.id === currentId) { $("current").textContent = ev.text; currentFresh = false; }
       const stats = `TTFT ${fmt(ev.ttft_ms, 0, " ms")} · ${fmt(ev.tokens_per_s, 1, " tok/s")} · ${ev.tiles} tiles · ` +
                     `${fmt(ev.latency_ms, 0, " ms")} total`;
       $("current-stats").textContent = `Q: ${ev.question} · ` + stats;

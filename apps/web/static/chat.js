@@ -124,7 +124,7 @@ async function send() {
   const media = attachments;
   const turn = { role: "user", content: userContent(text, media) };
   history.push(turn);
-  addMessage("user", text, media);
+  const asked = addMessage("user", text, media);
   attachments = [];
   renderAttachments();
   $("prompt").value = "";
@@ -163,6 +163,7 @@ async function send() {
   if (failed !== null && !reply) {
     // nothing was answered: take the turn back so the user can fix it (remove an attachment, shorten the text)
     history.pop();
+    asked.box.remove();
     answer.box.remove();
     attachments = media;
     renderAttachments();
