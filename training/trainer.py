@@ -12,12 +12,10 @@ import dataclasses
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, NVILATokenizer
@@ -307,12 +305,6 @@ def stage_dir(output_dir: Path, index: int, stage: Stage) -> Path:
     return output_dir / f"stage{index + 1}-{stage.name}"
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple[NVILAModel, NVILAProcessor]:
     """The recipe's starting point: a checkpoint, or a preset initialised from the seed."""
     if recipe.checkpoint:
@@ -327,8 +319,10 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
         from .tokenizer import demo_tokenizer
 
         tokenizer = demo_tokenizer()
+    from transformers import set_seed  # python, numpy and torch RNGs (CUDA too); imported here: it is slow
+
     config = NVILAConfig.from_preset(recipe.preset)
-    _seed_everything(recipe.seed)
+    set_seed(recipe.seed)
     model = NVILAModel(config)
     from .initialization import init_position_embeddings
 
@@ -348,6 +342,8 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
 
     Processed examples are kept across epochs and stages up to ``cache_bytes`` of float16 pixels
     (``ExampleCache``; 0 turns it off)."""
+    from transformers import set_seed
+
     output_dir = Path(output_dir)
     wanted = list(stages) if stages else [s.name for s in recipe.stages]
     for name in wanted:
@@ -376,7 +372,7 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
         model.train()
         issues: list[DataIssue] = []
         sources = stage_sources(recipe, stage, on_error=on_error, issues=issues)
-        _seed_everything(recipe.seed + i)
+        set_seed(recipe.seed + i)
         log.info("stage %d/%d %s: trains %s", i + 1, len(recipe.stages), stage.name, stage.trains)
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -66,16 +67,48 @@ def read_frames(cap, indices, what: str) -> dict[int, np.ndarray]:
     return frames
 
 
-def load_video(video: str | os.PathLike | Sequence, num_frames: int) -> VideoClip:
-    """Sample ``num_frames`` frames from a video file (OpenCV) or from a list of frames (any image input)."""
+@dataclass(frozen=True)
+class VideoInfo:
+    """A video file as the loader reads it: ``frame_count`` counts the frames that decode (see ``probe_video``)."""
+
+    path: str
+    fps: float
+    frame_count: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frame_count / self.fps if self.fps > 0 else float(self.frame_count)
+
+
+def segment_frame_indices(frame_count: int, fps: float, num_frames: int, start_s: float = 0.0,
+                          end_s: float | None = None) -> np.ndarray:
+    """The reference sampling inside ``[start_s, end_s)`` seconds (the whole video by default): frames
+    ``round(start_s * fps)`` .. ``round(end_s * fps) - 1``, clamped to the video (fps 0: one frame a second)."""
+    if frame_count < 1:
+        raise MediaError("the video has no frames")
+    rate = fps if fps > 0 else 1.0
+    duration = frame_count / rate
+    if start_s < 0 or (end_s is not None and end_s <= start_s):
+        raise MediaError(f"bad video segment [{start_s}, {end_s}) s: give 0 <= start_s < end_s")
+    if start_s >= duration:
+        raise MediaError(f"the segment starts at {start_s:.3f} s, at or after the video's end ({duration:.3f} s)")
+    first = min(frame_count - 1, int(round(start_s * rate)))
+    last = frame_count - 1 if end_s is None else max(first, min(frame_count - 1, int(round(end_s * rate)) - 1))
+    return first + sample_frame_indices(last - first + 1, num_frames)
+
+
+def load_video(video: str | os.PathLike | Sequence, num_frames: int, *, start_s: float = 0.0,
+               end_s: float | None = None) -> VideoClip:
+    """Sample ``num_frames`` frames from a video file (OpenCV) or from a list of frames (any image input),
+    from the whole video or from ``[start_s, end_s)`` seconds of it (a frame list counts one frame a second)."""
     if isinstance(video, (str, os.PathLike)):
-        return _load_file(Path(video), num_frames)
+        return _load_file(Path(video), num_frames, start_s, end_s)
     if isinstance(video, (list, tuple)):
         if not video:
             raise MediaError("the frame list is empty")
         from .image import load_image
 
-        idx = sample_frame_indices(len(video), num_frames)
+        idx = segment_frame_indices(len(video), 0.0, num_frames, start_s, end_s)
         cache: dict[int, np.ndarray] = {}
         for i in idx:
             if int(i) not in cache:
@@ -85,7 +118,15 @@ def load_video(video: str | os.PathLike | Sequence, num_frames: int) -> VideoCli
     raise MediaError(f"unsupported video input of type {type(video).__name__}; pass a file path or a list of frames")
 
 
-def _load_file(path: Path, num_frames: int) -> VideoClip:
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """The file's frame rate and the number of frames that really decode (what ``load_video`` samples from)."""
+    with _open_file(Path(path)) as (_, info):
+        return info
+
+
+@contextmanager
+def _open_file(path: Path):
+    """An open ``cv2.VideoCapture`` and the file's ``VideoInfo``; released on exit."""
     import cv2
 
     if not path.is_file():
@@ -106,11 +147,17 @@ def _load_file(path: Path, num_frames: int) -> VideoClip:
             count -= 1
         if count <= 0:
             raise MediaError(f"video {path} has no decodable frames")
-        idx = sample_frame_indices(count, num_frames)
-        frames = read_frames(cap, idx, f"video {path} ({count} frames)")
+        yield cap, VideoInfo(str(path), fps, count)
     finally:
         cap.release()
-    return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], fps, count, str(path),
+
+
+def _load_file(path: Path, num_frames: int, start_s: float, end_s: float | None) -> VideoClip:
+    with _open_file(path) as (cap, info):
+        idx = segment_frame_indices(info.frame_count, info.fps, num_frames, start_s, end_s)
+        frames = read_frames(cap, idx, f"video {path} ({info.frame_count} frames)")
+    fps = info.fps
+    return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], fps, info.frame_count, str(path),
                      [int(i) / fps if fps > 0 else float(i) for i in idx])
 
 
