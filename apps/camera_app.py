@@ -9,8 +9,10 @@ the frame loop never waits for the model.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+import threading
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,11 @@ class Answer:
     text: str
     latency_ms: float  # ask → last token
     ttft_ms: float  # ask → first token
+    tokens_per_s: float = 0.0  # decode speed (the runtime's timings)
+    tiles: int = 0  # vision tiles the frame was cut into
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -87,7 +94,11 @@ class CameraApp:
     def __init__(self, runtime, source, question: str, *, every: float | None = 2.0, out: str | None = None,
                  headless: bool = True, max_seconds: float | None = None, max_retries: int | None = None,
                  backoff_s: float = 0.5, queue_size: int = 1, max_new_tokens: int = 32, answer_timeout: float = 60.0,
-                 log=None):
+                 log=None, on_update=None, on_frame=None, capture_factory=None):
+        """``on_update(dict)``: what happens, as it happens ("ask", "token", "answer", "failed", "camera",
+        "ended"; the web page's feed); ``on_frame(Frame)``: every frame the loop takes. ``question`` and
+        ``every`` may be changed while it runs (the next question uses them); ``ask_soon()`` asks at the next
+        frame, ``stop()`` ends ``run``. ``capture_factory``: as ``CameraSource``'s (tests, custom sources)."""
         self.runtime = runtime
         self.source = source
         self.question = question
@@ -97,7 +108,8 @@ class CameraApp:
         self.max_seconds = max_seconds
         self.answer_timeout = answer_timeout
         self.camera = CameraSource(source, queue_size=queue_size, max_retries=max_retries, backoff_s=backoff_s,
-                                   max_backoff_s=max(backoff_s, 8.0), on_event=self._camera_event)
+                                   max_backoff_s=max(backoff_s, 8.0), on_event=self._camera_event,
+                                   capture_factory=capture_factory)
         self.agent = Agent(runtime, max_new_tokens=max_new_tokens)
         self.report = CameraReport(output=out)
         self.log = log or sys.stderr
@@ -105,21 +117,37 @@ class CameraApp:
         self._asked: tuple[float, float] | None = None  # (monotonic ask time, stream time)
         self._first: float | None = None
         self._future = None
+        self.on_update, self.on_frame = on_update, on_frame
+        self._answer_id = 0
+        self._stop = threading.Event()
+        self._ask_now = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ask_soon(self) -> None:
+        self._ask_now.set()
+
+    def _publish(self, event_type: str, **data) -> None:
+        if self.on_update is not None:
+            self.on_update({"type": event_type, **data})
 
     def _say(self, msg: str) -> None:
         print(msg, file=self.log, flush=True)
 
     def _camera_event(self, ev: CameraEvent) -> None:
         self.report.events.append(f"{ev.kind}: {ev.message}")
+        self._publish("camera", kind=ev.kind, message=ev.message)
         if ev.kind in ("retry", "lost", "reconnected", "failed"):
             self._say(f"[camera] {ev.kind}: {ev.message}")
 
     # ---- answers -------------------------------------------------------------------------------------
-    def _on_event(self, ev) -> None:  # worker thread
-        if ev.type == "token":
+    def _on_event(self, ev, answer_id: int) -> None:  # worker thread
+        if ev.type == "token" and answer_id == self._answer_id:
             if self._first is None:
                 self._first = time.monotonic()
             self._text += ev.text
+            self._publish("token", id=answer_id, text=ev.text)
 
     def ask(self, frame) -> None:
         """Ask about ``frame`` now (a running answer is superseded)."""
@@ -128,7 +156,12 @@ class CameraApp:
             self.report.cancelled += 1
         self._text, self._first = "", None
         self._asked = (time.monotonic(), frame.timestamp)
-        self._future = self.agent.ask(frame.rgb, self.question, on_event=self._on_event, timeout=self.answer_timeout)
+        self._answer_id += 1
+        aid, question = self._answer_id, self.question
+        self._publish("ask", id=aid, question=question, at_s=round(frame.timestamp, 2))
+        self._future = self.agent.ask(frame.rgb, question, on_event=lambda ev: self._on_event(ev, aid),
+                                      timeout=self.answer_timeout)
+        self._future.question = question
 
     def _collect(self, wait: float | None = 0.0) -> None:
         """Record the current answer once its future is done (waiting at most ``wait`` seconds)."""
@@ -139,18 +172,24 @@ class CameraApp:
             res = fut.result(timeout=wait)
         except AnswerCancelled:
             self.report.cancelled += 1
+            self._publish("failed", id=self._answer_id, message="superseded by a newer question")
         except TimeoutError:
             if not fut.done():
                 return  # still streaming
             self._say("[camera] the answer timed out")
+            self._publish("failed", id=self._answer_id, message=f"the answer timed out ({self.answer_timeout:g} s)")
         except Exception as e:  # typed runtime errors: report and go on with the next question
             self._say(f"[camera] answer failed: {e}")
+            self._publish("failed", id=self._answer_id, message=f"{type(e).__name__}: {e}")
         else:
             t_ask, at = self._asked
             done = time.monotonic()
             first = self._first or done
-            ans = Answer(at, self.question, res.text, (done - t_ask) * 1000, (first - t_ask) * 1000)
+            ans = Answer(at, fut.question, res.text, (done - t_ask) * 1000, (first - t_ask) * 1000,
+                         tokens_per_s=res.timings.tokens_per_s if res.timings else 0.0,
+                         tiles=res.plan.num_tiles if res.plan else 0)
             self.report.answers.append(ans)
+            self._publish("answer", id=self._answer_id, **ans.to_dict())
             self._say(f"[{at:6.1f} s] Q: {self.question}  A: {res.text.strip()}  ({ans.latency_ms:.0f} ms)")
         self._future = None
 
@@ -172,7 +211,7 @@ class CameraApp:
         writer, last_ask, t0 = None, -float("inf"), time.monotonic()
         self.camera.start()
         try:
-            while self.max_seconds is None or time.monotonic() - t0 < self.max_seconds:
+            while (self.max_seconds is None or time.monotonic() - t0 < self.max_seconds) and not self._stop.is_set():
                 frame = self.camera.read(timeout=0.2)
                 self._collect()
                 if frame is None:
@@ -180,14 +219,19 @@ class CameraApp:
                         break
                     continue
                 now = time.monotonic()
-                if self.every and now - last_ask >= self.every and self._future is None:
+                self.report.frames += 1
+                if self.on_frame is not None:
+                    self.on_frame(frame)
+                if self._ask_now.is_set() or (self.every and now - last_ask >= self.every and self._future is None):
+                    self._ask_now.clear()
                     self.ask(frame)
                     last_ask = now
+                if not self.out and self.headless:
+                    continue  # nothing to draw on (the web page shows the answers itself)
                 status = f"Q: {self.question}"
                 answer = f"A: {self._text}" + ("..." if self._future is not None else "")
                 shown = overlay(frame.rgb, [status, answer])
                 bgr = cv2.cvtColor(shown, cv2.COLOR_RGB2BGR)
-                self.report.frames += 1
                 if self.out:
                     writer = writer or self._writer(bgr.shape)
                     writer.write(bgr)
@@ -211,14 +255,25 @@ class CameraApp:
         self.report.camera = self.camera.stats.to_dict()
         if writer is None:
             self.report.output = None
+        self._publish("ended", message=self._end_message(), summary=self.report.summary())
         return self.report
+
+    def _end_message(self) -> str:
+        err = self.report.camera.get("last_error")
+        if self._stop.is_set():
+            return "stopped"
+        if err and not self.report.frames:
+            return f"the source failed: {err}"
+        if self.camera.finished:
+            return f"the source ended after {self.report.frames} frames" + (f" ({err})" if err else "")
+        return f"stopped after {self.report.seconds:.0f} s (--max-seconds)"
 
 
 # ---- command line ----------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("bundle", help="bundle directory (`nvila-edge export`)")
     p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or GStreamer pipeline")
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", help="what to ask about the frames (required unless --web: the page can set it)")
     p.add_argument("--every", type=float, default=2.0, help="ask every SEC seconds (0: only on a key press)")
     p.add_argument("--headless", action="store_true", help="no window (write --out instead)")
     p.add_argument("--out", help="write the annotated video here (mp4)")
@@ -230,6 +285,14 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
+    w = p.add_argument_group("web page (--web)")
+    w.add_argument("--web", action="store_true", help="serve a live page at http://HOST:PORT/: the frames, the "
+                   "answers as they stream, the question and interval editable (needs the [server] extra)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8080)
+    w.add_argument("--api-key", default=os.environ.get("NVILA_EDGE_API_KEY"),
+                   help="the page's API needs 'Authorization: Bearer KEY' (default: $NVILA_EDGE_API_KEY); "
+                   "needed for any --host other than loopback")
 
 
 def add_parser(sub) -> None:
@@ -239,10 +302,14 @@ def add_parser(sub) -> None:
 
 
 def camera_main(args) -> int:
-    from nvila_edge.errors import GenerationError
+    from nvila_edge.errors import ConfigError, GenerationError
 
     from nvila_edge.runtime import Runtime
 
+    if args.web:
+        return camera_web_main(args)
+    if not args.question:
+        raise ConfigError("--question is required (or use --web and set it from the page)")
     if not args.headless:
         try:
             import cv2
@@ -259,3 +326,36 @@ def camera_main(args) -> int:
         report = app.run()
     print(report.summary(), flush=True)
     return 0 if report.frames else 1
+
+
+def camera_web_main(args) -> int:
+    """``nvila-edge camera ... --web``: the camera loop in a thread, the page on uvicorn in this one."""
+    from nvila_edge.optional import require
+
+    from nvila_edge.runtime import Runtime
+
+    from .web.camera_page import CameraHub, create_camera_app
+    from .web.security import check_bind
+
+    uvicorn = require("uvicorn", "server", "nvila-edge camera --web")
+    check_bind(args.host, args.api_key)
+    hub = CameraHub()
+    with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
+                      vision_engine=args.vision_engine) as rt:
+        cam = CameraApp(rt, args.source, args.question or "Describe what you see in one sentence.",
+                        every=args.every, out=args.out, headless=True, max_seconds=args.max_seconds,
+                        max_retries=args.max_retries, backoff_s=args.backoff, max_new_tokens=args.max_new_tokens,
+                        on_update=hub.publish, on_frame=hub.on_frame)
+        reports = []
+        loop = threading.Thread(target=lambda: reports.append(cam.run()), name="camera-loop", daemon=True)
+        loop.start()
+        print(f"nvila-edge camera: http://{args.host}:{args.port}/  (Ctrl-C stops)", flush=True)
+        try:
+            uvicorn.run(create_camera_app(cam, hub, api_key=args.api_key), host=args.host, port=args.port,
+                        log_level="warning")
+        finally:
+            cam.stop()
+            loop.join(30)
+    if reports:
+        print(reports[0].summary(), flush=True)
+    return 0

@@ -150,11 +150,11 @@ def _field_names() -> frozenset[str]:
     return frozenset(name for m in models for name in m.model_fields)
 
 
-def _param(loc: tuple) -> str:
+def _param(loc: tuple, extra_fields: frozenset[str] = frozenset()) -> str:
     """A pydantic error location → the client's field (``messages[0].content[1].image_url``): list indices and
     the names of this schema's fields; anything else in ``loc`` (the tags pydantic gives union branches) is not a
     field of the request and is skipped."""
-    fields = _field_names()
+    fields = _field_names() | extra_fields
     out = ""
     for x in loc:
         if isinstance(x, int):
@@ -164,13 +164,14 @@ def _param(loc: tuple) -> str:
     return out
 
 
-def request_error(e: ValidationError, error_cls):
-    """A pydantic ``ValidationError`` → the server's OpenAI-shaped 400 (the first problem, with where)."""
+def request_error(e: ValidationError, error_cls, model: type[BaseModel] | None = None):
+    """A pydantic ``ValidationError`` → the server's OpenAI-shaped 400 (the first problem, with where);
+    ``model``: another schema the error may come from (the camera page's settings), whose fields count too."""
     # a union reports every branch; the deepest location is the one the client meant (the list of parts)
     err = max(e.errors(include_url=False), key=lambda x: len(x.get("loc", ())))
     if err["type"] == "json_invalid":
         return error_cls(400, f"the request body is not valid JSON: {err['msg']}", "invalid_json")
-    loc = _param(tuple(err.get("loc", ())))
+    loc = _param(tuple(err.get("loc", ())), frozenset(model.model_fields) if model is not None else frozenset())
     if not loc:
         return error_cls(400, "the request body must be a JSON object", "invalid_request")
     msg = err["msg"].removeprefix("Value error, ")

@@ -680,8 +680,10 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
                max_videos: int = 1, media_dir: str | os.PathLike | None = None, model_name: str | None = None,
                default_max_tokens: int = 512, backend: str = "auto", threads: int | None = None,
                vision_engine: str | None = None, max_image_pixels: int | None = None,
-               max_memory_mb: float | None = None, max_header_bytes: int = 16 << 10):
-    """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way.
+               max_memory_mb: float | None = None, max_header_bytes: int = 16 << 10, ui: bool = False,
+               api_key: str | None = None):
+    """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way; ``ui``: the
+    chat page at ``/`` (``apps/web``); ``api_key``: the API needs ``Authorization: Bearer KEY``.
     ``max_image_pixels``: images above it are refused from their header (default: the bundle's preprocessing
     limit); ``max_memory_mb``: the RSS the server keeps under by refusing (429) what would not fit."""
     fastapi = _require("fastapi")
@@ -715,4 +717,8 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
     app.add_exception_handler(HTTPException, _http_error)
     for path, endpoint, methods in ROUTES:  # plain Starlette routes: the bodies are read and validated here
         app.router.add_route(path, endpoint, methods=methods)
+    if ui or api_key:
+        from .web.pages import install
+
+        install(app, "chat" if ui else None, api_key)
     return app

@@ -6,6 +6,7 @@ Registered by ``nvila_edge.cli`` through ``STAGE_CLIS``; fastapi / uvicorn are i
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,10 @@ def add_parser(sub) -> None:
     s.add_argument("--max-memory-mb", type=float, help="RSS the server keeps under: a request whose media, tiles, "
                    "activations and KV cache would not fit gets 429 (default: loaded RSS + 80%% of free memory)")
     s.add_argument("--max-tokens", type=int, default=512, help="answer length when a request sets none")
+    s.add_argument("--ui", action="store_true", help="also serve a chat page at / (text, pictures, camera, video)")
+    s.add_argument("--api-key", default=os.environ.get("NVILA_EDGE_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' (default: $NVILA_EDGE_API_KEY); "
+                   "needed for any --host other than loopback")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=serve_main)
 
@@ -43,13 +48,19 @@ def add_parser(sub) -> None:
 def serve_main(args) -> int:
     from .server import _require
 
+    from .web.security import check_bind
+
     _require("uvicorn")  # before loading the bundle: a missing extra fails fast
-    print(f"nvila-edge serve: http://{args.host}:{args.port}/v1  (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    check_bind(args.host, args.api_key)
+    page = f"; chat page http://{args.host}:{args.port}/" if args.ui else ""
+    print(f"nvila-edge serve: http://{args.host}:{args.port}/v1  (OpenAI-compatible{page}; Ctrl-C stops)",
+          file=sys.stderr)
     serve(args.bundle, host=args.host, port=args.port, log_level=args.log_level, backend=args.backend,
           threads=args.threads, model_name=args.model_name, media_dir=args.media_dir, max_queue=args.max_queue,
           max_request_bytes=int(args.max_request_mb * (1 << 20)), max_images=args.max_images,
           default_max_tokens=args.max_tokens, vision_engine=args.vision_engine,
-          max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb)
+          max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb,
+          ui=args.ui, api_key=args.api_key)
     return 0
 
 
