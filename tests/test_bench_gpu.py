@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from nvila_edge.pipelines import bench_gpu
-from nvila_edge.pipelines import bench_report as report
+from nvila_edge.pipelines.bench import gpu as bench_gpu
+from nvila_edge.pipelines.bench import report
 from nvila_edge.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -30,10 +30,17 @@ def test_quantized_bench_on_cpu_kernels(tmp_path, capsys):
         assert v > 0, path
     assert g["vision_cosine"] >= 0.99 and g["w4a16"]["describe"]["target"] == "cuda"
     assert g["kernels"]["Int4Linear:int4"] == 14 and g["w4a16"]["ttft_video"]["tiles"] == 8
-    assert g["bytes_per_token"]["weights"] < 0.5 * g["fp16_bytes_per_token"]["weights"] * 2  # int4 vs fp32 here
+    # int4 codes + scales and an int8 head against the fp32 weights this CPU run keeps: under a third here
+    assert g["bytes_per_token"]["weights"] < g["fp16_bytes_per_token"]["weights"] / 3
     labels = [t["target"] for t in r["targets"]]
     assert len(labels) == len(report.GPU_TARGETS) + len(bench_gpu.QUANT_TARGETS)
-    assert {t["status"] for t in r["targets"]} <= {"met", "not met", "skipped (not measured)"}
+    for t in r["targets"]:  # each verdict is the ratio against its threshold
+        want = "skipped (not measured)" if t["ratio"] is None else ("met" if t["ratio"] >= t["needed"] else "not met")
+        assert t["status"] == want, t
+    by = {t["target"]: t for t in r["targets"]}  # what the CPU run measures on both sides is judged, not skipped
+    for label, key, _ in bench_gpu.QUANT_TARGETS:
+        if key in ("w4a16_vs_fp16_graph", "vision_cosine", "ttft_fp16_over_quant"):
+            assert by[label]["ratio"] is not None, label
     out = capsys.readouterr().out
     assert "cuda target (W4A16 LLM, W8A8 vision" in out and "W4A16 decode ≥ 2.5×" in out
 
