@@ -230,6 +230,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
+p.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+                   help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
 
 
 def add_parser(sub) -> None:
@@ -252,7 +254,7 @@ def camera_main(args) -> int:
             raise GenerationError("OpenCV here has no GUI support (opencv-python-headless); "
                                   "use --headless --out out.mp4") from None
     with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
-                      vision_engine=args.vision_engine) as rt:
+                      vision_engine=args.vision_engine, llm_engine=args.llm_engine) as rt:
         app = CameraApp(rt, args.source, args.question, every=args.every, out=args.out, headless=args.headless,
                         max_seconds=args.max_seconds, max_retries=args.max_retries, backoff_s=args.backoff,
                         max_new_tokens=args.max_new_tokens)

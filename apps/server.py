@@ -245,7 +245,7 @@ class _Engine:
 def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int = 32 << 20, max_images: int = 8,
                max_videos: int = 1, media_dir: str | os.PathLike | None = None, model_name: str | None = None,
                default_max_tokens: int = 512, backend: str = "auto", threads: int | None = None,
-               vision_engine: str | None = None):
+               vision_engine: str | None = None, llm_engine: str | None = None):
     """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way."""
     fastapi = _require("fastapi")
     from starlette.exceptions import HTTPException
@@ -261,7 +261,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
     if isinstance(rt, (str, os.PathLike)):
         from nvila_edge.runtime import Runtime
 
-        rt = Runtime.load(rt, backend=backend, threads=threads, vision_engine=vision_engine)
+        rt = Runtime.load(rt, backend=backend, threads=threads, vision_engine=vision_engine, llm_engine=llm_engine)
     name = model_name or getattr(getattr(rt, "config", None), "name", None) or "nvila-edge"
     engine = _Engine(rt, max_queue)
     created = int(time.time())

@@ -70,10 +70,10 @@ def _fake_quant(lin) -> torch.Tensor:
         return lin.weight_quantizer(lin.weight.detach()).float()
 
 
-def _modelopt_int4(lin, block_size: int):
-    """Packed codes and scales of ModelOpt's fake quantization: q = round(w * 7 / amax) in [-8, 7].
-
-    The codes are read back from the fake-quantized weight itself, so ORT dequantizes to those very values."""
+def _modelopt_int4_codes(lin, block_size: int):
+    """Unsigned codes (code + 8, (N, K) uint8) and (N, K/block) scales of ModelOpt's fake quantization:
+    q = round(w * 7 / amax) in [-8, 7]. The codes are read back from the fake-quantized weight itself, so every
+    writer (MatMulNBits here, Q4_0 in gguf.py) dequantizes to those very values."""
     wq = lin.weight_quantizer
     bs = int(wq.block_sizes[-1])
     if bs != block_size:
@@ -90,7 +90,13 @@ def _modelopt_int4(lin, block_size: int):
     if codes.min() < -8 or codes.max() > 7 or err > 1e-5 * max(1.0, float(amax.max())):
         raise ExportError(f"{type(lin).__name__}: the fake-quantized weight is not on its INT4 grid "
                           f"(error {err:.2e}); unsupported quantizer settings")
-    return _pack((codes + 8).to(torch.uint8).numpy().reshape(n, k), 4, bs), scale.numpy()
+    return (codes + 8).to(torch.uint8).numpy().reshape(n, k), scale.numpy()
+
+
+def _modelopt_int4(lin, block_size: int):
+    """MatMulNBits B and scales of ModelOpt's fake quantization (``_modelopt_int4_codes``, packed even / odd)."""
+    codes, scale = _modelopt_int4_codes(lin, block_size)
+    return _pack(codes, 4, block_size), scale
 
 
 def _pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
