@@ -131,8 +131,8 @@ def test_shape_or_type_mismatch_names_the_tensor(bundle):
     check_gguf(b.file("llm", "gguf"), info)  # the bundle's own agrees
     with pytest.raises(BundleError, match=r"blk\.0\.ffn_gate\.weight has shape"):
         check_gguf(b.file("llm", "gguf"), dict(info, intermediate_size=info["intermediate_size"] + 32))
-    with pytest.raises(BundleError, match=r"blk\.0\.attn_q\.weight is Q4_0, the manifest says q8_0"):
-        check_gguf(b.file("llm", "gguf"), dict(info, types={**info["types"], "blk.0.attn_q.weight": "q8_0"}))
+    with pytest.raises(BundleError, match=r"blk\.0\.attn_q\.weight is Q8_0, the manifest says q4_0"):
+        check_gguf(b.file("llm", "gguf"), dict(info, types={**info["types"], "blk.0.attn_q.weight": "q4_0"}))
 
 
 def test_missing_library_names_the_extra(bundle, monkeypatch):
