@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Union
 
 from nvila_edge.errors import GenerationError, NVILAEdgeError
 from nvila_edge.events import FinishEvent
@@ -223,60 +223,59 @@ class Agent:
 
 
 # ---- structured answers ------------------------------------------------------------------------------------
-def _json_candidates(text: str):
-    fenced = re.findall(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
-    yield from fenced
-    start = text.find("{")
-    while start != -1:
-        depth, in_str, esc = 0, False, False
-        for i in range(start, len(text)):
-            c = text[i]
-            if in_str:
-                esc = (c == "\\") and not esc
-                if c == '"' and not esc:
-                    in_str = False
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", flags=re.S)
+
+
+def _first_json_object(text: str) -> dict | None:
+    """The first JSON object in a ```json fence, else the first one in ``text`` (decoded from each ``{`` in turn:
+    ``raw_decode`` ignores what follows the object)."""
+    decoder = json.JSONDecoder()
+    for part in (*_FENCE.findall(text), text):
+        for m in re.finditer(r"\{", part):
+            try:
+                val, _ = decoder.raw_decode(part, m.start())
+            except (ValueError, RecursionError):  # not JSON from here, or nested past the parser's depth
                 continue
-            if c == '"':
-                in_str = True
-            elif c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    yield text[start:i + 1]
-                    break
-        start = text.find("{", start + 1)
+            if isinstance(val, dict):
+                return val
+    return None
+
+
+def _schema_type(rule):
+    """The pydantic type of one schema rule: allowed values → ``Literal``, types → their (strict) union."""
+    if isinstance(rule, (set, frozenset, list)):
+        return Literal[tuple(rule)]
+    types = rule if isinstance(rule, tuple) else (rule,)
+    return Union[types] if len(types) > 1 else types[0]
+
+
+def _schema_message(err: dict, schema: dict[str, Any], obj: dict) -> str:
+    key = err["loc"][0]
+    if err["type"] == "missing":
+        return f"the answer lacks the key {key!r}: {obj}"
+    rule, v = schema[key], obj[key]
+    if isinstance(rule, (set, frozenset, list)):
+        return f"{key}={v!r} is not one of {sorted(map(str, rule))}"
+    types = rule if isinstance(rule, tuple) else (rule,)
+    return f"{key}={v!r} should be {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}"
 
 
 def parse_json_answer(text: str, schema: dict[str, Any] | None = None) -> dict:
     """The first JSON object in ``text`` (bare, or in a ```json fence) checked against ``schema``:
     ``{key: type | (types, ...) | {allowed values}}``. Keys in the schema are required; ``bool`` is not
-    accepted for ``int`` / ``float`` and ints are accepted for ``float``. Raises ``AnswerFormatError``."""
-    obj = None
-    for cand in _json_candidates(text):
-        try:
-            val = json.loads(cand)
-        except (json.JSONDecodeError, ValueError):
-            continue
-        if isinstance(val, dict):
-            obj = val
-            break
+    accepted for ``int`` / ``float`` and ints are accepted for ``float`` (pydantic's strict mode). Returns the
+    object as the model wrote it; raises ``AnswerFormatError``."""
+    obj = _first_json_object(text)
     if obj is None:
         raise AnswerFormatError(f"no JSON object in the answer: {text[:120]!r}", text)
-    for key, rule in (schema or {}).items():
-        if key not in obj:
-            raise AnswerFormatError(f"the answer lacks the key {key!r}: {obj}", text)
-        v = obj[key]
-        if isinstance(rule, (set, frozenset, list)):
-            if v not in rule:
-                raise AnswerFormatError(f"{key}={v!r} is not one of {sorted(map(str, rule))}", text)
-            continue
-        types = rule if isinstance(rule, tuple) else (rule,)
-        if float in types and int not in types:
-            types = types + (int,)
-        if isinstance(v, bool) and bool not in types:
-            raise AnswerFormatError(f"{key}={v!r} should be {'/'.join(t.__name__ for t in types)}", text)
-        if not isinstance(v, types):
-            raise AnswerFormatError(f"{key}={v!r} should be {'/'.join(t.__name__ for t in types)}, "
-                                    f"got {type(v).__name__}", text)
+    if schema:
+        from pydantic import ConfigDict, TypeAdapter, ValidationError
+        from typing_extensions import TypedDict  # pydantic's TypedDict on Python < 3.12
+
+        answer = TypedDict("Answer", {k: _schema_type(r) for k, r in schema.items()})
+        answer.__pydantic_config__ = ConfigDict(strict=True, arbitrary_types_allowed=True)
+        try:
+            TypeAdapter(answer).validate_python(obj)
+        except ValidationError as e:
+            raise AnswerFormatError(_schema_message(e.errors()[0], schema, obj), text) from None
     return obj

@@ -230,7 +230,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
-p.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+    p.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
                    help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
 
 

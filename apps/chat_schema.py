@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
+from nvila_edge.sampling import MAX_SEED, REPETITION_PENALTY_RANGE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 PART_TYPES = ("text", "image_url", "video_url")
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
 MediaCount = Annotated[int, Field(ge=1, le=256)]  # frames are decoded before the context check: bound them
 
@@ -93,11 +93,13 @@ class ChatCompletionRequest(MediaOptions):
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     # temperature defaults to 0 (greedy), as `nvila-edge run`: edge apps want reproducible answers
+    # the bounds are SamplingParams' own (nvila_edge.sampling): a value admitted here always answers
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    top_p: Finite = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
-    repetition_penalty: Finite = 1.0
-    seed: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                               allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Union[Annotated[str, Field(min_length=1)],
                 Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)], None] = None
     stream: bool = False
@@ -143,14 +145,21 @@ class ChatCompletionRequest(MediaOptions):
                 "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": tuple(stop)}
 
 
+def _field_names() -> frozenset[str]:
+    models = [m for m in globals().values() if isinstance(m, type) and issubclass(m, BaseModel) and m is not BaseModel]
+    return frozenset(name for m in models for name in m.model_fields)
+
+
 def _param(loc: tuple) -> str:
+    """A pydantic error location → the client's field (``messages[0].content[1].image_url``): list indices and
+    the names of this schema's fields; anything else in ``loc`` (the tags pydantic gives union branches) is not a
+    field of the request and is skipped."""
+    fields = _field_names()
     out = ""
     for x in loc:
         if isinstance(x, int):
             out += f"[{x}]"
-        elif x in ("str", "list", "MediaURL", "function-after", "constrained-str") or "[" in str(x):
-            continue  # union branch names, not fields
-        else:
+        elif x in fields:
             out += f".{x}" if out else str(x)
     return out
 

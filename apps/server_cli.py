@@ -11,16 +11,21 @@ import threading
 import time
 
 
+MAX_HEADER_BYTES = 16 << 10  # request line + headers; h11 answers beyond it before the app sees the request
+
+
 def add_parser(sub) -> None:
+    from nvila_edge.runtime.backends import BACKENDS
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) over a bundle")
     s.add_argument("bundle", help="bundle directory (`nvila-edge export`)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--backend", choices=("auto", "onnxruntime", "openvino", "tensorrt", "torch"), default="auto")
+    s.add_argument("--backend", choices=BACKENDS, default="auto")
     s.add_argument("--threads", type=int, help="CPU threads for the backend")
     s.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
-s.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+    s.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
                    help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
     s.add_argument("--model-name", help="model id reported by /v1/models (default: the bundle's model name)")
     s.add_argument("--media-dir", help="allow file:// image / video URLs, but only inside this folder")
@@ -28,6 +33,10 @@ s.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
                    "more get 429")
     s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body; larger get 413")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--max-image-pixels", type=int, help="larger images are refused from their header (default: the "
+                   "bundle's limit); smaller ones decode downscaled to what the tiler uses")
+    s.add_argument("--max-memory-mb", type=float, help="RSS the server keeps under: a request whose media, tiles, "
+                   "activations and KV cache would not fit gets 429 (default: loaded RSS + 80%% of free memory)")
     s.add_argument("--max-tokens", type=int, default=512, help="answer length when a request sets none")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=serve_main)
@@ -42,7 +51,7 @@ def serve_main(args) -> int:
           threads=args.threads, model_name=args.model_name, media_dir=args.media_dir, max_queue=args.max_queue,
           max_request_bytes=int(args.max_request_mb * (1 << 20)), max_images=args.max_images,
           default_max_tokens=args.max_tokens, vision_engine=args.vision_engine,
-          llm_engine=args.llm_engine)
+          llm_engine=args.llm_engine, max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb)
     return 0
 
 
@@ -52,7 +61,13 @@ def serve(runtime_or_bundle, host: str = "127.0.0.1", port: int = 8000, log_leve
 
     uvicorn = _require("uvicorn")
     app = create_app(runtime_or_bundle, **app_kwargs)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_limits())
+
+
+def uvicorn_limits() -> dict:
+    """The HTTP limits, explicit: h11 (uvicorn's pure-Python parser) refuses a request line + headers over
+    ``MAX_HEADER_BYTES``; the app's ``HeaderLimit`` checks again under any server."""
+    return {"http": "h11", "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "timeout_keep_alive": 5}
 
 
 class ServerThread:
@@ -69,7 +84,7 @@ class ServerThread:
         self.sock.bind((host, port))  # bound here, so the port is known (and ours) before the thread starts
         self.port = self.sock.getsockname()[1]
         self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, **uvicorn_limits()))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self, timeout: float = 30.0) -> "ServerThread":

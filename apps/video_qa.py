@@ -7,6 +7,8 @@ runtime, and the model's time tokens (``<t0>..<tN-1>``, when the model has them)
 
 A segment is a time range of the video; ``num_frames`` frames are sampled evenly inside it (the reference
 rule, ``np.round(np.linspace(...))``), so a long video can be read at a finer rate by asking per segment.
+Probing and segment loading are the core loader's (``nvila_edge.media.video.probe_video`` / ``load_video(...,
+start_s=, end_s=)``): the frames that really decode, whatever the container's frame count says.
 A time token ``<tK>`` names the moment ``K / (N - 1)`` of the way from the first to the last sampled frame
 (the inverse of ``nvila_edge.media.time_token_index``).
 """
@@ -19,19 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvila_edge.errors import MediaError
-from nvila_edge.media.video import VideoClip, read_frames, sample_frame_indices, time_token_pattern  # noqa: F401
-
-
-@dataclass
-class VideoInfo:
-    path: str
-    fps: float
-    frame_count: int
-
-    @property
-    def duration_s(self) -> float:
-        return self.frame_count / self.fps if self.fps > 0 else float(self.frame_count)
+from nvila_edge.media.video import VideoInfo, load_video, probe_video, time_token_pattern
 
 
 @dataclass
@@ -45,38 +35,6 @@ class VideoAnswer:
     plan: dict = field(default_factory=dict)  # frames, TSP groups, visual tokens
     ttft_ms: float = 0.0
     prompt_tokens: int = 0
-
-
-def probe(path: str | Path) -> VideoInfo:
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise MediaError(f"cannot open video {path}")
-        return VideoInfo(str(path), float(cap.get(cv2.CAP_PROP_FPS) or 0.0), int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
-    finally:
-        cap.release()
-
-
-def load_segment(info: VideoInfo, start_s: float, end_s: float, num_frames: int) -> VideoClip:
-    """``num_frames`` RGB frames sampled evenly from ``[start_s, end_s)`` of the video."""
-    import cv2
-
-    fps = info.fps if info.fps > 0 else 1.0
-    first = max(0, min(info.frame_count - 1, int(round(start_s * fps))))
-    last = max(first, min(info.frame_count - 1, int(round(end_s * fps)) - 1))
-    idx = first + sample_frame_indices(last - first + 1, num_frames)
-    cap = cv2.VideoCapture(info.path)
-    try:
-        frames = read_frames(cap, idx, info.path)
-    finally:
-        cap.release()
-    return VideoClip([frames[int(i)] for i in idx], [int(i) for i in idx], info.fps, info.frame_count, info.path,
-                     [int(i) / fps for i in idx])
 
 
 def time_tokens_to_seconds(text: str, frame_times_s: list[float], num_time_tokens: int,
@@ -113,9 +71,9 @@ class VideoQA:
 
     def answer(self, info: VideoInfo, start_s: float, end_s: float, question: str, *, on_token=None,
                **sampling) -> VideoAnswer:
-        """Answer about ``[start_s, end_s)`` of the video (``probe(path)``), streaming text to ``on_token``."""
+        """Answer about ``[start_s, end_s)`` of the video (``probe_video(path)``), streaming text to ``on_token``."""
         cfg = self.runtime.config.video
-        clip = load_segment(info, start_s, end_s, self.num_frames)
+        clip = load_video(info.path, self.num_frames, start_s=start_s, end_s=end_s)
         plan = fin = None
         for ev in self.runtime.stream(question, video=clip, **sampling):
             if ev.type == "plan":
@@ -133,6 +91,6 @@ class VideoQA:
     def ask(self, video: str | Path, question: str, *, segments: int = 1, segment_s: float | None = None,
             on_token=None, **sampling) -> list[VideoAnswer]:
         """One answer per segment (``segments`` equal parts, or parts of ``segment_s`` seconds)."""
-        info = probe(video)
+        info = probe_video(video)
         return [self.answer(info, a, b, question, on_token=on_token, **sampling)
                 for a, b in self.segments(info, segments, segment_s)]

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, ProcessedInputs
-from nvila_edge.checkpoint import _materialize_buffers
+from nvila_edge.checkpoint import materialize_buffers
 from nvila_edge.errors import CalibrationError, CheckpointError
 from nvila_edge.io import atomic_directory
 
@@ -237,7 +237,7 @@ def load_calibrated(path: str | os.PathLike, device: str | torch.device = "cpu")
     model.load_state_dict(sd, strict=False, assign=True)
     if config.llm.tie_word_embeddings:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     from nvila_edge.checkpoint import _maybe_tokenizer
 
     model.tokenizer = _maybe_tokenizer(path)

@@ -106,12 +106,11 @@ def reference(model: NVILAModel, prompts: Sequence[ProcessedInputs], max_new_tok
         feats, embeds, chunks = _vision(model, inputs)
         x = model.embed_inputs(inputs.input_ids, chunks)
         ids = []
-        logits, cache = model.prefill(x)
-        steps = [torch.from_numpy(logits)]
+        cache = model.new_cache()
+        steps = [model.prefill(x, cache).float().cpu()]
         for _ in range(max_new_tokens - 1):
             ids.append(int(steps[-1].argmax()))
-            logits, cache = model.decode_step(ids[-1], cache)
-            steps.append(torch.from_numpy(logits))
+            steps.append(model.decode_step(ids[-1], cache).float().cpu())
         ids.append(int(steps[-1].argmax()))
         refs.append(_Ref(feats, embeds, torch.tensor(ids), torch.log_softmax(torch.stack(steps), -1)))
     return refs

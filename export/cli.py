@@ -13,10 +13,12 @@ def add_parser(sub) -> None:
     e.add_argument("--embeddings-dtype", choices=("float16", "float32", "int8"), default="float16")
     e.add_argument("--lm-head", choices=("int8", "int4"), default=None,
                    help="gguf target's LM head: int8 (Q8_0, default) or int4 (Q4_0, fewer bytes a token)")
+    e.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM): also write manifest.sig ([sign] extra)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="re-hash a bundle and check its format version and producer versions")
     v.add_argument("bundle")
+    v.add_argument("--key", help="Ed25519 public key (PEM): the bundle's manifest.sig must match it")
     v.set_defaults(func=cmd_verify)
 
 
@@ -28,7 +30,7 @@ def cmd_export(args) -> int:
     logging.getLogger("modelopt").setLevel(logging.ERROR)
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     result = export_bundle(args.calibrated, args.output, targets, engines=args.engines,
-                           embeddings_dtype=args.embeddings_dtype, lm_head=args.lm_head)
+                           embeddings_dtype=args.embeddings_dtype, lm_head=args.lm_head, sign_key=args.sign)
     print(result)
     from nvila_edge.bundle import Bundle
 
@@ -39,7 +41,10 @@ def cmd_export(args) -> int:
 def cmd_verify(args) -> int:
     from nvila_edge.bundle import Bundle
 
-    _describe(Bundle.open(args.bundle))  # raises BundleError (exit 2) on any mismatch
+    b = Bundle.open(args.bundle, key=args.key)  # raises BundleError (exit 2) on any mismatch
+    _describe(b)
+    if args.key:
+        print(f"  signature: OK (manifest.sig, key {args.key})")
     return 0
 
 

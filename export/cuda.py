@@ -1,10 +1,11 @@
 """The ``cuda`` target: the calibrated model's real low-bit tensors for the torch backend's kernels.
 
 - LLM linears with a ModelOpt INT4 block quantizer (AWQ / RTN): packed int4 codes + per-group scales, read
-  back from the fake-quantized weight by the same function that fills the cpu target's ``MatMulNBits``
-  (``llm_onnx._modelopt_int4``: the very bytes), plus the AWQ pre-quant scale. No re-quantization.
+  back from the fake-quantized weight by the handler that fills the cpu target's ``MatMulNBits`` too
+  (``nvila_edge.quant_format.Int4Handler``: the very bytes), plus the AWQ pre-quant scale. No re-quantization.
 - Vision (and projector) linears with INT8 weight + INT8 static input quantizers (SmoothQuant): int8
-  weights, per-channel weight scales, the SmoothQuant pre-quant scale and the static activation amax.
+  weights, per-channel weight scales, the SmoothQuant pre-quant scale and the static activation amax
+  (``quant_format.W8A8Handler``).
 - The token table (and the LM head, when the calibration left it float) int8 per row — the one tensor
   quantized here, as the cpu target's int8 LM head is; everything else fp16.
 
@@ -17,68 +18,18 @@ from __future__ import annotations
 import torch
 
 from nvila_edge.errors import ExportError
-from nvila_edge.modeling.quantized import pack_int4, quantize_int8_rows
-
-from .llm_onnx import _modelopt_int4, _pre_quant_scale, _quantizer
+from nvila_edge.quant_format import HANDLERS, OTHER_QUANTIZERS, Int4Handler, enabled_quantizer, quantize_int8_rows
 
 WEIGHTS_FILE = "cuda/model.safetensors"
-_OTHER_QUANTIZERS = ("output_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "q_bmm_quantizer")
-
-
-def _int4(name: str, lin) -> dict[str, torch.Tensor]:
-    wq = lin.weight_quantizer
-    packed, scales = _modelopt_int4(lin, int(wq.block_sizes[-1]))  # (N, K/g, g/2) uint8, (N, K/g) f32
-    n, k = lin.weight.shape
-    out = {f"{name}.qweight": torch.from_numpy(packed.reshape(n, k // 2).copy()),
-           f"{name}.scales": torch.from_numpy(scales.astype("float32"))}
-    pqs = _pre_quant_scale(lin)
-    if pqs is not None:
-        out[f"{name}.pre_quant_scale"] = pqs.float()
-    return out
-
-
-def _int8_codes(lin) -> tuple[torch.Tensor, torch.Tensor]:
-    """ModelOpt's per-channel INT8 weight: codes round(w * 127 / amax) read back from the fake-quant weight."""
-    wq = lin.weight_quantizer
-    with torch.no_grad():
-        fq = wq(lin.weight.detach()).float()
-    n = fq.shape[0]
-    amax = wq.amax.detach().float().reshape(-1)
-    if amax.numel() == 1:
-        amax = amax.expand(n)
-    if amax.numel() != n:
-        raise ExportError(f"INT8 weight quantizer with amax of {amax.numel()} values for {n} channels: only "
-                          "per-channel (axis 0) or per-tensor weights map to the int8 kernel")
-    scale = torch.where(amax <= 2.0 ** -24, torch.ones_like(amax), amax / 127.0)
-    codes = torch.round(fq / scale[:, None])
-    if codes.abs().max() > 128 or (codes * scale[:, None] - fq).abs().max() > 1e-5 * max(1.0, float(amax.max())):
-        raise ExportError("the fake-quantized INT8 weight is not on its grid; unsupported quantizer settings")
-    return codes.to(torch.int8), scale
-
-
-def _w8a8(name: str, lin) -> dict[str, torch.Tensor]:
-    iq = lin.input_quantizer
-    amax = iq.amax.detach().float().reshape(-1) if iq.amax is not None else None
-    if iq.num_bits != 8 or amax is None or amax.numel() != 1 or iq.block_sizes or getattr(iq, "_unsigned", False):
-        raise ExportError(f"{name}: the int8 kernel needs a static per-tensor signed INT8 input quantizer "
-                          "(SmoothQuant, e.g. mtq.INT8_SMOOTHQUANT_CFG); re-calibrate with w8a8-smoothquant")
-    codes, scale = _int8_codes(lin)
-    out = {f"{name}.weight": codes, f"{name}.weight_scale": scale, f"{name}.input_amax": amax.reshape(())}
-    pqs = iq.pre_quant_scale
-    if pqs is not None:
-        out[f"{name}.pre_quant_scale"] = pqs.detach().float().reshape(-1)
-    if getattr(iq, "_narrow_range", False):
-        raise ExportError(f"{name}: narrow-range INT8 activations are not supported by the cuda target")
-    return out
 
 
 def linear_kind(name: str, lin) -> str:
     """How one linear maps to the cuda target: "int4", "w8a8" or "fp16" (``ExportError`` otherwise)."""
-    for q in _OTHER_QUANTIZERS:
-        if _quantizer(lin, q) is not None:
+    for q in OTHER_QUANTIZERS:
+        if enabled_quantizer(lin, q) is not None:
             raise ExportError(f"{name}.{q} is enabled: the cuda target runs W4A16 weight-only and W8A8 "
                               "(static activations) only; re-calibrate with w4a16-awq / w8a8-smoothquant")
-    wq, iq = _quantizer(lin, "weight_quantizer"), _quantizer(lin, "input_quantizer")
+    wq, iq = enabled_quantizer(lin, "weight_quantizer"), enabled_quantizer(lin, "input_quantizer")
     if wq is None:
         if iq is not None:
             raise ExportError(f"{name}: activation-only quantization is not supported by the cuda target")
@@ -105,7 +56,7 @@ def quantized_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
             counts[kind] += 1
             if kind == "fp16":
                 continue
-            out.update(_int4(name, mod) if kind == "int4" else _w8a8(name, mod))
+            out.update(HANDLERS[kind](name, mod).tensors())
             if mod.bias is not None:
                 out[f"{name}.bias"] = mod.bias.detach().float()
             done |= {f"{name}.weight", f"{name}.bias"}
@@ -116,7 +67,7 @@ def quantized_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         head = model.llm.lm_head
         kind = linear_kind("llm.lm_head", head)
         if kind == "int4":
-            out.update(_int4("llm.lm_head", head))
+            out.update(Int4Handler("llm.lm_head", head).tensors())
             counts["int4"] += 1
         elif kind == "w8a8":
             raise ExportError("llm.lm_head: W8A8 on the LM head is not supported by the cuda target")
@@ -151,4 +102,4 @@ def build_cuda(model, writer, recipes, limits: dict) -> None:
                       sizes={"llm_bytes": llm_bytes(tensors), "llm_fp16_bytes": fp16_llm})
 
 
-__all__ = ["quantized_tensors", "linear_kind", "build_cuda", "WEIGHTS_FILE", "pack_int4"]
+__all__ = ["quantized_tensors", "linear_kind", "build_cuda", "WEIGHTS_FILE"]

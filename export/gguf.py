@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from nvila_edge.errors import ExportError
-from nvila_edge.modeling.quantized import quantize_int8_rows
+from nvila_edge.quant_format import (INT4_MAX, INT8_MAX, Int4Handler, enabled_quantizer, pre_quant_scale,
+                                     quantize_int8_rows, shared_pre_quant_scale, symmetric_scale)
 
-from .llm_onnx import _llm_of, _modelopt_int4_codes, _pre_quant_scale, _quantizer, _rope_cache
+from .llm_onnx import llm_of, rope_cache
 
 GGUF_FILE = "llm.gguf"
 QK = 32  # elements a Q4_0 / Q8_0 block holds
@@ -80,7 +81,7 @@ def q8_0(w: torch.Tensor) -> np.ndarray:
     w = w.detach().float()
     n, k = w.shape
     b = w.reshape(n, k // QK, QK)
-    s = (b.abs().amax(-1) / 127.0).clamp_min(2.0 ** -24).half().float()  # the scale llama.cpp will apply
+    s = symmetric_scale(b.abs().amax(-1), INT8_MAX).half().float()  # rounded with the fp16 d llama.cpp applies
     q = torch.round(b / s[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
     return q8_0_blocks(q.numpy(), s.numpy())
 
@@ -90,8 +91,7 @@ def q4_0_rtn(w: torch.Tensor) -> np.ndarray:
     w = w.detach().float()
     n, k = w.shape
     b = w.reshape(n, k // QK, QK)
-    amax = b.abs().amax(-1)
-    s = torch.where(amax <= 2.0 ** -24, torch.ones_like(amax), amax / 7.0).half().float()
+    s = symmetric_scale(b.abs().amax(-1), INT4_MAX).half().float()  # rounded with the fp16 d llama.cpp applies
     q = (torch.round(b / s[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(n, k)
     return q4_0_blocks(q.numpy(), s.numpy())
 
@@ -115,7 +115,7 @@ def _linear(t: _Tensors, name: str, lin, block: int, row_scale: torch.Tensor | N
     when an input scale has to be multiplied in (``col_scale``), or f16 for an uncalibrated layer. Returns the type
     written ("q4_0", "q4_0-requant", "q8_0-requant", "f16")."""
     G = _gguf()
-    if _quantizer(lin, "weight_quantizer") is None:
+    if enabled_quantizer(lin, "weight_quantizer") is None:
         w = lin.weight.detach().float()
         if col_scale is not None:
             w = w * col_scale[None, :]
@@ -123,10 +123,10 @@ def _linear(t: _Tensors, name: str, lin, block: int, row_scale: torch.Tensor | N
             w = w * row_scale[:, None]
         t.add(name, w.half().numpy())
         return "f16"
-    codes, scale = _modelopt_int4_codes(lin, block)
-    if col_scale is not None:  # not foldable: the dequantized weight times the input scale, re-quantized to Q8_0
-        w = (torch.from_numpy(codes.astype(np.float32) - 8).reshape(scale.shape[0], scale.shape[1], -1)
-             * torch.from_numpy(scale)[..., None]).reshape(codes.shape) * col_scale[None, :]
+    h = Int4Handler(name, lin, block)
+    codes, scale = h.unsigned_codes(), h.scales.numpy()
+    if col_scale is not None:  # not foldable: the dequantized weight times the input scale, re-quantized
+        w = h.dequantized() * col_scale[None, :]
         if row_scale is not None:
             w = w * row_scale[:, None]
         if unfoldable == "q8_0":
@@ -138,13 +138,6 @@ def _linear(t: _Tensors, name: str, lin, block: int, row_scale: torch.Tensor | N
         scale = scale * row_scale.numpy()[:, None]
     t.add(name, q4_0_blocks(codes, scale), G.GGMLQuantizationType.Q4_0)
     return "q4_0"
-
-
-def _shared(mods) -> torch.Tensor | None:
-    s = [_pre_quant_scale(m) for m in mods]
-    if s[0] is not None and all(x is not None and torch.equal(x, s[0]) for x in s[1:]):
-        return s[0]
-    return None
 
 
 def _tokenizer(w, tokenizer, vocab: int) -> None:
@@ -183,7 +176,7 @@ def export_gguf(model, out_dir: str | os.PathLike, *, block_size: int = 128, lm_
         raise ExportError(f"unsupported gguf lm_head {lm_head!r}; supported: {', '.join(LM_HEADS)}")
     if unfoldable not in UNFOLDABLE:
         raise ExportError(f"unsupported gguf unfoldable {unfoldable!r}; supported: {', '.join(UNFOLDABLE)}")
-    llm = _llm_of(model)
+    llm = llm_of(model)
     c = llm.config
     if getattr(c, "use_sliding_window", False) or getattr(c, "hidden_act", "silu") != "silu":
         raise ExportError("the gguf target supports Qwen2 with full attention and SiLU only")
@@ -191,7 +184,7 @@ def export_gguf(model, out_dir: str | os.PathLike, *, block_size: int = 128, lm_
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     if head_dim * heads != hidden:
         raise ExportError("llama.cpp's qwen2 graph needs head_dim * heads == hidden_size")
-    _rope_cache(c, head_dim, 1)  # refuses RoPE scalings llama.cpp's default rope would not match
+    rope_cache(c, head_dim, 1)  # refuses RoPE scalings llama.cpp's default rope would not match
     rope = c.rope_parameters if isinstance(getattr(c, "rope_parameters", None), dict) else {}
     theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
     nv = getattr(model, "config", None)
@@ -211,31 +204,31 @@ def export_gguf(model, out_dir: str | os.PathLike, *, block_size: int = 128, lm_
         for i, layer in enumerate(llm.model.layers):
             at, mlp, p = layer.self_attn, layer.mlp, f"blk.{i}"
             qkv = [at.q_proj, at.k_proj, at.v_proj]
-            fold = _shared(qkv)
+            fold = shared_pre_quant_scale(qkv)
             norm = layer.input_layernorm.weight.detach().float()
             if fold is not None:
                 norm, folds["qkv_into_attn_norm"] = norm * fold, folds["qkv_into_attn_norm"] + 1
             t.add(f"{p}.attn_norm.weight", norm)
             for lin, n in zip(qkv, ("attn_q", "attn_k", "attn_v")):
-                col = None if fold is not None else _pre_quant_scale(lin)
+                col = None if fold is not None else pre_quant_scale(lin)
                 types[f"{p}.{n}.weight"] = _linear(t, f"{p}.{n}.weight", lin, block_size, col_scale=col, unfoldable=unfoldable)
                 if lin.bias is not None:
                     t.add(f"{p}.{n}.bias", lin.bias.detach().float())
             types[f"{p}.attn_output.weight"] = _linear(t, f"{p}.attn_output.weight", at.o_proj, block_size,
-                                                       col_scale=_pre_quant_scale(at.o_proj), unfoldable=unfoldable)
+                                                       col_scale=pre_quant_scale(at.o_proj), unfoldable=unfoldable)
             gu = [mlp.gate_proj, mlp.up_proj]
-            fold = _shared(gu)
+            fold = shared_pre_quant_scale(gu)
             norm = layer.post_attention_layernorm.weight.detach().float()
             if fold is not None:
                 norm, folds["gate_up_into_ffn_norm"] = norm * fold, folds["gate_up_into_ffn_norm"] + 1
             t.add(f"{p}.ffn_norm.weight", norm)
-            down = _pre_quant_scale(mlp.down_proj)
+            down = pre_quant_scale(mlp.down_proj)
             folds["down_into_up_rows"] += down is not None
             types[f"{p}.ffn_gate.weight"] = _linear(t, f"{p}.ffn_gate.weight", mlp.gate_proj, block_size,
-                                                    col_scale=None if fold is not None else _pre_quant_scale(mlp.gate_proj),
+                                                    col_scale=None if fold is not None else pre_quant_scale(mlp.gate_proj),
                                                     unfoldable=unfoldable)
             types[f"{p}.ffn_up.weight"] = _linear(t, f"{p}.ffn_up.weight", mlp.up_proj, block_size, row_scale=down,
-                                                  col_scale=None if fold is not None else _pre_quant_scale(mlp.up_proj),
+                                                  col_scale=None if fold is not None else pre_quant_scale(mlp.up_proj),
                                                   unfoldable=unfoldable)
             types[f"{p}.ffn_down.weight"] = _linear(t, f"{p}.ffn_down.weight", mlp.down_proj, block_size)
         t.add("output_norm.weight", llm.model.norm.weight.detach().float())

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from nvila_edge.errors import ExportError
-from nvila_edge.modeling.quantized import quantize_int8_rows
+from nvila_edge.quant_format import (OTHER_QUANTIZERS, Int4Handler, enabled_quantizer, fake_quant_weight, pre_quant_scale,
+                                     quantize_int8_rows, shared_pre_quant_scale)
 
 PRECISIONS = ("fp32", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "int8", "int4")
@@ -31,7 +32,7 @@ EXTERNAL_DATA_MIN_BYTES = 64 << 20  # smaller graphs keep weights inline: one fi
 OPSET = 21
 
 
-def _llm_of(model):
+def llm_of(model):
     llm = getattr(model, "llm", model)
     if not hasattr(llm, "model") or not hasattr(llm.model, "layers"):
         raise ExportError(f"expected an NVILAModel or a Qwen2ForCausalLM, got {type(model).__name__}")
@@ -39,72 +40,17 @@ def _llm_of(model):
 
 
 # ---- quantization ----------------------------------------------------------------------------------------
-def _quantizer(module, name):
-    q = getattr(module, name, None)
-    return q if q is not None and getattr(q, "is_enabled", False) else None
-
-
-def _pre_quant_scale(lin):
-    q = getattr(lin, "input_quantizer", None)
-    pqs = getattr(q, "pre_quant_scale", None) if q is not None else None
-    if pqs is None or bool(torch.all(pqs == 1)):
-        return None  # an all-ones scale (AWQ chose alpha 0) needs no op
-    return pqs.detach().float().reshape(-1)
-
-
 def _check_quantizers(llm) -> None:
     """Only W4A16 blockwise weight quantizers map to MatMulNBits; say so for anything else ModelOpt enabled."""
     for name, mod in llm.named_modules():
-        for qname in ("input_quantizer", "output_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "q_bmm_quantizer"):
-            if _quantizer(mod, qname) is not None:
+        for qname in ("input_quantizer", *OTHER_QUANTIZERS):
+            if enabled_quantizer(mod, qname) is not None:
                 raise ExportError(f"{name}.{qname} is enabled: the CPU decoder supports weight-only INT4 (W4A16, "
                                   "e.g. mtq.INT4_AWQ_CFG) only; re-calibrate with a weight-only recipe")
-        wq = _quantizer(mod, "weight_quantizer")
+        wq = enabled_quantizer(mod, "weight_quantizer")
         if wq is not None and (wq.num_bits != 4 or not (wq.block_sizes or {}).get(-1)):
             raise ExportError(f"{name}: weight quantizer is {wq.num_bits}-bit with block_sizes={wq.block_sizes}; "
                               "the CPU decoder needs INT4 blockwise along the input dim (INT4_AWQ_CFG)")
-
-
-def _fake_quant(lin) -> torch.Tensor:
-    with torch.no_grad():
-        return lin.weight_quantizer(lin.weight.detach()).float()
-
-
-def _modelopt_int4_codes(lin, block_size: int):
-    """Unsigned codes (code + 8, (N, K) uint8) and (N, K/block) scales of ModelOpt's fake quantization:
-    q = round(w * 7 / amax) in [-8, 7]. The codes are read back from the fake-quantized weight itself, so every
-    writer (MatMulNBits here, Q4_0 in gguf.py) dequantizes to those very values."""
-    wq = lin.weight_quantizer
-    bs = int(wq.block_sizes[-1])
-    if bs != block_size:
-        raise ExportError(f"the model was calibrated with INT4 block size {bs}; export it with block_size={bs}")
-    fq = _fake_quant(lin)
-    n, k = fq.shape
-    if k % bs:
-        raise ExportError(f"in_features {k} is not a multiple of the quantization block size {bs}")
-    amax = wq.amax.detach().float().reshape(n, k // bs)
-    scale = torch.where(amax <= 2.0 ** -24, torch.ones_like(amax), amax / 7.0)  # ModelOpt's zero-amax rule
-    blocks = fq.reshape(n, k // bs, bs)
-    codes = torch.round(blocks / scale[..., None])
-    err = (codes * scale[..., None] - blocks).abs().max().item()
-    if codes.min() < -8 or codes.max() > 7 or err > 1e-5 * max(1.0, float(amax.max())):
-        raise ExportError(f"{type(lin).__name__}: the fake-quantized weight is not on its INT4 grid "
-                          f"(error {err:.2e}); unsupported quantizer settings")
-    return (codes + 8).to(torch.uint8).numpy().reshape(n, k), scale.numpy()
-
-
-def _modelopt_int4(lin, block_size: int):
-    """MatMulNBits B and scales of ModelOpt's fake quantization (``_modelopt_int4_codes``, packed even / odd)."""
-    codes, scale = _modelopt_int4_codes(lin, block_size)
-    return _pack(codes, 4, block_size), scale
-
-
-def _pack(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """(N, K) unsigned codes → MatMulNBits B (N, K/block, block*bits/8); the low nibble holds the even k."""
-    n, k = codes.shape
-    if bits == 8:
-        return codes.reshape(n, k // block, block)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)
 
 
 def _rtn(weight: torch.Tensor, bits: int, block: int):
@@ -179,18 +125,18 @@ class _DecoderBuilder:
     # one linear: MatMul (``bits`` None) or MatMulNBits; ``mods`` share the input and are fused along N
     def linear(self, x: str, mods, name: str, bits: int | None) -> str:
         g = self.g
-        quantized = [_quantizer(m, "weight_quantizer") is not None for m in mods]
+        quantized = [enabled_quantizer(m, "weight_quantizer") is not None for m in mods]
         if any(quantized) and not all(quantized):
             raise ExportError(f"{name}: fused linears are partly quantized")
         pname = name[1:].replace("/", ".")
         if bits is None:  # calibrated layers keep their fake-quantized values, so fp32 matches torch too
-            ws = [_fake_quant(m) if q else m.weight.detach().float() for m, q in zip(mods, quantized)]
+            ws = [fake_quant_weight(m) if q else m.weight.detach().float() for m, q in zip(mods, quantized)]
             w = torch.cat(ws) if len(ws) > 1 else ws[0]
             out = g.node("MatMul", [x, g.init(f"{pname}.weight", w.numpy().T)], f"{name}/MatMul")[0]
             del ws, w
         else:
             bits = 4 if any(quantized) else bits
-            parts = [_modelopt_int4(m, self.block) if q else _rtn(m.weight, bits, self.block)
+            parts = [Int4Handler(pname, m, self.block).matmulnbits() if q else _rtn(m.weight, bits, self.block)
                      for m, q in zip(mods, quantized)]
             codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
             scales = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
@@ -208,7 +154,7 @@ class _DecoderBuilder:
 
     def scaled_input(self, x: str, lin, name: str) -> str:
         """ModelOpt's AWQ pre-quant scale that could not be folded into a norm: a Mul on the activation."""
-        pqs = _pre_quant_scale(lin)
+        pqs = pre_quant_scale(lin)
         if pqs is None:
             return x
         return self.g.node("Mul", [x, self.g.init(name[1:].replace("/", ".") + ".pre_quant_scale", pqs)], name)[0]
@@ -227,14 +173,6 @@ class _DecoderBuilder:
         g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""  # mean / inv-std are not needed
         return outs[0], outs[3]
 
-    @staticmethod
-    def shared_scale(mods):
-        """The one pre-quant scale every linear of a group shares (foldable into the norm), else None."""
-        s = [_pre_quant_scale(m) for m in mods]
-        if s[0] is not None and all(x is not None and torch.equal(x, s[0]) for x in s[1:]):
-            return s[0]
-        return None
-
     def build(self, max_length: int):
         g, llm, c = self.g, self.llm, self.llm.config
         # attention-mask → GQA's seqlens_k (valid length - 1) and total_sequence_length, as genai's builder
@@ -245,7 +183,7 @@ class _DecoderBuilder:
         shape = g.node("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape")[0]
         total = g.node("Gather", [shape, "/model/constants/INT64/1"], "/model/attn_mask_reformat/Gather", axis=0)[0]
         total = g.node("Cast", [total], "/model/attn_mask_reformat/Gather/Cast", to=6)[0]
-        cos, sin = _rope_cache(c, self.head_dim, max_length)
+        cos, sin = rope_cache(c, self.head_dim, max_length)
         g.init("cos_cache", cos)
         g.init("sin_cache", sin)
 
@@ -254,9 +192,9 @@ class _DecoderBuilder:
         for i, layer in enumerate(llm.model.layers):
             p, at, mlp = f"/model/layers.{i}", layer.self_attn, layer.mlp
             qkv = [at.q_proj, at.k_proj, at.v_proj]
-            fold = self.shared_scale(qkv)
+            fold = shared_pre_quant_scale(qkv)
             x, residual = self.norm(residual, skip, layer.input_layernorm.weight, f"{p}/input_layernorm", fold)
-            if fold is not None or all(_pre_quant_scale(m) is None for m in qkv):
+            if fold is not None or all(pre_quant_scale(m) is None for m in qkv):
                 q, k, v = self.linear(x, qkv, f"{p}/attn/qkv_proj", B), "", ""
             else:  # different AWQ scales per projection: separate MatMulNBits, each on its scaled input
                 q, k, v = (self.linear(self.scaled_input(x, m, f"{p}/attn/{n}/pre_quant_scale/Mul"), [m],
@@ -270,7 +208,7 @@ class _DecoderBuilder:
             o = self.linear(self.scaled_input(attn[0], at.o_proj, f"{p}/attn/o_proj/pre_quant_scale/Mul"),
                             [at.o_proj], f"{p}/attn/o_proj", B)
             gu = [mlp.gate_proj, mlp.up_proj]
-            fold = self.shared_scale(gu)
+            fold = shared_pre_quant_scale(gu)
             x, residual = self.norm(residual, o, layer.post_attention_layernorm.weight,
                                     f"{p}/post_attention_layernorm", fold)
             gate, up = (self.linear(x if fold is not None else self.scaled_input(x, m, f"{p}/mlp/{n}/pre_quant_scale/Mul"),
@@ -295,7 +233,7 @@ class _DecoderBuilder:
             nd.output[:] = ["logits" if s == logits else s for s in nd.output]
 
 
-def _rope_cache(c, head_dim: int, max_length: int):
+def rope_cache(c, head_dim: int, max_length: int):
     """cos/sin tables (max_length, head_dim/2), computed like transformers' default RoPE in float32."""
     rope = c.rope_parameters if isinstance(getattr(c, "rope_parameters", None), dict) else {}
     rope = rope or (getattr(c, "rope_scaling", None) or {})
@@ -330,7 +268,7 @@ def export_decoder(model, out_dir: str | os.PathLike, *, precision: str = "int4"
         raise ExportError(f"block_size must be a power of two >= 16 (MatMulNBits), got {block_size}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level must be 0-4, got {accuracy_level}")
-    llm = _llm_of(model)
+    llm = llm_of(model)
     _check_quantizers(llm)
     c = llm.config
     if getattr(c, "use_sliding_window", False) or getattr(c, "hidden_act", "silu") != "silu":
@@ -373,8 +311,8 @@ def export_decoder(model, out_dir: str | os.PathLike, *, precision: str = "int4"
                                                     helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10, producer_name="nvila-edge")
     save_model(proto, str(path))
-    awq = any(_pre_quant_scale(m) is not None for m in llm.modules())
-    calibrated = any(_quantizer(m, "weight_quantizer") is not None for m in llm.modules())
+    awq = any(pre_quant_scale(m) is not None for m in llm.modules())
+    calibrated = any(enabled_quantizer(m, "weight_quantizer") is not None for m in llm.modules())
     return {
         "file": DECODER_FILE, "external_data": data_path.name if external else None,
         "inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask", "position_ids": None,
@@ -397,7 +335,7 @@ def export_embeddings(model, out_dir: str | os.PathLike, *, dtype: str = "float1
 
     if dtype not in EMBEDDING_DTYPES:
         raise ExportError(f"unsupported embedding dtype {dtype!r}; supported: {', '.join(EMBEDDING_DTYPES)}")
-    llm = _llm_of(model)
+    llm = llm_of(model)
     w = llm.get_input_embeddings().weight.detach()
     tensors = {}
     if dtype == "int8":  # symmetric per row, in chunks (the cuda target's token table is the same numbers)

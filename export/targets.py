@@ -24,8 +24,7 @@ from typing import Callable
 import torch
 
 from nvila_edge.errors import BackendUnavailable, ExportError
-
-from .llm_onnx import _pre_quant_scale, _quantizer  # the one reading of ModelOpt's quantizer state
+from nvila_edge.quant_format import enabled_quantizer, pre_quant_scale
 
 
 @dataclass(frozen=True)
@@ -134,9 +133,9 @@ def baked_state_dict(model) -> dict[str, torch.Tensor]:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
-            wq = _quantizer(module, "weight_quantizer")
+            wq = enabled_quantizer(module, "weight_quantizer")
             w = wq(module.weight) if wq is not None else module.weight
-            pqs = _pre_quant_scale(module)
+            pqs = pre_quant_scale(module)
             if pqs is not None:
                 w = w * pqs.to(w.dtype)[None, :]
             out[f"{name}.weight"] = w.detach()
@@ -148,7 +147,7 @@ def baked_state_dict(model) -> dict[str, torch.Tensor]:
 
 def _build_torch(model, writer, recipes, options) -> None:
     from nvila_edge import NVILAModel
-    from nvila_edge.checkpoint import _materialize_buffers
+    from nvila_edge.checkpoint import materialize_buffers
 
     with torch.device("meta"):
         plain = NVILAModel(model.config)
@@ -156,7 +155,7 @@ def _build_torch(model, writer, recipes, options) -> None:
     plain.load_state_dict(state, strict=False, assign=True)
     if model.config.llm.tie_word_embeddings:
         plain.llm.lm_head.weight = plain.llm.model.embed_tokens.weight
-    _materialize_buffers(plain, "cpu")
+    materialize_buffers(plain, "cpu")
     plain.save_pretrained(writer.path_for("torch/checkpoint/x").parent, tokenizer=model.tokenizer)
     writer.add_target("torch", files={"checkpoint": "torch/checkpoint"}, limits=_limits(model),
                       precision={"vision": recipes["vision"].name, "llm": recipes["llm"].name,

@@ -46,11 +46,13 @@ def _resolve_targets(target: str | Sequence[str]) -> list[str]:
 
 def export_bundle(calibrated: str | os.PathLike, output: str | os.PathLike, target: str | Sequence[str] = "cpu", *,
                   engines: str = "auto", embeddings_dtype: str = "float16", lm_head: str | None = None,
-                  overwrite: bool = True, progress: bool = True) -> ExportResult:
+                  overwrite: bool = True, progress: bool = True,
+                  sign_key: str | os.PathLike | None = None) -> ExportResult:
     """Export a calibrated directory (``nvila-edge calibrate``) for ``target`` ("cpu", "tensorrt",
     "torch", a list, or "all"). ``engines``: "auto" builds GPU engines when TensorRT is installed,
     "build" requires it, "skip" writes only the portable files. ``lm_head`` (gguf target): "int8" (Q8_0,
-    default) or "int4" (Q4_0: fewer bytes a token)."""
+    default) or "int4" (Q4_0: fewer bytes a token). ``sign_key``: an Ed25519 private key (PEM) that signs the
+    manifest (``manifest.sig``; ``nvila-edge verify --key PUB`` checks it)."""
     from nvila_edge.calibration import is_calibrated, load_calibrated, read_recipes
 
     if engines not in ("auto", "build", "skip"):
@@ -75,7 +77,10 @@ def export_bundle(calibrated: str | os.PathLike, output: str | os.PathLike, targ
         raise ExportError(f"lm_head must be int8 or int4, got {lm_head!r}")
     options = {"engines": engines, "embeddings_dtype": embeddings_dtype, "lm_head": lm_head}
     quantization = {part: r.to_dict() for part, r in recipes.items()}
-    with BundleWriter(output, model.config, model.tokenizer, quantization=quantization, overwrite=overwrite) as w:
+    if sign_key is not None and not Path(sign_key).is_file():  # before minutes of export
+        raise ExportError(f"the signing key {sign_key} is not a file")
+    with BundleWriter(output, model.config, model.tokenizer, quantization=quantization, overwrite=overwrite,
+                      sign_key=sign_key) as w:
         for n in tqdm(names, desc="export", disable=not progress):
             get_target(n).build(model, w, recipes, options)
         w.extra["source"] = {"calibrated": str(calibrated.resolve()), "fidelity": _fidelity(calibrated)}

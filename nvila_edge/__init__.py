@@ -31,11 +31,6 @@ from .tokenizer import NVILATokenizer
 
 __version__ = "0.1.0"
 
-# nvila_edge.bench / .bench_report moved to nvila_edge.pipelines: their shims, for one release
-from .deprecation import deprecated_path as _deprecated_path
-
-__path__.append(_deprecated_path(__file__))
-
 _LAZY = {
     "NVILAModel": "modeling.model",
     "MultimodalProjector": "modeling.projector",

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from . import vila_format
 from .config import NVILAConfig
 from .errors import CheckpointError, ConfigError
 from .io import atomic_directory
@@ -310,13 +311,13 @@ def load_model(cls, path: str | os.PathLike, dtype=None, device="cpu", attn_impl
     model.load_state_dict(read_weights(plan, dtype, device), strict=False, assign=True)
     if config.llm.tie_word_embeddings:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.eval()
     model.tokenizer = tokenizer
     return model
 
 
-def _materialize_buffers(model, device) -> None:
+def materialize_buffers(model, device) -> None:
     """Recreate the non-persistent buffers (rotary frequencies, SigLIP position ids) left on meta."""
     import torch
 
@@ -365,16 +366,16 @@ def save_model(model, path: str | os.PathLike, layout: str = "vila", tokenizer=N
         groups.setdefault(folder, {})[key] = v.detach().to("cpu").contiguous()
     with atomic_directory(path) as tmp:
         if layout == "vila":
-            _write_json(tmp / "config.json", config.to_vila_dict())
-            _write_json(tmp / "llm" / "config.json", config.llm_hf_config())
-            _write_json(tmp / "vision_tower" / "config.json", config.vision_hf_config())
-            _write_json(tmp / "mm_projector" / "config.json", config.projector_hf_config())
+            _write_json(tmp / "config.json", vila_format.to_vila_dict(config))
+            _write_json(tmp / "llm" / "config.json", vila_format.llm_hf_config(config))
+            _write_json(tmp / "vision_tower" / "config.json", vila_format.vision_hf_config(config))
+            _write_json(tmp / "mm_projector" / "config.json", vila_format.projector_hf_config(config))
             for folder, tensors in groups.items():
                 save_file(tensors, str(tmp / folder / "model.safetensors"), metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "llm")
         else:
-            top = config.to_vila_dict()
+            top = vila_format.to_vila_dict(config)
             lite = config.projector.downsample == 3
             top["architectures"] = ["NVILALiteForConditionalGeneration" if lite else "NVILAForConditionalGeneration"]
             top["model_type"] = "nvila_lite" if lite else "nvila"

@@ -15,10 +15,9 @@ from typing import Any
 
 from . import vila_format
 from .errors import ConfigError
-from .presets import PRESET_FIELDS, TINY_BASE_VOCAB
+from .presets import PRESET_FIELDS
 from .subconfigs import (ASPECT_MODES, PROJECTOR_DOWNSAMPLE, QWEN2_NEWLINE_ID, LLMConfig, PreprocessingConfig,
                          ProjectorConfig, VideoConfig, VisionConfig, _dataclass_from_dict)
-from .vila_format import media_token_ids, tokenizer_token_ids
 
 
 @dataclass
@@ -145,19 +144,6 @@ class NVILAConfig:
             raise ConfigError(f"invalid nvila-edge config: {e}") from e
 
     # ---- VILA config.json (vila_format.py) -----------------------------------------------------------
-    def to_vila_dict(self) -> dict:
-        """Top-level VILA ``config.json`` (``LlavaLlamaModel``) with the sub-configs inline."""
-        return vila_format.to_vila_dict(self)
-
-    def llm_hf_config(self) -> dict:
-        return vila_format.llm_hf_config(self)
-
-    def vision_hf_config(self) -> dict:
-        return vila_format.vision_hf_config(self)
-
-    def projector_hf_config(self) -> dict:
-        return vila_format.projector_hf_config(self)
-
     @classmethod
     def from_vila_dict(cls, top: dict, llm: dict | None = None, vision: dict | None = None,
                        projector: dict | None = None, tokenizer: Any = None) -> "NVILAConfig":
@@ -168,6 +154,4 @@ class NVILAConfig:
 
 PRESETS: dict[str, NVILAConfig] = {name: NVILAConfig(**fields) for name, fields in PRESET_FIELDS.items()}
 
-__all__ = ["NVILAConfig", "PRESETS", "VisionConfig", "ProjectorConfig", "LLMConfig", "PreprocessingConfig",
-           "VideoConfig", "PROJECTOR_DOWNSAMPLE", "ASPECT_MODES", "QWEN2_NEWLINE_ID", "TINY_BASE_VOCAB",
-           "media_token_ids", "tokenizer_token_ids"]
+__all__ = ["NVILAConfig", "PRESETS"]

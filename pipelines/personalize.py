@@ -185,7 +185,8 @@ def personalize(images: Sequence, label: str, output_dir: str | Path, *, checkpo
     from nvila_edge.errors import ConfigError
     from nvila_edge.export import export_bundle
 
-    from nvila_edge.training.finetune import FinetuneConfig, finetune, merge
+    from nvila_edge.training.finetune import finetune, merge
+    from nvila_edge.training.finetune_config import FinetuneConfig
 
     cfg = config or PersonalizeConfig()
     out = out or sys.stdout

@@ -9,17 +9,12 @@ Importing it pulls numpy, tokenizers and the core only: each backend imports its
 chosen. It never imports training/, calibration/, export/, peft or modelopt.
 """
 
-from nvila_edge.deprecation import deprecated_path
-
-from .backends import BACKENDS, Backend, KVCache, load_backend
+from .backends import BACKENDS, Backend, load_backend
 from .planner import MediaPlanner, PlanEvent
 from .results import RunResult
 from .runtime import Runtime
 from .session import Session
 from .video_stream import VideoStream
 
-__all__ = ["Runtime", "RunResult", "Session", "VideoStream", "PlanEvent", "MediaPlanner", "Backend", "KVCache",
+__all__ = ["Runtime", "RunResult", "Session", "VideoStream", "PlanEvent", "MediaPlanner", "Backend",
            "BACKENDS", "load_backend"]
-
-# the apps (server, server_cli, agent, camera, camera_app, video_qa) moved to nvila_edge.apps: their shims, one release
-__path__.append(deprecated_path(__file__))

@@ -24,7 +24,7 @@ def add_run_parser(sub) -> None:
     r.add_argument("--device", help="cpu or cuda (default: the fastest available)")
     r.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
-r.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+    r.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
                    help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
     r.add_argument("--threads", type=int, help="CPU threads for the backend")
     r.add_argument("--max-new-tokens", type=int, default=256)

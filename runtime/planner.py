@@ -68,6 +68,22 @@ def estimate_activation_bytes(config: NVILAConfig, num_tiles: int, num_tokens: i
     return int((vision + llm) * dtype_bytes)
 
 
+def decode_pixel_budget(config: NVILAConfig) -> int:
+    """Pixels worth decoding from one image: twice per side the largest plan the tiler cuts (``max_tiles`` tiles),
+    so the bicubic resize to the tiles still sees more pixels than it keeps. Larger images are downscaled while
+    they decode (``load_image(budget_pixels=...)``)."""
+    p = config.preprocessing
+    side = max(p.s2_scales) if p.image_aspect_ratio == "dynamic_s2" else config.vision.image_size
+    return 4 * max(p.max_tiles * config.vision.image_size ** 2, side ** 2)
+
+
+def kv_cache_bytes(config: NVILAConfig, positions: int, dtype_bytes: int = 4) -> int:
+    """Bytes of a KV cache holding ``positions`` (keys and values of every layer)."""
+    lm = config.llm
+    return 2 * lm.num_hidden_layers * lm.num_key_value_heads * (lm.hidden_size // lm.num_attention_heads) \
+        * positions * dtype_bytes
+
+
 def _default_activation_limit() -> int | None:
     mb = os.environ.get("NVILA_EDGE_MAX_ACTIVATION_MB")
     return int(float(mb) * (1 << 20)) if mb else None
@@ -137,7 +153,8 @@ class MediaPlanner:
              context_used: int = 0, context_limit: int | None = None, add_generation_prompt: bool = True) -> Planned:
         if overflow not in OVERFLOW_MODES:
             raise GenerationError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
-        images = [load_image(im, self.config.preprocessing.max_image_pixels) for im in images]
+        budget = decode_pixel_budget(self.config)
+        images = [load_image(im, self.config.preprocessing.max_image_pixels, budget) for im in images]
         frames = num_frames or self.config.video.num_frames
         if self.max_frames:
             frames = min(frames, self.max_frames)

@@ -5,12 +5,14 @@
         ...                                              # PlanEvent, TokenEvent..., FinishEvent
     rt.generate(...)  /  rt.session(system=...)  /  rt.video_stream(fps=2, window_s=8)
 
-Every answer runs on a KV cache its caller owns: a session or a video stream keeps its own, and a one-shot
-request borrows one from a small pool (kept allocated, emptied on return), so no call spoils another's.
+Every answer runs on a KV cache its caller owns: a session keeps its own across turns; a one-shot request
+and each question to a video stream borrow one from a small pool (kept allocated, emptied on return), so no
+call spoils another's.
 
-One pipeline for every backend: core processor (tiling, video sampling) → ``backend.encode`` →
-``backend.prompt_embeds`` (``nvila_edge.visual`` in numpy, or the model's own torch math on the device) →
-``backend.prefill_logits`` → the core decode loop with the backend's sampler (on the GPU for torch/CUDA).
+One pipeline for every backend, on its one step API (``backends/base.py``): core processor (tiling, video
+sampling) → ``backend.encode_tiles`` → ``backend.prompt_embeds`` (``nvila_edge.visual`` in numpy, or the model's
+own torch math on the device) → ``backend.prefill(embeds, cache)`` → the core decode loop over
+``backend.decode_step(token, cache)`` with the backend's sampler (on the GPU for torch/CUDA).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from nvila_edge.generation import stream_tokens
 from nvila_edge.media.processor import ProcessedInputs
 from nvila_edge.sampling import SamplingParams
 
-from .backends import Backend, KVCache, load_backend
+from nvila_edge.kv_cache import KVCache
+
+from .backends import Backend, load_backend
 from .planner import MediaPlanner, Planned
 from .results import RunResult, collect, sampling_params
 from .session import Session
@@ -55,6 +59,9 @@ class Runtime:
         self._end: np.ndarray | None = None
         self._pool: list[KVCache] = []
         self._pool_lock = threading.Lock()  # the agent and the server take caches from other threads
+        # one backend call at a time: the server's compute thread, an Agent's worker and media threads may share
+        # this runtime; held per call (an encode, a prefill, a decode step), so their answers interleave
+        self.lock = threading.RLock()
 
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
@@ -80,15 +87,16 @@ class Runtime:
     # ---- vision + embeddings -------------------------------------------------------------------------
     def end_embeds(self) -> np.ndarray:
         if self._end is None:  # the "\n" appended after every media item, looked up once
-            self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
+            with self.lock:
+                self._end = self.backend.embed_tokens(np.asarray(self.config.end_token_ids, dtype=np.int64))
         return self._end
 
-    def encode_tiles(self, pixels: np.ndarray, native: bool = False) -> tuple[np.ndarray, float]:
-        """Vision features of tiles, and the ms it took (feeds the latency-aware tiling). ``native``: in the
-        backend's own array type (device-resident on a GPU), for ``embed``."""
+    def encode_tiles(self, pixels: np.ndarray) -> tuple[object, float]:
+        """Vision features of tiles in the backend's own array type (device-resident on a GPU), and the ms it
+        took (feeds the latency-aware tiling)."""
         t0 = time.perf_counter()
-        encode = self.backend.encode if native else self.backend.encode_tiles
-        feats = encode(np.ascontiguousarray(pixels, dtype=np.float32))
+        with self.lock:
+            feats = self.backend.encode_tiles(np.ascontiguousarray(pixels, dtype=np.float32))
         ms = (time.perf_counter() - t0) * 1000
         self.planner.record(pixels.shape[0], ms)
         return feats, ms
@@ -104,22 +112,27 @@ class Runtime:
         """Processor outputs → (1, L', H) prompt embeddings (vision time into ``timings.vision_ms``)."""
         t0 = time.perf_counter()
         if features is None and inputs.pixel_values is not None:
-            features, _ = self.encode_tiles(inputs.pixel_values, native=True)
+            features, _ = self.encode_tiles(inputs.pixel_values)
         end = self.end_embeds() if inputs.media else None
-        embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
+        with self.lock:
+            embeds = self.backend.prompt_embeds(inputs.input_ids, inputs.media, features, end)
         if timings is not None:
             timings.vision_ms += (time.perf_counter() - t0) * 1000
         return embeds
 
     # ---- KV caches -----------------------------------------------------------------------------------
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """A KV cache of the caller's own (``Session`` / ``VideoStream`` / an app's conversation)."""
+        """A KV cache of the caller's own (a ``Session``, an app's conversation)."""
         return self.backend.new_cache(capacity)
 
-    def _borrow(self) -> KVCache:
+    def _borrow(self, capacity: int | None = None) -> KVCache:
+        """A pooled cache that holds ``capacity`` positions, else a new one of that size."""
         with self._pool_lock:
-            cache = self._pool.pop() if self._pool else None
-        return cache if cache is not None else self.backend.new_cache()
+            fits = [c for c in self._pool if capacity is None or c.capacity >= capacity]
+            cache = min(fits, key=lambda c: c.capacity) if fits else None
+            if cache is not None:
+                self._pool.remove(cache)
+        return cache if cache is not None else self.backend.new_cache(capacity)
 
     def _give_back(self, cache: KVCache) -> None:
         cache.clear()
@@ -142,21 +155,30 @@ class Runtime:
                                  context_used=context_used, context_limit=self.context_length,
                                  add_generation_prompt=add_generation_prompt)
 
-    def decode(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0,
-               cache: KVCache | None = None) -> Iterator:
+    def decode(self, embeds, cache: KVCache, params: SamplingParams, timings: Timings,
+               visual_tokens: int = 0) -> Iterator:
         """Prefill ``embeds`` after what ``cache`` holds, then the shared decode loop on that cache."""
         be = self.backend
-        cache = be.default_cache if cache is None else cache
         prompt_tokens = cache.length + embeds.shape[1]
-        return stream_tokens(lambda: be.prefill_logits(embeds, cache), lambda tok: be.decode_logits(tok, cache),
+
+        def prefill():
+            with self.lock:
+                return be.prefill(embeds, cache)
+
+        def step(tok):
+            with self.lock:
+                return be.decode_step(tok, cache)
+
+        return stream_tokens(prefill, step,
                              self.tokenizer, params, self.tokenizer.eos_token_ids, prompt_tokens, visual_tokens,
                              self.context_length, timings, sampler=be.sampler(params))
 
     def answer(self, embeds: np.ndarray, params: SamplingParams, timings: Timings, visual_tokens: int = 0) -> Iterator:
-        """``decode`` on a borrowed cache, returned to the pool when the generator ends or is closed."""
-        cache = self._borrow()
+        """``decode`` on a borrowed cache sized to the request (prompt + ``max_new_tokens``), returned to the pool
+        when the generator ends or is closed."""
+        cache = self._borrow(self.cache_capacity(embeds.shape[1], params.max_new_tokens))
         try:
-            yield from self.decode(embeds, params, timings, visual_tokens, cache)
+            yield from self.decode(embeds, cache, params, timings, visual_tokens)
         finally:
             self._give_back(cache)
 
@@ -172,6 +194,15 @@ class Runtime:
                             max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, num_frames=num_frames)
         timings = Timings(preprocess_ms=(time.perf_counter() - t0) * 1000)
         return self._run(planned, params, timings)
+
+    def cache_capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """KV positions one answer needs: its prompt and answer, within the context."""
+        return min(self.context_length, prompt_tokens + max_new_tokens)
+
+    def stream_planned(self, planned: Planned, *, preprocess_ms: float = 0.0, **sampling) -> Iterator:
+        """``stream`` for a request already planned (``plan``: media decoded, tiles cut, budgets checked, on any
+        thread): the model compute only."""
+        return self._run(planned, sampling_params(sampling), Timings(preprocess_ms=preprocess_ms))
 
     def _run(self, planned: Planned, params: SamplingParams, timings: Timings):
         yield planned.event

@@ -61,10 +61,6 @@ class Session:
             self._cache = self.rt.new_cache()
         return self._cache
 
-    @property
-    def cache_length(self) -> int:
-        return 0 if self._cache is None else self._cache.length
-
     # ---- one turn ------------------------------------------------------------------------------------
     def stream(self, text: str, images=None, video=None, *, videos=None, overflow: str = "error",
                max_tiles: int | None = None, latency_budget_ms: float | None = None, num_frames: int | None = None,
@@ -97,7 +93,7 @@ class Session:
         answer: list[int] = []
         final = None
         try:
-            for ev in rt.decode(embeds, params, timings, event.visual_tokens, cache):
+            for ev in rt.decode(embeds, cache, params, timings, event.visual_tokens):
                 if isinstance(ev, TokenEvent) and ev.index == len(answer):
                     answer.append(ev.token_id)
                 elif isinstance(ev, FinishEvent):

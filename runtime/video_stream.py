@@ -60,7 +60,7 @@ class VideoStream:
         t0 = time.perf_counter()
         pixels = self.rt.processor.video_tiles(VideoClip([rgb], [0]))
         feats, _ = self.rt.encode_tiles(pixels)
-        proj = visual.project_frames(feats, self.rt.config, self.rt.backend.project)[0]
+        proj = visual.project_frames(self.rt.backend.to_numpy(feats), self.rt.config, self.rt.backend.project)[0]
         self.vision_ms += (time.perf_counter() - t0) * 1000
         self.frames.append(_Frame(self._serial, ts, proj))
         self._serial += 1

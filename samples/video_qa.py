@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from nvila_edge.apps.video_qa import VideoQA, probe
+from nvila_edge.apps.video_qa import VideoQA
 from nvila_edge.errors import ConfigError
+from nvila_edge.media.video import probe_video
 from nvila_edge.runtime import Runtime
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     elif args.video is None or args.question is None:
         p.error("give BUNDLE VIDEO QUESTION, or none of them for a held-out demo clip")
 
-    info = probe(args.video)
+    info = probe_video(args.video)
     with Runtime.load(args.bundle, threads=args.threads) as rt:
         qa = VideoQA(rt, num_frames=args.num_frames)
         print(f"{info.path}: {info.duration_s:.1f} s, {info.frame_count} frames at {info.fps:.1f} FPS; "

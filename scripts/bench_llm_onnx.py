@@ -107,14 +107,14 @@ def cmd_genai(a):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from nvila_edge import NVILAConfig
+    from nvila_edge import NVILAConfig, vila_format
 
     out = Path(a.out)
     if not (out / "genai_config.json").exists():
         from onnxruntime_genai.models import builder as B
 
         torch.manual_seed(0)
-        cfg = Qwen2Config(**NVILAConfig.from_preset(a.preset).llm_hf_config())
+        cfg = Qwen2Config(**vila_format.llm_hf_config(NVILAConfig.from_preset(a.preset)))
         cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = 0
         with torch.no_grad():
             llm = Qwen2ForCausalLM(cfg).eval()

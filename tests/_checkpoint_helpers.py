@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from nvila_edge import NVILAConfig, NVILAModel, NVILATokenizer
-from nvila_edge.config import tokenizer_token_ids
+from nvila_edge import NVILAConfig, NVILAModel, NVILATokenizer, vila_format
+from nvila_edge.vila_format import tokenizer_token_ids
 from nvila_edge.modeling.projector import MultimodalProjector
 
 # ids of the re-tokenized test tokenizer (the stock tiny one has <image> 502, <vila/video> 503, "\n" 198)
@@ -45,10 +45,10 @@ def retokenized(corpus) -> NVILATokenizer:
 def make_parts(config: NVILAConfig, seed: int = 0) -> dict:
     """Independent transformers modules + the reference projector (``nn.Sequential``, keys ``layers.N``)."""
     torch.manual_seed(seed)
-    llm = Qwen2ForCausalLM(Qwen2Config(**config.llm_hf_config())).eval()
+    llm = Qwen2ForCausalLM(Qwen2Config(**vila_format.llm_hf_config(config))).eval()
     with torch.no_grad():
         llm.lm_head.weight.mul_(20.0)  # well separated greedy choices (random init is near uniform)
-    vision = SiglipVisionModel(SiglipVisionConfig(**config.vision_hf_config())).eval()
+    vision = SiglipVisionModel(SiglipVisionConfig(**vila_format.vision_hf_config(config))).eval()
     return {"llm": llm, "vision_tower": vision, "mm_projector": MultimodalProjector(config).eval()}
 
 
@@ -63,7 +63,7 @@ def reference_model(parts: dict, config: NVILAConfig, tokenizer) -> NVILAModel:
 
 
 def _top_vila(config: NVILAConfig, preview: bool) -> dict:
-    top = config.to_vila_dict()
+    top = vila_format.to_vila_dict(config)
     top.pop("nvila_edge")  # ours: the published configs have no token ids
     for key, folder in (("llm_cfg", "llm"), ("vision_tower_cfg", "vision_tower"), ("mm_projector_cfg", "mm_projector")):
         top[key] = {**top[key], "_name_or_path": f"./{folder}"}
@@ -85,7 +85,7 @@ def write_vila(path: Path, parts: dict, config: NVILAConfig, tokenizer, preview:
     (path / "mm_projector").mkdir(parents=True)
     proj = {k: v.contiguous() for k, v in parts["mm_projector"].state_dict().items()}
     save_file(proj, str(path / "mm_projector" / "model.safetensors"), metadata={"format": "pt"})
-    (path / "mm_projector" / "config.json").write_text(json.dumps(config.projector_hf_config()))
+    (path / "mm_projector" / "config.json").write_text(json.dumps(vila_format.projector_hf_config(config)))
     (path / "config.json").write_text(json.dumps(_top_vila(config, preview), indent=2))
     return path
 

@@ -164,3 +164,28 @@ def write_video(path_stem, colours, size=(64, 48), fps: float = 10.0):
         if ok:
             return path
     raise RuntimeError("OpenCV cannot write mp4v or MJPG video here")
+
+
+def write_avi_declaring(path, frames, declared: int, fps: float = 5.0):
+    """An MJPEG AVI of ``frames`` (BGR arrays) whose headers claim ``declared`` frames (``avih``'s
+    dwTotalFrames and the video ``strh``'s dwLength rewritten): ``CAP_PROP_FRAME_COUNT`` reads ``declared``
+    while only ``len(frames)`` decode. Returns the path."""
+    import struct
+
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    data = bytearray(open(path, "rb").read())
+    avih, strh = data.find(b"avih"), data.find(b"strh")
+    assert avih > 0 and strh > 0 and data[strh + 8:strh + 12] == b"vids", "not the AVI layout OpenCV writes"
+    # avih: 8-byte chunk header, then dwMicroSecPerFrame, dwMaxBytesPerSec, dwPaddingGranularity, dwFlags,
+    # dwTotalFrames; strh: fccType, fccHandler, dwFlags, wPriority+wLanguage, dwInitialFrames, dwScale,
+    # dwRate, dwStart, dwLength
+    struct.pack_into("<I", data, avih + 8 + 16, declared)
+    struct.pack_into("<I", data, strh + 8 + 32, declared)
+    open(path, "wb").write(bytes(data))
+    return path

@@ -30,24 +30,40 @@ def data_uri(raw: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
 
-def post(url: str, body, path: str = "/v1/chat/completions", timeout: float = 120) -> tuple[int, dict | str]:
-    """POST ``body`` (a dict → JSON, or raw bytes); returns (status, parsed JSON or the SSE text)."""
+def post(url: str, body, path: str = "/v1/chat/completions", timeout: float = 120,
+         headers: dict | None = None) -> tuple[int, dict | str]:
+    """POST ``body`` (a dict → JSON, or raw bytes); returns (status, parsed JSON, the SSE text, or the raw text of
+    a response that is neither)."""
     raw = body if isinstance(body, (bytes, bytearray)) else json.dumps(body).encode()
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         data = resp.read()
         if resp.getheader("content-type", "").startswith("text/event-stream"):
             return resp.status, data.decode()
-        return resp.status, json.loads(data or b"{}")
+        try:
+            return resp.status, json.loads(data or b"{}")
+        except ValueError:
+            return resp.status, data.decode(errors="replace")
     finally:
         conn.close()
 
 
 def error_message(payload) -> str:
     return payload.get("error", {}).get("message", "") if isinstance(payload, dict) else str(payload)
+
+
+def server_paths_in(message: str, *roots) -> list[str]:
+    """The server-side folders (temp, the Python install, the working folder, home, ``roots``) or traceback
+    markers that ``message`` leaks."""
+    import sys
+    import tempfile
+
+    found = [r for r in (tempfile.gettempdir(), sys.prefix, os.getcwd(), os.path.expanduser("~"), *map(str, roots))
+             if r and r != "/" and r in message]
+    return found + [m for m in ("Traceback", 'File "', "nvila-serve-") if m in message]
 
 
 def rss_mb() -> float:

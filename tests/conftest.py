@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,19 +112,18 @@ class Counting(TorchBackend):
         self.calls = {"encode_tiles": 0, "prefill": 0, "decode_step": 0}
         self.prefill_lengths: list[int] = []
 
-    # the Runtime drives the device-resident methods (encode / prefill_logits / decode_logits)
-    def encode(self, pixels):
+    def encode_tiles(self, pixels):
         self.calls["encode_tiles"] += 1
-        return super().encode(pixels)
+        return super().encode_tiles(pixels)
 
-    def prefill_logits(self, embeds, cache=None):
+    def prefill(self, embeds, cache):
         self.calls["prefill"] += 1
         self.prefill_lengths.append(embeds.shape[1])
-        return super().prefill_logits(embeds, cache)
+        return super().prefill(embeds, cache)
 
-    def decode_logits(self, token_id, cache=None):
+    def decode_step(self, token_id, cache):
         self.calls["decode_step"] += 1
-        return super().decode_logits(token_id, cache)
+        return super().decode_step(token_id, cache)
 
 
 def make_runtime(model, tokenizer, **kw) -> Runtime:
@@ -152,8 +152,17 @@ class FakeCapture:
         pass
 
 
+GPU_DEVICE_ENV = "NVILA_GPU_TEST_DEVICE"  # "cpu": the gpu tests on the CPU kernels (gpu_check.sh --cpu-dry-run)
+
+
+@pytest.fixture(scope="session")
+def gpu_device() -> str:
+    """The device the gpu-marked tests run on: CUDA, or the CPU for the device check's dry run."""
+    return os.environ.get(GPU_DEVICE_ENV, "cuda")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get(GPU_DEVICE_ENV) == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -44,6 +44,9 @@ def answer(out: Path) -> None:
     assert rc == 0, cli_out.getvalue()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         main(["--help"])
+    from nvila_edge.apps.agent import parse_json_answer  # the robot's structured answers: pydantic is in [runtime]
+
+    assert parse_json_answer('go: {"action": "left", "p": 1}', {"action": {"left", "right"}, "p": float})["p"] == 1
     loaded = [m for m in HEAVY if m in sys.modules]
     assert loaded == [], f"answering imported {loaded}"
     print("light install check: answered " + json.dumps({"text": res.text, "tokens": len(res.token_ids),

@@ -4,6 +4,7 @@ callbacks get every event; JSON-answer validation; the robot sample on a tiny bu
 from __future__ import annotations
 
 import runpy
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,14 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "robot_agent.py"
 
 
 class SlowRuntime:
-    """``stream`` yields one token every ``step_s`` seconds; records which generators were closed early."""
+    """``stream`` yields one token every ``step_s`` seconds; records which generators were closed early.
+    ``gated=True``: the first request's prefill lasts until the test sets ``prefill_done``."""
 
-    def __init__(self, step_s=0.05, tokens=5, text="tok", first_delay_s=0.0):
-        self.step_s, self.tokens, self.text, self.first_delay_s = step_s, tokens, text, first_delay_s
+    def __init__(self, step_s=0.05, tokens=5, text="tok", gated=False):
+        self.step_s, self.tokens, self.text = step_s, tokens, text
+        self.prefill_done = threading.Event()
+        if not gated:
+            self.prefill_done.set()
         self.started, self.closed, self.finished = [], [], []
 
     def stream(self, question, images=None, system=None, **sampling):
@@ -28,7 +33,7 @@ class SlowRuntime:
             self.started.append(question)
             done = False
             try:
-                time.sleep(self.first_delay_s)
+                assert self.prefill_done.wait(timeout=30), "the test never ended the prefill"
                 for i in range(self.tokens):
                     time.sleep(self.step_s)
                     yield TokenEvent(i, self.text if i == 0 else "", i, self.step_s * 1000)
@@ -87,13 +92,13 @@ def test_queue_mode_answers_in_order():
 
 
 def test_timeout_fires_even_during_a_long_prefill():
-    rt = SlowRuntime(first_delay_s=0.6, step_s=0.01, tokens=3)
+    rt = SlowRuntime(step_s=0.01, tokens=3, gated=True)
     with Agent(rt) as agent:
-        t0 = time.monotonic()
         fut = agent.ask(None, "slow", timeout=0.1)
         with pytest.raises(AnswerTimeout):
-            fut.result(timeout=5)
-        assert time.monotonic() - t0 < 0.5  # resolved at the deadline, not after the prefill
+            fut.result(timeout=5)  # resolved at the deadline, while the prefill still runs
+        assert rt.started == ["slow"] and not rt.prefill_done.is_set() and rt.closed == []
+        rt.prefill_done.set()
         assert agent.ask(None, "next").result(timeout=5).text == "tok"  # the worker goes on
     assert rt.closed == ["slow"] and agent.stats["timed_out"] == 1
 
@@ -125,10 +130,16 @@ def test_parse_json_answer():
     schema = {"action": {"left", "right", "stop"}, "confidence": float, "n": int}
     assert parse_json_answer('Sure! ```json\n{"action": "left", "confidence": 1, "n": 2}\n```', schema)["action"] == "left"
     assert parse_json_answer('ok {"action": "stop", "confidence": 0.5, "n": 0, "x": {"y": "}"}} done', schema)["n"] == 0
+    ok = '"{" then {"action": "right", "confidence": 2, "n": 1, "why": "a \\"}\\" in a string"} and {"n": 9}'
+    assert parse_json_answer(ok, schema) == {"action": "right", "confidence": 2, "n": 1, "why": 'a "}" in a string'}
+    assert parse_json_answer('{"a": 1} then ```json\n{"a": 2}\n```')["a"] == 2  # the fence first
+    assert parse_json_answer('{"a": ' * 3000 + ' {"b": 1}') == {"b": 1}  # past the parser's depth: skipped
     for bad, match in (("no json here", "no JSON"), ('{"action": "up", "confidence": 1, "n": 1}', "not one of"),
                        ('{"action": "left", "n": 1}', "lacks the key"),
                        ('{"action": "left", "confidence": "high", "n": 1}', "should be"),
-                       ('{"action": "left", "confidence": 0.1, "n": true}', "should be")):
+                       ('{"action": "left", "confidence": 0.1, "n": true}', "should be"),
+                       ('{"action": ["left"], "confidence": 0.1, "n": 1}', "not one of"),  # unhashable: still typed
+                       ('{"action": "left", "confidence": 0.1, "n": 1.0}', "should be int, got float")):
         with pytest.raises(AnswerFormatError, match=match) as e:
             parse_json_answer(bad, schema)
         assert e.value.text == bad
@@ -159,8 +170,9 @@ def test_robot_sample_falls_back_safely(tmp_path, tiny_model, tokenizer, capsys,
     with Agent(good) as agent:
         counts = sample["control_loop"](agent, sample["SimulatedCamera"](), 2, 20.0, 5.0, act=lambda s: None)
     assert counts == {"model": 2, "fallback": 0}
-    late = SlowRuntime(first_delay_s=1.0, text='{"action": "left", "confidence": 0.9}')
+    late = SlowRuntime(text='{"action": "left", "confidence": 0.9}', gated=True)
     lines = []
     with Agent(late) as agent:
         counts = sample["control_loop"](agent, sample["SimulatedCamera"](), 1, 20.0, 0.05, act=lines.append)
+        late.prefill_done.set()
     assert counts == {"model": 0, "fallback": 1} and "no answer in time" in lines[0]

@@ -1,4 +1,4 @@
-"""``nvila-edge bench --backend torch`` with the quantized comparison (pipelines/bench_gpu.py), run on the CPU
+"""``nvila-edge bench --backend torch`` with the quantized comparison (pipelines/bench/gpu.py), run on the CPU
 kernels (--quick, tiny preset): every path measured, ratios and the issue's targets judged, the table rendered.
 GPU figures come from scripts/gpu_check.sh on a lent GPU."""
 
@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from nvila_edge.pipelines.bench import gpu as bench_gpu
 from nvila_edge.pipelines.bench import report
 from nvila_edge.cli import main
 
@@ -33,12 +32,12 @@ def test_quantized_bench_on_cpu_kernels(tmp_path, capsys):
     # int4 codes + scales and an int8 head against the fp32 weights this CPU run keeps: under a third here
     assert g["bytes_per_token"]["weights"] < g["fp16_bytes_per_token"]["weights"] / 3
     labels = [t["target"] for t in r["targets"]]
-    assert len(labels) == len(report.GPU_TARGETS) + len(bench_gpu.QUANT_TARGETS)
+    assert len(labels) == len(report.GPU_TARGETS) + len(report.QUANT_TARGETS)
     for t in r["targets"]:  # each verdict is the ratio against its threshold
         want = "skipped (not measured)" if t["ratio"] is None else ("met" if t["ratio"] >= t["needed"] else "not met")
         assert t["status"] == want, t
     by = {t["target"]: t for t in r["targets"]}  # what the CPU run measures on both sides is judged, not skipped
-    for label, key, _ in bench_gpu.QUANT_TARGETS:
+    for label, key, _ in report.QUANT_TARGETS:
         if key in ("w4a16_vs_fp16_graph", "vision_cosine", "ttft_fp16_over_quant"):
             assert by[label]["ratio"] is not None, label
     out = capsys.readouterr().out

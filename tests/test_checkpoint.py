@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from nvila_edge import CheckpointError, NVILAConfig, NVILAModel, NVILAProcessor
+from nvila_edge import CheckpointError, NVILAConfig, NVILAModel, NVILAProcessor, vila_format
 from nvila_edge.checkpoint import detect_layout, read_config
 
 from conftest import random_image
@@ -70,10 +70,10 @@ def test_vila_checkpoint_assembled_from_transformers_parts(tmp_path, tiny_config
     """A VILA-layout folder written by transformers' own save_pretrained (as the reference does) loads."""
     torch.manual_seed(3)
     path = tmp_path / "assembled"
-    llm = Qwen2ForCausalLM(Qwen2Config(**tiny_config.llm_hf_config()))
+    llm = Qwen2ForCausalLM(Qwen2Config(**vila_format.llm_hf_config(tiny_config)))
     llm.save_pretrained(path / "llm")
     tokenizer.save_pretrained(path / "llm")
-    vt = SiglipVisionModel(SiglipVisionConfig(**tiny_config.vision_hf_config()))
+    vt = SiglipVisionModel(SiglipVisionConfig(**vila_format.vision_hf_config(tiny_config)))
     vt.save_pretrained(path / "vision_tower")
     # reference projector: nn.Sequential with keys layers.1/2/4
     from nvila_edge.modeling.projector import MultimodalProjector
@@ -81,8 +81,8 @@ def test_vila_checkpoint_assembled_from_transformers_parts(tmp_path, tiny_config
     proj = MultimodalProjector(tiny_config)
     (path / "mm_projector").mkdir()
     save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(path / "mm_projector" / "model.safetensors"))
-    (path / "mm_projector" / "config.json").write_text(json.dumps(tiny_config.projector_hf_config()))
-    top = tiny_config.to_vila_dict()
+    (path / "mm_projector" / "config.json").write_text(json.dumps(vila_format.projector_hf_config(tiny_config)))
+    top = vila_format.to_vila_dict(tiny_config)
     top.pop("nvila_edge")
     top.update(image_token_id=tiny_config.image_token_id, video_token_id=tiny_config.video_token_id)
     (path / "config.json").write_text(json.dumps(top))

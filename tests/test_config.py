@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvila_edge import ConfigError, NVILAConfig
+from nvila_edge import ConfigError, NVILAConfig, vila_format
 
 
 def _meta_params(name: str) -> int:
@@ -45,7 +45,7 @@ def test_tiny_hidden_sizes_are_multiples_of_128(name):
 def test_dict_and_vila_round_trip(name):
     c = NVILAConfig.from_preset(name)
     assert NVILAConfig.from_dict(c.to_dict()) == c
-    v = c.to_vila_dict()
+    v = vila_format.to_vila_dict(c)
     assert v["model_type"] == "llava_llama" and v["mm_projector_cfg"]["model_type"] == "v2l_projector"
     back = NVILAConfig.from_vila_dict(v)
     assert back == c
@@ -66,7 +66,7 @@ def test_overrides_and_errors():
 
 def test_media_token_ids_follow_the_tokenizer(tokenizer):
     """The reference rule: ids from the tokenizer unless the config states them; stated ids must agree."""
-    top = NVILAConfig.from_preset("tiny").to_vila_dict()
+    top = vila_format.to_vila_dict(NVILAConfig.from_preset("tiny"))
     top.pop("nvila_edge")  # a published VILA config: no ids
     assert NVILAConfig.from_vila_dict(top).image_token_id == 151649  # no tokenizer: the stock Qwen2 ids
     got = NVILAConfig.from_vila_dict(top, tokenizer=tokenizer)
@@ -82,7 +82,7 @@ def test_media_token_ids_follow_the_tokenizer(tokenizer):
                                                            ("nvila_lite", "dynamic", "mlp_downsample_3x3_fix")])
 def test_hf_configs_default_like_sglang(model_type, aspect, projector):
     c = NVILAConfig.from_preset("tiny")
-    top = {"model_type": model_type, "text_config": c.llm_hf_config(), "vision_config": c.vision_hf_config()}
+    top = {"model_type": model_type, "text_config": vila_format.llm_hf_config(c), "vision_config": vila_format.vision_hf_config(c)}
     got = NVILAConfig.from_vila_dict(top)
     assert got.preprocessing.image_aspect_ratio == aspect and got.projector.type == projector
     assert got.preprocessing.s2_scales == ((448, 896, 1344) if aspect == "dynamic_s2" else (448,))

@@ -23,8 +23,9 @@ from conftest import make_model
 pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
-from nvila_edge.training.finetune import (FinetuneConfig, finetune, load_finetuned, merge,  # noqa: E402
-                                          param_groups, prepare_model, vit_layernorm_parameters)
+from nvila_edge.training.finetune import (finetune, load_finetuned, merge, param_groups, prepare_model,  # noqa: E402
+                                          vit_layernorm_parameters)
+from nvila_edge.training.finetune_config import FinetuneConfig  # noqa: E402
 
 QUESTION = "<image>\nwhat is the robot's name?"
 ANSWER = "zorbo"

@@ -1,4 +1,5 @@
-"""Reference generation: greedy parity with transformers generate, typed stream events, stops, overflow."""
+"""Reference generation: greedy parity with transformers generate, typed stream events (the reference's and
+the runtime's, one contract), stops, overflow."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from nvila_edge import (ContextOverflowError, FinishEvent, GenerationError, Gene
                         NVILAProcessor, SamplingParams, TokenEvent)
 from nvila_edge.sampling import Sampler
 
-from conftest import make_model, random_image
+from conftest import make_model, make_runtime, random_image
+from nvila_edge.runtime import PlanEvent
 
 
 def _hf_greedy(model, embeds, eos, n):
@@ -38,22 +40,38 @@ def test_greedy_equals_transformers_generate(which, tiny_model, lite_model, tiny
         assert len(set(hf)) > 1  # a degenerate constant output would prove little
 
 
+@pytest.mark.parametrize("source", ["model", "runtime"])
 @torch.no_grad()
-def test_stream_events_are_well_formed(tiny_model, tiny_processor, tokenizer):
-    inputs = tiny_processor("what color is the square?", images=[random_image(500, 500)])
-    events = list(tiny_model.stream(**inputs, tokenizer=tokenizer, max_new_tokens=8))
-    tokens = [e for e in events if isinstance(e, TokenEvent)]
-    finish = events[-1]
-    assert isinstance(finish, FinishEvent) and all(isinstance(e, TokenEvent) for e in events[:-1])
-    assert finish.reason in ("stop", "length")
-    assert "".join(e.text for e in tokens) == finish.text == tokenizer.decode(finish.token_ids)
-    assert [e.token_id for e in tokens][:len(finish.token_ids)] == finish.token_ids
-    assert finish.usage.prompt_tokens == inputs.num_tokens
-    assert finish.usage.visual_tokens == inputs.media[0].num_tokens
-    assert finish.usage.completion_tokens == len(finish.token_ids)
-    t = finish.timings
-    assert t.vision_ms > 0 and t.prefill_ms > 0 and len(t.per_token_ms) == max(len(finish.token_ids) - 1, 0)
-    assert t.ttft_ms >= t.prefill_ms
+def test_stream_events_are_well_formed(source, tiny_model, tiny_processor, tokenizer, one_thread):
+    """Both streams — ``NVILAModel.stream`` (the reference) and ``Runtime.stream`` (a ``PlanEvent`` first) — keep
+    one contract: tokens indexed 0..n-1 (then at most a flush of held-back text), their text and the usage equal
+    to the finish event's, timings filled in, sampling reproducible with a seed."""
+    img, question = random_image(500, 500), "what color is the square?"
+    kw = dict(max_new_tokens=8, temperature=0.8, seed=3)
+    if source == "model":
+        inputs = tiny_processor(question, images=[img])
+        events = list(tiny_model.stream(**inputs, tokenizer=tokenizer, **kw))
+        again = tiny_model.generate(**inputs, tokenizer=tokenizer, **kw)
+        prompt_tokens, visual_tokens = inputs.num_tokens, inputs.media[0].num_tokens
+    else:
+        rt = make_runtime(tiny_model, tokenizer)
+        events = list(rt.stream(question, images=[img], **kw))
+        again = rt.generate(question, images=[img], **kw)
+        plan = events.pop(0)
+        assert isinstance(plan, PlanEvent) and plan.type == "plan" and plan.num_tiles >= 1
+        prompt_tokens, visual_tokens = plan.prompt_tokens, plan.visual_tokens
+    *tokens, fin = events
+    assert isinstance(fin, FinishEvent) and all(isinstance(e, TokenEvent) and e.type == "token" for e in tokens)
+    n = len(fin.token_ids)
+    assert [e.index for e in tokens[:n]] == list(range(n)) and [e.token_id for e in tokens[:n]] == fin.token_ids
+    assert all(e.index == n - 1 for e in tokens[n:])  # at most a final flush of held-back text
+    assert "".join(e.text for e in tokens) == fin.text == tokenizer.decode(fin.token_ids)
+    assert fin.reason in ("stop", "length") and fin.usage.completion_tokens == n <= 8
+    assert (fin.usage.prompt_tokens, fin.usage.visual_tokens) == (prompt_tokens, visual_tokens) and visual_tokens > 0
+    t = fin.timings
+    assert t.vision_ms > 0 and t.prefill_ms > 0 and len(t.per_token_ms) == max(n - 1, 0) and t.ttft_ms >= t.prefill_ms
+    assert source == "model" or t.preprocess_ms > 0  # the runtime times its own preprocessing
+    assert again.token_ids == fin.token_ids
 
 
 @torch.no_grad()
@@ -124,3 +142,35 @@ def test_sampler_filters():
     assert {s(logits) for _ in range(50)} == {1}
     # repetition penalty demotes a seen token
     assert Sampler(SamplingParams(repetition_penalty=10.0))(logits, previous=[1]) == 2
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e308}, {"temperature": 1.0, "top_p": 5e-324},
+    {"temperature": 1e-4, "top_p": 1e-300, "top_k": 1, "repetition_penalty": 0.01},
+    {"temperature": 1.0, "repetition_penalty": 100.0}, {"temperature": 2.0, "top_k": 10**30, "seed": 2**63 - 1},
+])
+def test_sampler_is_defined_at_the_admitted_extremes(kw):
+    """Every value SamplingParams admits picks a token without a floating-point warning (issue 32 class 1);
+    below GREEDY_BELOW the pick is the greedy one."""
+    import warnings
+
+    from nvila_edge.sampling import GREEDY_BELOW
+
+    logits = np.random.default_rng(0).normal(size=300).astype(np.float32) * 30
+    logits[5] = np.float32(3e38)  # an extreme logit too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = Sampler(SamplingParams(**kw))(logits, previous=[1, 2, 5])
+    assert 0 <= tok < 300
+    if kw.get("temperature", 0) < GREEDY_BELOW:
+        assert tok == Sampler(SamplingParams(repetition_penalty=kw.get("repetition_penalty", 1.0)))(logits, [1, 2, 5])
+
+
+@pytest.mark.parametrize("kw, field", [({"repetition_penalty": 1e-300}, "repetition_penalty"),
+                                       ({"repetition_penalty": 1e3}, "repetition_penalty"), ({"seed": 2**64}, "seed"),
+                                       ({"top_p": 0.0}, "top_p")])
+def test_sampling_params_refuse_what_cannot_be_computed(kw, field):
+    from nvila_edge.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**kw)

@@ -203,20 +203,3 @@ def test_samples_use_public_api_only(graph):
     for m in (m for m in graph if m.startswith("samples.")):
         private = [t for t in graph[m] if t.startswith("nvila_edge") and any(p.startswith("_") for p in t.split("."))]
         assert private == [], f"{m} imports private modules {private}"
-
-
-def test_moved_modules_still_import_from_their_old_path(monkeypatch):
-    import importlib
-    import warnings
-
-    shims = [m for m, f in module_files().items() if "._deprecated." in m]
-    assert shims
-    for m in shims:
-        old = m.replace("._deprecated", "")
-        new = re.search(r'moved_module\(__name__, "([\w.]+)"\)', module_files()[m].read_text()).group(1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            monkeypatch.delitem(sys.modules, old, raising=False)  # imported afresh; the entry is restored after
-            mod = importlib.import_module(old)
-        assert mod is importlib.import_module(new), old
-        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old

@@ -118,11 +118,12 @@ def run_pair(model, dec: OrtDecoder, x: torch.Tensor, steps: int, teacher: bool 
     """Prefill + ``steps`` decode steps on torch and ORT. ``teacher``: both are fed torch's greedy tokens
     (logits comparable at every step); else each follows its own greedy choice. Returns logits, tokens."""
     emb = model.llm.get_input_embeddings().weight.detach().numpy()
-    tl, cache = model.prefill(x)
+    cache = model.new_cache()
+    tl = model.prefill(x, cache).float().numpy()
     ol = dec(x.numpy())
     t_logits, o_logits, t_tok, o_tok = [tl], [ol], [int(tl.argmax())], [int(ol.argmax())]
     for _ in range(steps):
-        tl, cache = model.decode_step(t_tok[-1], cache)
+        tl = model.decode_step(t_tok[-1], cache).float().numpy()
         ol = dec(emb[[t_tok[-1] if teacher else o_tok[-1]]][None])
         t_logits.append(tl)
         o_logits.append(ol)

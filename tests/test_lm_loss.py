@@ -47,7 +47,8 @@ def _grads(model, loss_fn):
 
 @pytest.fixture(scope="module")
 def lora_model():
-    from nvila_edge.training.finetune import FinetuneConfig, prepare_model
+    from nvila_edge.training.finetune import prepare_model
+    from nvila_edge.training.finetune_config import FinetuneConfig
 
     config = NVILAConfig.from_preset("tiny", vision={"image_size": 112},
                                      preprocessing={"image_aspect_ratio": "resize", "s2_scales": (112,)})

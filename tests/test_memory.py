@@ -23,7 +23,7 @@ def test_nvila_8b_fits_24gb_at_the_finetune_defaults():
     """What `nvila-edge finetune --estimate --preset nvila-8b` prints with no other flag: the run's own
     step (micro-batch 1 of an effective 4, 17 tiles, 3 585 tokens, answer-only logits) is under 24 GB."""
     from nvila_edge.cli import main
-    from nvila_edge.training.finetune import FinetuneConfig
+    from nvila_edge.training.finetune_config import FinetuneConfig
     from nvila_edge.training.memory import estimate_for_finetune
 
     config = NVILAConfig.from_preset("nvila-8b")
@@ -52,7 +52,7 @@ def test_nvila_8b_fits_24gb_at_the_finetune_defaults():
 
 def test_max_tiles_caps_the_tiling():
     from nvila_edge.media.tiling import plan_image
-    from nvila_edge.training.finetune import FinetuneConfig, tile_capped_config
+    from nvila_edge.training.finetune_config import FinetuneConfig, tile_capped_config
 
     s2 = NVILAConfig.from_preset("nvila-8b")
     assert plan_image((4000, 3000), tile_capped_config(s2, 14)).num_tiles == 14  # 1 + 4 + 9
@@ -68,7 +68,8 @@ def test_max_tiles_caps_the_tiling():
 
 def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, monkeypatch, tokenizer):
     from nvila_edge.errors import ResourceLimitError
-    from nvila_edge.training.finetune import FinetuneConfig, finetune
+    from nvila_edge.training.finetune import finetune
+    from nvila_edge.training.finetune_config import FinetuneConfig
     from nvila_edge.training.memory import require_fit
 
     config = NVILAConfig.from_preset("nvila-8b")
@@ -198,7 +199,8 @@ def _batch(config, tokenizer, batch_size, size):
     ("demo", "qlora", True, 2, 0.05, False),
 ])
 def test_estimate_matches_measured_peak(preset, mode, ckpt, batch_size, dropout, train_projector, tokenizer):
-    from nvila_edge.training.finetune import FinetuneConfig, param_groups, prepare_model, set_gradient_checkpointing
+    from nvila_edge.training.finetune import param_groups, prepare_model, set_gradient_checkpointing
+    from nvila_edge.training.finetune_config import FinetuneConfig
     from nvila_edge.training.memory_measure import estimate_for_batch, measure_finetune_peak
 
     config = NVILAConfig.from_preset(preset)

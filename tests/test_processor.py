@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nvila_edge import ContextOverflowError, NVILAConfig, NVILAProcessor, NVILATokenizer
+from nvila_edge import ContextOverflowError, NVILAConfig, NVILAProcessor, NVILATokenizer, vila_format
 from nvila_edge.errors import ConfigError, TokenizerError
 from nvila_edge.media.image import load_image
 from nvila_edge.media.video import VideoClip
@@ -263,7 +263,7 @@ def test_save_and_load_pretrained_round_trip(lite, wide, tmp_path):
 def test_from_pretrained_without_tokenizer_raises(tmp_path, lite):
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps(lite.config.to_vila_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(vila_format.to_vila_dict(lite.config)))
     with pytest.raises(TokenizerError):
         NVILAProcessor.from_pretrained(tmp_path)
 

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from _reliability_helpers import SANITY, data_uri, error_message, make_corpus, png, post, report, table
+from _reliability_helpers import (SANITY, data_uri, error_message, make_corpus, png, post, report, server_paths_in,
+                                  table)
 from conftest import random_image
 
 pytest.importorskip("onnxruntime")
@@ -53,7 +54,9 @@ def server(rt, tmp_path_factory):
     from nvila_edge.apps.server_cli import ServerThread
 
     media = tmp_path_factory.mktemp("media")
+    (media / "a.png").write_bytes(png(random_image(40, 30, seed=1)))
     srv = ServerThread(create_app(rt, media_dir=media, max_images=64, max_queue=32)).start()
+    srv.media = media
     yield srv
     srv.stop()
 
@@ -70,8 +73,11 @@ def outcome(fn) -> tuple[str, BaseException | None]:
 
 def test_corpus_has_at_least_30_cases_of_every_kind(cases, tmp_path):
     assert len(cases) >= 30 and len({c.name for c in cases}) == len(cases)
-    assert {c.kind for c in cases} == {"image", "video", "prompt", "frame"}
+    assert {c.kind for c in cases} == {"image", "video", "prompt", "frame", "request"}
     for c in cases:
+        if c.kind == "request":  # HTTP only: the status and the field are the outcome
+            assert c.server and (c.server < 400 or c.expect == "RequestError"), c.name
+            continue
         assert c.expect == make_corpus.HANDLED or issubclass(getattr(errors, c.expect), errors.NVILAEdgeError), c.name
     # the CLI writes the same corpus with a manifest
     assert make_corpus.main(["--out", str(tmp_path)]) == 0
@@ -105,9 +111,15 @@ def _run_layers(c, rt) -> dict:
     return out
 
 
-def _server_body(c) -> dict | bytes | None:
+def _server_body(c, media=None) -> dict | bytes | None:
     if c.kind == "frame":
         return None
+    if c.kind == "request":
+        if isinstance(c.body, dict):
+            import json
+
+            return json.dumps(c.body).replace("{media}", str(media)).encode()
+        return c.body
     if c.kind in ("image", "video"):
         raw = c.path.read_bytes()
         kind = c.kind
@@ -131,7 +143,7 @@ def test_corpus_every_case_typed_or_handled_and_process_stays_usable(rt, cases, 
     t_all = time.perf_counter()
     for c in cases:
         t0 = time.perf_counter()
-        got = _run_layers(c, rt)
+        got = {} if c.kind == "request" else _run_layers(c, rt)
         for layer, (name, err) in got.items():
             want = c.expect
             if layer == "camera" and c.name == "frame_complex":
@@ -145,18 +157,27 @@ def test_corpus_every_case_typed_or_handled_and_process_stays_usable(rt, cases, 
 
                 c.check(load_image(c.path))
         # the runtime still answers, identically
-        if rt.generate(SANITY, max_new_tokens=3).text != ref:
+        if got and rt.generate(SANITY, max_new_tokens=3).text != ref:
             problems.append(f"{c.name}: the runtime answers differently after this case")
         http = "-"
-        body = _server_body(c)
+        body = _server_body(c, server.media)
         if body is not None:
-            status, payload = post(server.url, body)
+            status, payload = post(server.url, body, headers=c.headers)
             want = c.server or (200 if c.expect == "handled" else 400)
             http = str(status)
+            message = error_message(payload)
             if status >= 500 or status != want:
-                problems.append(f"{c.name} [server]: HTTP {status} (want {want}): {error_message(payload):.200}")
-            elif status >= 400 and not re.search(c.message, error_message(payload), re.I):
-                problems.append(f"{c.name} [server]: message {error_message(payload)!r:.200} does not match {c.message!r}")
+                problems.append(f"{c.name} [server]: HTTP {status} (want {want}): {message:.200}")
+            elif status >= 400 and not re.search(c.message, message, re.I):
+                problems.append(f"{c.name} [server]: message {message!r:.200} does not match {c.message!r}")
+            elif status >= 400 and c.param and not str(payload["error"]["param"]).startswith(c.param):
+                problems.append(f"{c.name} [server]: error names {payload['error']['param']!r}, not {c.param!r}")
+            elif status == 200 and isinstance(payload, str) and ('"error"' in payload
+                                                                 or not payload.rstrip().endswith("[DONE]")):
+                problems.append(f"{c.name} [server]: the stream reports an error after its 200: {payload[-200:]}")
+            leaks = server_paths_in(message, server.media, c.path.parent if c.path else "")
+            if status >= 400 and leaks:
+                problems.append(f"{c.name} [server]: the error shows server paths {leaks}: {message:.200}")
             s2, p2 = post(server.url, {"messages": [{"role": "user", "content": SANITY}], "max_tokens": 3})
             if s2 != 200 or p2["choices"][0]["message"]["content"] != ref:
                 problems.append(f"{c.name}: the server does not answer normally after this case ({s2})")
@@ -209,10 +230,13 @@ def test_too_large_request_is_refused_before_allocation(rt, server, monkeypatch)
     status, body = post(server.url, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_uri(png(img))}}, {"type": "text", "text": "what?"}]}]})
     assert status == 400 and "activations" in error_message(body) and encoded == []
-    # a request within the limit still works; the limit can also come from the environment
-    assert rt.generate(SANITY, max_new_tokens=2).finish_reason
+    # a request within the limit still works (two tokens: the length ends it, or an end token); the limit can
+    # also come from the environment
+    ok = rt.generate(SANITY, max_new_tokens=2)
+    assert ok.finish_reason in ("length", "stop") and 1 <= ok.usage.completion_tokens <= 2
     monkeypatch.setattr(rt.planner, "max_activation_bytes", need)
-    assert rt.generate("what is here?", images=[img], max_new_tokens=2).finish_reason and encoded
+    ok = rt.generate("what is here?", images=[img], max_new_tokens=2)
+    assert ok.finish_reason in ("length", "stop") and ok.usage.visual_tokens == plan.num_tokens and encoded
     monkeypatch.setenv("NVILA_EDGE_MAX_ACTIVATION_MB", "1.5")
     assert MediaPlanner(rt.config, rt.tokenizer).max_activation_bytes == int(1.5 * 2**20)
 
@@ -237,6 +261,7 @@ def test_cancelled_stream_frees_the_runtime(rt):
 
 def test_camera_disconnect_reconnect_keeps_the_video_stream_answering(rt):
     camera = pytest.importorskip("nvila_edge.apps.camera")
+    sanity = rt.generate(SANITY, max_new_tokens=3).text
     good = [np.full((48, 64, 3), v, np.uint8) for v in (20, 90, 160, 230)]
     bad = np.full((48, 64, 3), np.nan, np.float32)
     scripts = [[good[0], good[1], None], [bad, good[2], good[3]]]  # lost after two frames; one NaN frame later
@@ -261,5 +286,6 @@ def test_camera_disconnect_reconnect_keeps_the_video_stream_answering(rt):
     assert len(frames) == 4 and cam.stats.reconnects == 1 and cam.stats.rejected == 1 and cam.stats.open_failures >= 1
     assert "lost" in kinds and "retry" in kinds and "reconnected" in kinds
     r = vs.generate("what happens?", max_new_tokens=3)
-    assert r.finish_reason and r.plan.visual_tokens > 0
-    assert rt.generate(SANITY, max_new_tokens=3).finish_reason  # and the runtime serves other requests
+    assert r.finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1 and r.plan.visual_tokens > 0
+    # and the runtime serves other requests, with the answer it gave before the camera ran
+    assert rt.generate(SANITY, max_new_tokens=3).text == sanity

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from _reliability_helpers import report, table
+from _reliability_helpers import make_corpus, report, table
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -33,7 +33,16 @@ from nvila_edge.errors import BundleError, CheckpointError  # noqa: E402
 from nvila_edge.runtime import Runtime  # noqa: E402
 
 CHILD = Path(__file__).parent / "_crash_child.py"
-ROWS: list[list[str]] = []
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Each test adds the row of what it checked; the table is written when the module's tests are done."""
+    collected: list[list[str]] = []
+    yield collected
+    if collected:
+        report("artifact_table.md", f"artifact checks: {len(collected)} cases\n"
+               + table(collected, ["case", "checked by", "outcome", "detail"]), None, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +68,7 @@ def _refused(fn, cls, pattern: str) -> str:
 
 # ---- safetensors only -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".bin", ".pt"])
-def test_pickle_only_checkpoint_is_refused_with_advice(ckpt, tmp_path, suffix):
+def test_pickle_only_checkpoint_is_refused_with_advice(rows, ckpt, tmp_path, suffix):
     bad = tmp_path / "pickled"
     shutil.copytree(ckpt, bad)
     marker = tmp_path / "pwned"
@@ -76,7 +85,7 @@ def test_pickle_only_checkpoint_is_refused_with_advice(ckpt, tmp_path, suffix):
     (bad / "llm" / ("evil" + suffix)).write_bytes(pickle.dumps(Payload()))
     msg = _refused(lambda: NVILAModel.from_pretrained(bad), CheckpointError, r"safetensors only.*pickle")
     assert not marker.exists()
-    ROWS.append([f"checkpoint with only {suffix} weights", "from_pretrained", "CheckpointError", msg[:90]])
+    rows.append([f"checkpoint with only {suffix} weights", "from_pretrained", "CheckpointError", msg[:90]])
 
 
 def test_bundles_and_checkpoints_hold_no_pickle(bundle, ckpt):
@@ -85,50 +94,21 @@ def test_bundles_and_checkpoints_hold_no_pickle(bundle, ckpt):
 
 
 # ---- damaged bundles ------------------------------------------------------------------------------------
-def _flip_byte(p: Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
-
-
-def _truncate(p: Path) -> None:
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
-def _manifest_edit(fn):
-    def edit(root: Path) -> None:
-        m = json.loads((root / "manifest.json").read_text())
-        fn(m)
-        (root / "manifest.json").write_text(json.dumps(m))
-    return edit
-
-
-BUNDLE_DAMAGE = {
-    "byte flipped in decoder.onnx": (lambda r: _flip_byte(r / "cpu" / "decoder.onnx"), r"sha256 mismatch"),
-    "vision.onnx truncated": (lambda r: _truncate(r / "cpu" / "vision.onnx"), r"truncated"),
-    "embeddings deleted": (lambda r: (r / "cpu" / "embeddings.safetensors").unlink(), r"missing"),
-    "tokenizer.json tampered": (lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{}"), r"size|sha256"),
-    "format version 99 (newer)": (_manifest_edit(lambda m: m.update(format_version=99)), r"newer.*upgrade"),
-    "format version is a string": (_manifest_edit(lambda m: m.update(format_version="1")), r"positive integer.*damaged"),
-    "manifest not JSON": (lambda r: (r / "manifest.json").write_bytes(b"\xff{not json"), r"not valid JSON"),
-    "manifest missing": (lambda r: (r / "manifest.json").unlink(), r"no manifest.json"),
-    "path escapes the bundle": (_manifest_edit(lambda m: m["files"].update({"../../etc/passwd": {"size": 1}})),
-                                r"escapes"),
-    "hash list emptied": (_manifest_edit(lambda m: m.update(files={})), r"lists no files"),
-}
+BUNDLE_DAMAGE = {name: (fn, pattern, what) for name, what, fn, pattern in make_corpus.bundle_cases()}
+_flip_byte, _truncate = make_corpus._flip_byte, make_corpus._truncate
 
 
 @pytest.mark.parametrize("damage", list(BUNDLE_DAMAGE))
-def test_damaged_bundle_is_refused_by_verify_and_load(bundle, tmp_path, damage, capsys):
+def test_damaged_bundle_is_refused_by_verify_and_load(rows, bundle, tmp_path, damage, capsys):
     bad = tmp_path / "bundle"
     shutil.copytree(bundle, bad)
-    fn, pattern = BUNDLE_DAMAGE[damage]
+    fn, pattern, what = BUNDLE_DAMAGE[damage]
     fn(bad)
     assert cli(["verify", str(bad)]) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err, re.I), err
     msg = _refused(lambda: Runtime.load(bad, backend="onnxruntime"), BundleError, pattern)
-    ROWS.append([f"bundle: {damage}", "verify + Runtime.load", "BundleError (exit 2)", msg[:90]])
+    rows.append([f"bundle: {what}", "verify + Runtime.load", "BundleError (exit 2)", msg[:90]])
 
 
 def test_intact_bundle_still_verifies(bundle, capsys):
@@ -154,13 +134,13 @@ def _edit_json(p: Path, **kw) -> None:
 
 
 @pytest.mark.parametrize("damage", list(CKPT_DAMAGE))
-def test_damaged_checkpoint_is_refused(ckpt, tmp_path, damage):
+def test_damaged_checkpoint_is_refused(rows, ckpt, tmp_path, damage):
     bad = tmp_path / "ckpt"
     shutil.copytree(ckpt, bad)
     fn, pattern = CKPT_DAMAGE[damage]
     fn(bad)
     msg = _refused(lambda: NVILAModel.from_pretrained(bad), CheckpointError, pattern)
-    ROWS.append([f"checkpoint: {damage}", "from_pretrained", "CheckpointError", msg[:90]])
+    rows.append([f"checkpoint: {damage}", "from_pretrained", "CheckpointError", msg[:90]])
 
 
 # ---- kill -9 mid-write ------------------------------------------------------------------------------------
@@ -201,7 +181,7 @@ def _same_weights(a: NVILAModel, b: NVILAModel) -> bool:
     return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
-def test_kill9_mid_save_pretrained_keeps_the_previous_checkpoint(tmp_path, tiny_model, tokenizer):
+def test_kill9_mid_save_pretrained_keeps_the_previous_checkpoint(rows, tmp_path, tiny_model, tokenizer):
     target = tmp_path / "ckpt"
     tiny_model.save_pretrained(target, tokenizer=tokenizer)
     waited = _kill_mid_write("save_pretrained", target)
@@ -210,18 +190,18 @@ def test_kill9_mid_save_pretrained_keeps_the_previous_checkpoint(tmp_path, tiny_
     assert _same_weights(NVILAModel.from_pretrained(target), tiny_model)
     with pytest.raises(CheckpointError):
         NVILAModel.from_pretrained(tmp_path / junk[0])  # the half-written folder is not a checkpoint
-    ROWS.append(["kill -9 inside save_pretrained", "from_pretrained", "previous checkpoint loads, same weights",
+    rows.append(["kill -9 inside save_pretrained", "from_pretrained", "previous checkpoint loads, same weights",
                  f"child killed after {waited:.1f} s; leftover {len(junk)} hidden temp folder"])
 
 
-def test_kill9_right_after_the_swap_leaves_the_new_complete_checkpoint(tmp_path, tiny_model, tokenizer):
+def test_kill9_right_after_the_swap_leaves_the_new_complete_checkpoint(rows, tmp_path, tiny_model, tokenizer):
     target = tmp_path / "ckpt"
     tiny_model.save_pretrained(target, tokenizer=tokenizer)
     _kill_mid_write("swap", target, label="SWAPPED")
     _leftovers(target)
     new = NVILAModel.from_pretrained(target)  # the seed-1 model, complete (one atomic exchange)
     assert not _same_weights(new, tiny_model)
-    ROWS.append(["kill -9 between the swap and the cleanup", "from_pretrained", "new checkpoint complete",
+    rows.append(["kill -9 between the swap and the cleanup", "from_pretrained", "new checkpoint complete",
                  "renameat2(RENAME_EXCHANGE): no moment without a checkpoint"])
 
 
@@ -236,7 +216,7 @@ def calibrated(tmp_path_factory, tiny_model, tokenizer):
 
 
 @pytest.mark.parametrize("damage", ["pickle with a code payload", "truncated"])
-def test_tampered_modelopt_state_is_refused_without_running_code(calibrated, tmp_path, damage):
+def test_tampered_modelopt_state_is_refused_without_running_code(rows, calibrated, tmp_path, damage):
     """The calibrated folder's ModelOpt state is read with torch.load(weights_only=True): never code."""
     import pickle
 
@@ -254,10 +234,10 @@ def test_tampered_modelopt_state_is_refused_without_running_code(calibrated, tmp
     state.write_bytes(pickle.dumps(Payload()) if damage.startswith("pickle") else state.read_bytes()[:100])
     msg = _refused(lambda: load_calibrated(bad), CheckpointError, r"not a plain ModelOpt state.*calibrate")
     assert not marker.exists() and "weights_only=False)" in msg
-    ROWS.append([f"calibrated: modelopt_state.pt {damage}", "load_calibrated", "CheckpointError", msg[:90]])
+    rows.append([f"calibrated: modelopt_state.pt {damage}", "load_calibrated", "CheckpointError", msg[:90]])
 
 
-def test_kill9_mid_calibrate_save_keeps_the_previous_calibration(calibrated, tmp_path):
+def test_kill9_mid_calibrate_save_keeps_the_previous_calibration(rows, calibrated, tmp_path):
     from nvila_edge.calibration import load_calibrated
 
     target = tmp_path / "calibrated"
@@ -269,11 +249,11 @@ def test_kill9_mid_calibrate_save_keeps_the_previous_calibration(calibrated, tmp
     assert load_calibrated(target).config.name
     with pytest.raises(CheckpointError):
         load_calibrated(tmp_path / junk[0])
-    ROWS.append(["kill -9 inside calibrate (save step)", "load_calibrated", "previous calibration intact (bytes)",
+    rows.append(["kill -9 inside calibrate (save step)", "load_calibrated", "previous calibration intact (bytes)",
                  f"child killed after {waited:.1f} s"])
 
 
-def test_kill9_mid_export_keeps_the_previous_bundle(calibrated, tmp_path, capsys):
+def test_kill9_mid_export_keeps_the_previous_bundle(rows, calibrated, tmp_path, capsys):
     from nvila_edge.export import export_bundle
 
     target = tmp_path / "bundle"
@@ -288,13 +268,38 @@ def test_kill9_mid_export_keeps_the_previous_bundle(calibrated, tmp_path, capsys
     with pytest.raises(BundleError, match="no manifest.json"):
         Bundle.open(tmp_path / junk[0])  # the interrupted export is not a bundle
     capsys.readouterr()
-    ROWS.append(["kill -9 inside export_bundle", "verify + Runtime.load", "previous bundle verifies and runs",
+    rows.append(["kill -9 inside export_bundle", "verify + Runtime.load", "previous bundle verifies and runs",
                  f"child killed after {waited:.1f} s"])
 
 
-def test_zz_artifact_table(capsys, tmp_path_factory):
-    if not ROWS:
-        pytest.skip("run with the other tests of this file")
-    report("artifact_table.md", f"artifact checks: {len(ROWS)} cases\n"
-           + table(ROWS, ["case", "checked by", "outcome", "detail"]), capsys, tmp_path_factory.getbasetemp())
-    assert np.all([r[2] for r in ROWS])
+def test_signed_bundle_verifies_only_with_its_key(rows, bundle, tmp_path, capsys):
+    """Hashes catch accidents; a deliberate edit that re-hashes the manifest passes them and only the signature
+    (``nvila-edge verify --key``) catches it."""
+    pytest.importorskip("cryptography")
+    from nvila_edge.bundle import BundleWriter
+    from nvila_edge.signing import SIGNATURE, generate_key, sign_manifest
+
+    key, other = generate_key(tmp_path / "key.pem"), generate_key(tmp_path / "other.pem")
+    signed = tmp_path / "signed"
+    shutil.copytree(bundle, signed)
+    sign_manifest(signed, key)
+    assert cli(["verify", str(signed), "--key", f"{key}.pub"]) == 0 and "signature: OK" in capsys.readouterr().out
+    assert cli(["verify", str(signed), "--key", str(key)]) == 0  # the private key verifies too (its public half)
+    assert cli(["verify", str(signed), "--key", f"{other}.pub"]) == 2 and "does not match" in capsys.readouterr().err
+    assert cli(["verify", str(bundle), "--key", f"{key}.pub"]) == 2 and "not signed" in capsys.readouterr().err
+    # the attacker's edit: a longer context, the manifest re-hashed so every hash holds
+    make_corpus._manifest_edit(make_corpus._config_set("context_length", 65536), rehash=True)(signed)
+    assert cli(["verify", str(signed)]) == 0  # the hashes alone cannot tell
+    capsys.readouterr()
+    msg = _refused(lambda: Bundle.open(signed, key=f"{key}.pub"), BundleError, r"signature does not match")
+    assert cli(["verify", str(signed), "--key", f"{key}.pub"]) == 2
+    (signed / SIGNATURE).write_text("garbage!")
+    _refused(lambda: Bundle.open(signed, key=f"{key}.pub"), BundleError, r"signature does not match")
+    _refused(lambda: Bundle.open(signed, key=tmp_path / "key.pem.missing"), BundleError, r"cannot read the key")
+    # BundleWriter(sign_key=...) writes the signature inside the atomic directory
+    b = Bundle.open(bundle)
+    with BundleWriter(tmp_path / "w", b.config, sign_key=key) as w:
+        w.path_for("cpu/x.bin").write_bytes(b"x")
+        w.add_target("cpu", files={"x": "cpu/x.bin"}, precision="fp32")
+    assert Bundle.open(tmp_path / "w", key=f"{key}.pub").manifest["files"]["cpu/x.bin"]["size"] == 1
+    rows.append(["bundle: config edited and manifest re-hashed", "verify --key", "BundleError (exit 2)", msg[:90]])

@@ -69,19 +69,23 @@ def test_same_greedy_tokens_as_torch(ort_rt, torch_rt, case, one_thread):
 def test_components_match_torch(ort_rt, tiny_model, one_thread):
     be, ref = ort_rt.backend, TorchBackend(tiny_model)
     px = np.random.default_rng(0).standard_normal((3, 3, 448, 448)).astype(np.float32)
-    np.testing.assert_allclose(be.encode_tiles(px), ref.encode_tiles(px), atol=2e-4)
+    np.testing.assert_allclose(be.encode_tiles(px), ref.to_numpy(ref.encode_tiles(px)), atol=2e-4)
     f = np.random.default_rng(1).standard_normal((2, 1024, tiny_model.config.mm_hidden_size)).astype(np.float32)
     np.testing.assert_allclose(be.project(f), ref.project(f), atol=1e-4)
     ids = np.asarray([1, 5, 198, 300])
     np.testing.assert_allclose(be.embed_tokens(ids), ref.embed_tokens(ids), atol=1e-6)
     e = ref.embed_tokens(np.arange(20))[None]
-    be.reset(), ref.reset()
-    np.testing.assert_allclose(be.prefill(e[:, :13]), ref.prefill(e[:, :13]), atol=1e-3)
-    np.testing.assert_allclose(be.prefill(e[:, 13:]), ref.prefill(e[:, 13:]), atol=1e-3)  # prefill on a cache
-    np.testing.assert_allclose(be.decode_step(7), ref.decode_step(7), atol=1e-3)
-    be.truncate(10), ref.truncate(10)
-    assert be.cache_length == ref.cache_length == 10
-    np.testing.assert_allclose(be.decode_step(9), ref.decode_step(9), atol=1e-3)
+    cb, cr = be.new_cache(), ref.new_cache()
+
+    def same(a, b):
+        np.testing.assert_allclose(a, ref.to_numpy(b), atol=1e-3)
+
+    same(be.prefill(e[:, :13], cb), ref.prefill(e[:, :13], cr))
+    same(be.prefill(e[:, 13:], cb), ref.prefill(e[:, 13:], cr))  # prefill on a cache
+    same(be.decode_step(7, cb), ref.decode_step(7, cr))
+    cb.truncate(10), cr.truncate(10)
+    assert cb.length == cr.length == 10
+    same(be.decode_step(9, cb), ref.decode_step(9, cr))
 
 
 def test_kv_buffers_grow_without_changing_results(bundle, tiny_model, one_thread):
@@ -91,11 +95,13 @@ def test_kv_buffers_grow_without_changing_results(bundle, tiny_model, one_thread
     small = OrtBackend.from_bundle(b, threads=1, capacity=8)
     big = OrtBackend.from_bundle(b, threads=1)
     e = big.embed_tokens(np.arange(30))[None]
-    np.testing.assert_allclose(small.prefill(e[:, :6]), big.prefill(e[:, :6]), atol=1e-5)
-    np.testing.assert_allclose(small.prefill(e[:, 6:]), big.prefill(e[:, 6:]), atol=1e-5)  # 8 → 32 positions
+    cs, cb = small.new_cache(), big.new_cache()
+    assert cs.capacity == small.describe()["kv_capacity"] == 8
+    np.testing.assert_allclose(small.prefill(e[:, :6], cs), big.prefill(e[:, :6], cb), atol=1e-5)
+    np.testing.assert_allclose(small.prefill(e[:, 6:], cs), big.prefill(e[:, 6:], cb), atol=1e-5)  # 8 → 32 positions
     for t in (3, 4, 5):
-        np.testing.assert_allclose(small.decode_step(t), big.decode_step(t), atol=1e-5)
-    assert small.describe()["kv_capacity"] == 64 and small.cache_length == 33  # 8 → 32 → 64
+        np.testing.assert_allclose(small.decode_step(t, cs), big.decode_step(t, cb), atol=1e-5)
+    assert cs.capacity == 64 and cs.length == 33  # 8 → 32 → 64
 
 
 def test_long_prefill_runs_in_chunks_with_the_same_logits(bundle, tiny_model, monkeypatch, one_thread):
@@ -109,19 +115,20 @@ def test_long_prefill_runs_in_chunks_with_the_same_logits(bundle, tiny_model, mo
     runs = []
     real = be._run
     monkeypatch.setattr(be, "_run", lambda x, c: runs.append(x.shape[1]) or real(x, c))
-    chunked = be.prefill(e)
-    assert runs == [chunk, chunk, 17] and be.cache_length == e.shape[1]
-    after = be.decode_step(5)
+    cache = be.new_cache()
+    chunked = be.prefill(e, cache)
+    assert runs == [chunk, chunk, 17] and cache.length == e.shape[1]
+    after = be.decode_step(5, cache)
     monkeypatch.setattr(ob, "PREFILL_CHUNK", 10_000)
-    be.reset()
-    whole = be.prefill(e)
+    cache.clear()
+    whole = be.prefill(e, cache)
     assert runs[-1] == e.shape[1]
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(be.decode_step(5), after, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(be.decode_step(5, cache), after, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(ob, "PREFILL_CHUNK", chunk)
-    be.reset()
+    cache.clear()
     runs.clear()
-    be.prefill(e[:, :chunk])  # exactly one chunk: one run
+    be.prefill(e[:, :chunk], cache)  # exactly one chunk: one run
     assert runs == [chunk]
 
 
@@ -134,28 +141,6 @@ def test_session_on_ort_equals_fresh_prompt(ort_rt, bundle, one_thread):
     conv = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": a1.text},
             {"role": "user", "content": "And then?"}]
     assert a2.token_ids == fresh_rt.generate(conv, images=[img], max_new_tokens=6).token_ids
-
-
-def test_interleaved_sessions_on_ort(ort_rt, bundle, one_thread):
-    """Two sessions' turns and a one-shot request between them: each answers as it would alone."""
-    alone = Runtime.load(bundle, backend="onnxruntime", threads=1)
-    img = random_image(320, 240, seed=9)
-
-    def conversation(rt):
-        a, b = rt.session(), rt.session()
-        out = [a.generate("What is it?", images=[img], max_new_tokens=5).token_ids,
-               b.generate("Say a word.", max_new_tokens=5).token_ids]
-        out.append(rt.generate("One-shot question.", max_new_tokens=4).token_ids)
-        out += [a.generate("And then?", max_new_tokens=5).token_ids, b.generate("Another.", max_new_tokens=5).token_ids]
-        return out
-
-    got = conversation(ort_rt)
-    sa, sb = alone.session(), alone.session()
-    want = [sa.generate("What is it?", images=[img], max_new_tokens=5).token_ids]
-    want.append(sa.generate("And then?", max_new_tokens=5).token_ids)
-    want += [sb.generate("Say a word.", max_new_tokens=5).token_ids, sb.generate("Another.", max_new_tokens=5).token_ids]
-    one = alone.generate("One-shot question.", max_new_tokens=4).token_ids
-    assert [got[0], got[3], got[1], got[4], got[2]] == want + [one]
 
 
 def test_video_stream_on_ort(ort_rt, one_thread):
@@ -176,13 +161,14 @@ def test_int4_decoder_agrees_with_torch(tmp_path, tiny_model, tokenizer, one_thr
     assert rt.bundle.target("cpu")["io"]["decoder"]["precision"] == "int4"
     ref = TorchBackend(tiny_model)
     embeds = rt.embed(rt.plan("Describe the picture in detail.", images=[random_image(300, 300, seed=4)]).inputs)
-    ours, theirs = rt.backend.prefill(embeds), ref.prefill(embeds)
+    co, ct = rt.backend.new_cache(), ref.new_cache()
+    ours, theirs = rt.backend.prefill(embeds, co), ref.to_numpy(ref.prefill(embeds, ct))
     cos, top5 = [], []
     for _ in range(40):
         cos.append(float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs)))
         tok = int(np.argmax(theirs))
         top5.append(tok in np.argsort(ours)[-5:])
-        ours, theirs = rt.backend.decode_step(tok), ref.decode_step(tok)
+        ours, theirs = rt.backend.decode_step(tok, co), ref.to_numpy(ref.decode_step(tok, ct))
     assert np.mean(cos) >= 0.98 and np.mean(top5) >= 0.95, (np.mean(cos), np.mean(top5))
 
 

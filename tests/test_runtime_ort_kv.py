@@ -74,21 +74,21 @@ def _reference(model, embeds):
 
 def test_present_to_past_decoding_matches_full_recompute(toy):
     model, be, table = toy
-    be.reset()
+    cache = be.new_cache()
     assert be.describe()["kv"] == "present→past"
     seq = table[[1, 2, 3, 4, 5]][None]
-    np.testing.assert_allclose(be.prefill(seq), _reference(model, seq), atol=1e-5)
+    np.testing.assert_allclose(be.prefill(seq, cache), _reference(model, seq), atol=1e-5)
     more = table[[6, 7]][None]  # a second prefill on top of the cache (a session turn)
     seq = np.concatenate([seq, more], axis=1)
-    np.testing.assert_allclose(be.prefill(more), _reference(model, seq), atol=1e-5)
+    np.testing.assert_allclose(be.prefill(more, cache), _reference(model, seq), atol=1e-5)
     for tok in (8, 9):
         seq = np.concatenate([seq, table[[tok]][None]], axis=1)
-        np.testing.assert_allclose(be.decode_step(tok), _reference(model, seq), atol=1e-5)
-    assert be.cache_length == 9
-    be.truncate(4)  # roll back: the kept past is copied into fresh inputs
+        np.testing.assert_allclose(be.decode_step(tok, cache), _reference(model, seq), atol=1e-5)
+    assert cache.length == 9
+    cache.truncate(4)  # roll back: the kept past is copied into fresh inputs
     seq = np.concatenate([seq[:, :4], table[[10]][None]], axis=1)
-    np.testing.assert_allclose(be.decode_step(10), _reference(model, seq), atol=1e-5)
-    assert be.cache_length == 5
+    np.testing.assert_allclose(be.decode_step(10, cache), _reference(model, seq), atol=1e-5)
+    assert cache.length == 5
 
 
 def test_caller_owned_caches_interleave(toy):

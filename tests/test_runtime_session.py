@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import random_image
+from conftest import random_image, write_bundle
 from nvila_edge.errors import ContextOverflowError
 from nvila_edge.runtime import Runtime
 from conftest import Counting, make_runtime
@@ -56,9 +56,9 @@ def test_session_keeps_its_cache_across_another_call(rt, one_thread):
     img = random_image(400, 400, seed=8)
     s = rt.session(system=SYSTEM)
     a1 = s.generate("What is in the image?", images=[img], max_new_tokens=5)
-    held = s.cache_length
+    held = s.cache.length
     rt.generate("unrelated question", max_new_tokens=3)  # a one-shot request: its own (pooled) cache
-    assert s.cache_length == held
+    assert s.cache.length == held
     before = len(rt.backend.prefill_lengths)
     a2 = s.generate("Tell me more.", max_new_tokens=5)
     fresh = _fresh(rt, ["What is in the image?"], [a1.text], "Tell me more.", [img], 5)
@@ -67,7 +67,38 @@ def test_session_keeps_its_cache_across_another_call(rt, one_thread):
     assert rt.backend.prefill_lengths[before] < fresh.usage.prompt_tokens - held + 12
 
 
-def test_two_interleaved_sessions_answer_as_each_alone(rt, ref, one_thread):
+@pytest.fixture(scope="module")
+def ort_bundle(tmp_path_factory, tiny_model, tokenizer):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    return write_bundle(tmp_path_factory.mktemp("session") / "bundle", tiny_model, tokenizer)
+
+
+def _runtime(backend: str, request, tiny_model, tokenizer) -> Runtime:
+    if backend == "torch":
+        return make_runtime(tiny_model, tokenizer)
+    return Runtime.load(request.getfixturevalue("ort_bundle"), backend=backend, threads=1)
+
+
+def _interleaved(ga, gb) -> tuple[list[int], list[int]]:
+    """One event of each stream in turn (the two decode loops alternate on one backend); their token ids."""
+    ids = {id(ga): [], id(gb): []}
+    live = [ga, gb]
+    while live:
+        for g in list(live):
+            ev = next(g, None)
+            if ev is None:
+                live.remove(g)
+            elif getattr(ev, "type", None) == "finish":
+                ids[id(g)] = ev.token_ids
+    return ids[id(ga)], ids[id(gb)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_interleaved_sessions_answer_as_each_alone(backend, request, tiny_model, tokenizer, one_thread):
+    """Two sessions' turns stepped in turn, and a one-shot request between them: each answers as it would
+    alone, on every backend (each holds its own cache)."""
+    rt, ref = (_runtime(backend, request, tiny_model, tokenizer) for _ in range(2))
     img = random_image(420, 300, seed=11)
     qa = [("What is in the image?", [img]), ("And the colour?", None)]
     qb = [("Count to three.", None), ("Again, backwards.", None)]
@@ -77,23 +108,17 @@ def test_two_interleaved_sessions_answer_as_each_alone(rt, ref, one_thread):
         return [s.generate(q, images=i, max_new_tokens=5).token_ids for q, i in turns]
 
     want_a, want_b = alone(qa), alone(qb)
+    one_shot = ref.generate("One-shot question.", max_new_tokens=4).token_ids
     a, b = rt.session(system=SYSTEM), rt.session(system=SYSTEM)
     got_a, got_b = [], []
-    for (q1, i1), (q2, i2) in zip(qa, qb):
-        ga, gb = a.stream(q1, images=i1, max_new_tokens=5), b.stream(q2, images=i2, max_new_tokens=5)
-        ids = {id(ga): [], id(gb): []}
-        live = [ga, gb]
-        while live:  # one event of each in turn: the two decode loops alternate on one backend
-            for g in list(live):
-                ev = next(g, None)
-                if ev is None:
-                    live.remove(g)
-                elif getattr(ev, "type", None) == "finish":
-                    ids[id(g)] = ev.token_ids
-        got_a.append(ids[id(ga)])
-        got_b.append(ids[id(gb)])
+    for turn, ((q1, i1), (q2, i2)) in enumerate(zip(qa, qb)):
+        ta, tb = _interleaved(a.stream(q1, images=i1, max_new_tokens=5), b.stream(q2, images=i2, max_new_tokens=5))
+        got_a.append(ta)
+        got_b.append(tb)
+        if turn == 0:  # between the turns: a request on a borrowed cache touches neither session's
+            assert rt.generate("One-shot question.", max_new_tokens=4).token_ids == one_shot
     assert got_a == want_a and got_b == want_b
-    assert a.cache is not b.cache and a.cache_length != b.cache_length
+    assert a.cache is not b.cache and a.cache.length != b.cache.length
 
 
 def test_interleaved_one_shot_streams_answer_as_each_alone(rt, one_thread):
@@ -131,8 +156,8 @@ def test_reset_and_context_overflow(tiny_model, tokenizer, one_thread):
     rt = Runtime(tiny_model.config, tokenizer, Counting(tiny_model), limits={"context_length": 200})
     s = rt.session()
     s.generate("hello there", max_new_tokens=4)
-    used = s.cache_length
-    assert used > 0 and s.cache.length == used
+    used = s.cache.length
+    assert used > 0
     k = 1
     while rt.plan("what? " * k).event.prompt_tokens < 200 - used // 2:
         k += 1
@@ -142,6 +167,6 @@ def test_reset_and_context_overflow(tiny_model, tokenizer, one_thread):
     assert "already in the conversation" in str(err.value)
     assert s.cache.length == used  # refused before compute: the cache is untouched
     s.reset()
-    assert s.cache_length == 0 and s.cache.length == 0 and len(s.messages) == 1
+    assert s.cache.length == 0 and len(s.messages) == 1
     res = s.generate("hello there", max_new_tokens=4)
     assert res.token_ids == rt.generate([{"role": "user", "content": "hello there"}], max_new_tokens=4).token_ids

@@ -7,7 +7,8 @@ import pytest
 
 from nvila_edge import NVILAConfig
 from nvila_edge.errors import ConfigError, MediaError
-from nvila_edge.media.video import VideoClip, load_video, plan_video, sample_frame_indices, time_token_index
+from nvila_edge.media.video import (VideoClip, load_video, plan_video, probe_video, sample_frame_indices,
+                                    segment_frame_indices, time_token_index)
 
 try:
     import _media_helpers as H
@@ -107,6 +108,44 @@ def test_load_video_empty_frame_list_and_bad_type():
 def test_load_video_bad_frame_in_list():
     with pytest.raises(MediaError):
         load_video([np.zeros((4, 4, 3), np.uint8), b"not an image"], 2)
+
+
+def test_load_video_segment_is_the_reference_rule_inside_it(video_path):
+    """[1 s, 2 s) of 30 frames at 10 FPS: frames 10..19, sampled by the reference rule; the whole range = the
+    whole video."""
+    clip = load_video(video_path, 4, start_s=1.0, end_s=2.0)
+    assert clip.indices == [10, 13, 16, 19] and clip.timestamps == pytest.approx([1.0, 1.3, 1.6, 1.9])
+    assert [_nearest_colour(f) for f in clip.frames] == [10, 13, 16, 19]
+    assert load_video(video_path, 8, start_s=0.0, end_s=3.0).indices == load_video(video_path, 8).indices
+    assert load_video(video_path, 2, start_s=2.5).indices == [25, 29]  # to the end
+    frames = [np.full((4, 4, 3), i, np.uint8) for i in range(10)]  # a frame list: one frame a second
+    assert load_video(frames, 2, start_s=2, end_s=6).indices == [2, 5]
+
+
+@pytest.mark.parametrize("start,end,match", [(-1.0, 2.0, "bad video segment"), (2.0, 2.0, "bad video segment"),
+                                             (3.0, None, "after the video's end"), (5.0, 9.0, "after the video's end")])
+def test_bad_segment(video_path, start, end, match):
+    with pytest.raises(MediaError, match=match):
+        load_video(video_path, 4, start_s=start, end_s=end)
+    with pytest.raises(MediaError, match=match):
+        segment_frame_indices(30, 10.0, 4, start, end)
+
+
+def test_container_frame_count_that_is_wrong(tmp_path):
+    """An AVI of 12 frames whose headers say 20: probing and sampling (whole video or its last segment) use the
+    12 that decode."""
+    cv2 = pytest.importorskip("cv2")
+    bgr = [np.full((48, 64, 3), c[::-1], np.uint8) for c in COLOURS[:12]]
+    path = H.write_avi_declaring(tmp_path / "lying.avi", bgr, declared=20, fps=10.0)
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 20
+    cap.release()
+    info = probe_video(path)
+    assert (info.frame_count, info.fps, info.duration_s) == (12, pytest.approx(10.0), pytest.approx(1.2))
+    whole = load_video(path, 4)
+    assert whole.frame_count == 12 and whole.indices == [0, 4, 7, 11]
+    tail = load_video(path, 3, start_s=0.6, end_s=2.0)  # past the real end: clamped to frame 11
+    assert tail.indices == [6, 8, 11] and [_nearest_colour(f) for f in tail.frames] == [6, 8, 11]
 
 
 def test_missing_video(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_runtime
 from nvila_edge.errors import MediaError
-from nvila_edge.media.video import load_video
+from nvila_edge.media.video import load_video, probe_video
 from nvila_edge.training import synthetic_video as sv
 from nvila_edge.training.synthetic import SyntheticConfig
 
@@ -59,11 +59,11 @@ def test_video_question_without_a_video_is_media_error(rt):
 
 def test_heldout_clip_answer_times(tmp_path):
     """The seconds a time-token answer names on a held-out clip: <tK> is the K-th sampled frame's time."""
-    from nvila_edge.apps.video_qa import probe, time_tokens_to_seconds
+    from nvila_edge.apps.video_qa import time_tokens_to_seconds
 
     cfg = SyntheticConfig()
     path = _clip(tmp_path / "c.mp4", cfg.num_frames)
-    info = probe(path)
+    info = probe_video(path)
     times = load_video(path, cfg.sampled_frames).timestamps
     secs, text = time_tokens_to_seconds("<t2> to <t5>", times, cfg.num_time_tokens)
     assert np.allclose(secs, [times[2], times[5]], atol=0.06)  # <tK> = the K-th sampled frame, to 0.06 s

@@ -9,10 +9,26 @@ import numpy as np
 import pytest
 
 from nvila_edge import NVILAConfig, NVILATokenizer
-from nvila_edge.apps.video_qa import VideoQA, load_segment, probe, time_tokens_to_seconds
+from nvila_edge.apps.video_qa import VideoQA, time_tokens_to_seconds
+from nvila_edge.media.video import load_video, probe_video
+
+try:
+    import _media_helpers as H
+except ImportError:  # tests/ is a package
+    from tests import _media_helpers as H
 
 cv2 = pytest.importorskip("cv2")
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "video_qa.py"
+
+
+def _frames(n: int) -> list[np.ndarray]:
+    """``n`` BGR frames whose blue channel encodes their index (5 * i)."""
+    out = []
+    for i in range(n):
+        f = np.zeros((64, 96, 3), np.uint8)
+        f[:, :, 0] = 5 * i
+        out.append(f)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +36,7 @@ def video(tmp_path_factory) -> Path:
     """8 s at 5 FPS: a circle appears at 3 s; each frame's blue channel encodes its index."""
     path = tmp_path_factory.mktemp("vqa") / "long.mp4"
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 64))
-    for i in range(40):
-        f = np.zeros((64, 96, 3), np.uint8)
-        f[:, :, 0] = 5 * i  # BGR blue = frame index
+    for i, f in enumerate(_frames(40)):
         if i >= 15:
             cv2.circle(f, (48, 32), 12, (0, 255, 0), -1)
         w.write(f)
@@ -31,9 +45,9 @@ def video(tmp_path_factory) -> Path:
 
 
 def test_probe_and_segment_sampling(video):
-    info = probe(video)
+    info = probe_video(video)
     assert info.frame_count == 40 and info.fps == pytest.approx(5.0) and info.duration_s == pytest.approx(8.0)
-    clip = load_segment(info, 4.0, 8.0, 8)
+    clip = load_video(video, 8, start_s=4.0, end_s=8.0)
     assert clip.indices[0] == 20 and clip.indices[-1] == 39 and len(clip.frames) == 8
     assert clip.timestamps[0] == pytest.approx(4.0) and clip.timestamps[-1] == pytest.approx(7.8)
     assert abs(int(clip.frames[0][0, 0, 2]) - 100) <= 6  # RGB: blue is channel 2; frame 20 → 100 (lossy codec)
@@ -65,7 +79,32 @@ def test_segments_and_time_tokens_with_a_time_token_model(video, one_thread):
     for a in answers:
         marked = time_tokens_to_seconds(a.text, a.frame_times_s, 8)
         assert (a.times_s, a.text_with_times) == marked
-    assert len(qa.segments(probe(video), segment_s=3.0)) == 3
+    assert len(qa.segments(probe_video(video), segment_s=3.0)) == 3
+
+
+def test_a_container_frame_count_that_is_wrong(tmp_path, tiny_model, tokenizer, one_thread):
+    """40 frames in an AVI whose headers say 50: VideoQA reads the frames that decode, as ``rt.generate`` does —
+    the whole video answers like ``rt.generate(video=path)`` and the last segment ends on the last real frame."""
+    from conftest import make_runtime
+
+    path = H.write_avi_declaring(tmp_path / "lying.avi", _frames(40), declared=50)
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 50  # the container really lies
+    cap.release()
+    info = probe_video(path)
+    assert (info.frame_count, info.duration_s) == (40, pytest.approx(8.0))
+    rt = make_runtime(tiny_model, tokenizer)
+    qa = VideoQA(rt)
+    q = "What happens?"
+    (whole,) = qa.ask(path, q, segments=1, max_new_tokens=4)
+    ref = rt.generate(q, video=str(path), max_new_tokens=4)
+    assert (whole.text, whole.prompt_tokens) == (ref.text, ref.usage.prompt_tokens)
+    assert whole.frame_times_s[-1] == pytest.approx(39 / 5)
+    first, last = qa.ask(path, q, segments=2, max_new_tokens=4)
+    assert last.frame_times_s[0] == pytest.approx(4.0) and last.frame_times_s[-1] == pytest.approx(39 / 5)
+    clip = load_video(path, qa.num_frames, start_s=last.start_s, end_s=last.end_s)
+    assert abs(int(clip.frames[-1][0, 0, 2]) - 5 * 39) <= 6  # the real last frame (RGB: blue is channel 2)
+    assert last.text == rt.generate(q, video=clip, max_new_tokens=4).text
 
 
 def test_sample_on_a_tiny_bundle(video, tmp_path, tiny_model, tokenizer, capsys, one_thread):

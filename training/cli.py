@@ -24,9 +24,20 @@ def cmd_train(args) -> int:
     from nvila_edge.training.recipe import Recipe
     from nvila_edge.training.trainer import run_recipe
 
+    if args.estimate:
+        from nvila_edge.config import NVILAConfig
+        from nvila_edge.training.memory import estimate_report
+        from nvila_edge.training.recipe import nvila_recipe
+
+        recipe = Recipe.load(args.recipe) if args.recipe else nvila_recipe(preset=args.preset)
+        print(estimate_report(NVILAConfig.from_preset(args.preset), recipe, args.gpus, args.gpu_mem, args.stage))
+        return 0
+    if not args.recipe or not args.output:
+        raise SystemExit("nvila-edge train: --recipe and -o/--output are required (or use --estimate)")
     recipe = Recipe.load(args.recipe)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    results = run_recipe(recipe, args.output, stages=stages, on_error=args.on_error)
+    results = run_recipe(recipe, args.output, stages=stages, on_error=args.on_error, fsdp=args.fsdp,
+                         resume=args.resume, save_steps=args.save_steps)
     for r in results:
         loss = r.metrics.get("loss_history") or [r.metrics.get("train_loss", float("nan"))]
         state = "cached" if r.skipped else f"final loss {loss[-1]:.4f}"
@@ -37,7 +48,8 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     """LoRA / QLoRA on the LLM + LayerNorm-only on the vision tower; or --estimate the memory of that run."""
     from nvila_edge.config import NVILAConfig
-    from nvila_edge.training.finetune import FinetuneConfig, finetune
+    from nvila_edge.training.finetune import finetune
+    from nvila_edge.training.finetune_config import FinetuneConfig
 
     # one config for both: --estimate shows the step the run with the same flags makes
     cfg = FinetuneConfig(mode=args.mode, r=args.r, alpha=args.alpha, dropout=args.dropout, learning_rate=args.lr,
@@ -94,10 +106,20 @@ def add_parser(sub) -> None:
     md.set_defaults(func=cmd_make_data)
 
     tr = sub.add_parser("train", help="run a training recipe (any subset of the five NVILA stages)")
-    tr.add_argument("--recipe", required=True, help="recipe YAML / JSON")
-    tr.add_argument("-o", "--output", required=True, help="folder for the stage checkpoints")
+    tr.add_argument("--recipe", help="recipe YAML / JSON")
+    tr.add_argument("-o", "--output", help="folder for the stage checkpoints")
     tr.add_argument("--stages", help="comma-separated stage names (default: all)")
     tr.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="bad data lines: skip (reported) or fail")
+    tr.add_argument("--fsdp", choices=("full_shard", "shard_grad_op", "no"),
+                    help="under torchrun: shard weights, gradients and AdamW state over the ranks (default: the recipe's)")
+    tr.add_argument("--save-steps", type=int, help="FSDP: sharded mid-stage saves every N steps (default: the recipe's)")
+    tr.add_argument("--resume", action="store_true", help="FSDP: continue a stage from its latest complete save")
+    tr.add_argument("--estimate", action="store_true",
+                    help="print the per-GPU memory of --stage under DDP and FSDP at --gpus GPUs and exit")
+    tr.add_argument("--preset", default="nvila-8b", choices=sorted(PRESETS), help="model for --estimate")
+    tr.add_argument("--stage", type=int, help="--estimate: the stage's number (1-5) in the recipe (default: all)")
+    tr.add_argument("--gpus", type=int, default=8, help="--estimate: GPUs (world size)")
+    tr.add_argument("--gpu-mem", type=float, default=80.0, help="--estimate: memory of one GPU in GB")
     tr.set_defaults(func=cmd_train)
 
     ft = sub.add_parser("finetune", help="LoRA / QLoRA + ViT-LayerNorm fine-tuning, or --estimate its memory")

@@ -32,10 +32,8 @@ from nvila_edge.io import atomic_directory
 from nvila_edge.optional import require
 
 from .data import DataIssue, NVILACollator, NVILADataset, read_jsonl
-# the settings live in finetune_config.py; imported from here as before
-from .finetune_config import MODES, QWEN2_LINEARS, VIT_FROZEN_NAME_PARTS, VIT_LR_RATIO_RANGE  # noqa: F401
-from .finetune_config import FinetuneConfig, tile_capped_config
-from .trainer import _seed_everything, training_arguments
+from .finetune_config import QWEN2_LINEARS, VIT_FROZEN_NAME_PARTS, FinetuneConfig, tile_capped_config
+from .trainer import training_arguments
 
 log = logging.getLogger("nvila_edge.training")
 
@@ -259,7 +257,9 @@ def finetune(checkpoint: str | Path, data: str | Path | Sequence[str | Path], ou
     log.info("fine-tune memory estimate (limit %.2f GB):\n%s", limit / 1e9, estimate.table())
     dtype = getattr(torch, base_config.model_dtype) if device == "cuda" else torch.float32
     model = NVILAModel.from_pretrained(checkpoint, dtype=dtype)
-    _seed_everything(config.seed)
+    from transformers import set_seed
+
+    set_seed(config.seed)
     groups = prepare_model(model, config)
     trainable = {name: sum(p.numel() for p in ps) for name, ps in groups.items()}
     optimizer = torch.optim.AdamW(param_groups(groups, config))

@@ -14,6 +14,7 @@ weight is loaded when that estimate exceeds the device's memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -174,6 +175,67 @@ def vit_layer_activation_bytes(config: NVILAConfig, tokens: int, act: int) -> fl
                      + 4 * v.num_attention_heads)
 
 
+def _projector_activation_bytes(config: NVILAConfig, n_vis: int, patch_tokens: int, act: int, trained: bool) -> float:
+    """What the projector keeps for backward over ``n_vis`` visual tokens: LayerNorm and GELU inputs, the
+    linears' inputs when it trains, and for Dynamic-S2 the per-scale maps the area resize keeps."""
+    c = config.llm
+    cin = config.projector.downsample ** 2 * config.mm_hidden_size  # after space-to-channel
+    if config.projector.downsample == 2:  # LayerNorm(4C) → Linear → GELU → Linear
+        norm_in, gelu_in, linear_in = (cin,), (c.hidden_size,), (cin, c.hidden_size)
+    else:  # LayerNorm(9C) → Linear → GELU → LayerNorm(3C) → Linear → GELU → Linear
+        mid = 3 * config.mm_hidden_size
+        norm_in, gelu_in, linear_in = (cin, mid), (mid, c.hidden_size), (cin, mid, c.hidden_size)
+    out = n_vis * (sum(norm_in) * act + 8 * len(norm_in) + sum(gelu_in) * act)  # LayerNorm + GELU inputs
+    if trained:
+        out += n_vis * sum(linear_in) * act  # the trained linears keep their (LayerNorm / GELU output) inputs
+    if config.preprocessing.image_aspect_ratio == "dynamic_s2":
+        out += patch_tokens * config.vision.hidden_size * act  # per-scale maps kept by the area resize
+    return out
+
+
+def _activation_parts(config: NVILAConfig, batch_size: int, tiles: int, seq_len: int, answer_tokens: int, act: int,
+                      llm_layer: float, vit_layer: float | None, proj_act: float, gradient_checkpointing: bool,
+                      tile_batch_size: int | None, loss_chunk_tokens: int) -> tuple[dict[str, int], str]:
+    """The activation parts of a step (``estimate_finetune_memory``'s docstring says what each is) from one LLM
+    layer's and one ViT layer's saved bytes (``vit_layer=None``: the tower keeps nothing, it is not in the
+    backward) and the projector's; and the phase that makes the peak."""
+    c, v = config.llm, config.vision
+    L = c.num_hidden_layers
+    head_dim = c.hidden_size // c.num_attention_heads
+    tokens = batch_size * seq_len
+    patch_tokens = batch_size * tiles * v.grid ** 2
+    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
+    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
+    answers = batch_size * answer_tokens
+    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act  # docstring
+    parts: dict[str, int] = {}
+    if not gradient_checkpointing:
+        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
+        parts["activations: vision tower"] = int(used * vit_layer if vit_layer is not None else 0)
+        parts["activations: projector"] = int(proj_act)
+        parts["activations: logits + loss"] = int(logits)
+        return parts, "backward start"
+    llm_keep = L * tokens * c.hidden_size * act + llm_fixed
+    vit_keep = used * patch_tokens * v.hidden_size * act if vit_layer is not None else 0
+    # peak phase: start of backward (logits), LLM layer recompute, or ViT layer recompute (by then the
+    # LLM checkpoints and the projector's tensors are freed)
+    mlp_grads = 3 * tokens * c.intermediate_size * act  # backward temporaries inside the recomputed layer
+    phases = {"logits": logits, "LLM layer recompute": llm_layer + mlp_grads}
+    if vit_layer is not None:
+        # the vision tower runs (and recomputes) tile_batch_size tiles at a time
+        if tile_batch_size is None:
+            tile_batch_size = max(1, 8192 // v.grid ** 2)
+        n_tiles = batch_size * tiles
+        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
+        phases["ViT layer recompute"] = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act) - llm_keep - proj_act
+    peak_phase = max(phases, key=phases.get)
+    parts["activations: LLM layer inputs"] = int(llm_keep)
+    parts["activations: vision layer inputs"] = int(vit_keep)
+    parts["activations: projector"] = int(proj_act)
+    parts[f"activations: peak ({peak_phase})"] = int(max(phases.values()))
+    return parts, peak_phase
+
+
 def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 64, batch_size: int = 1,
                              seq_len: int | None = None, tiles: int | None = None, gradient_checkpointing: bool = True,
                              train_projector: bool = False, optimizer: str = "adamw", dropout: float = 0.05,
@@ -262,51 +324,12 @@ def estimate_finetune_memory(config: NVILAConfig, mode: str = "qlora", r: int = 
     # ---- activations
     tokens = batch_size * seq_len
     patch_tokens = batch_size * tiles * v.grid ** 2
-    used = v.num_hidden_layers + 1 + v.select_layer if v.select_layer < 0 else v.select_layer
     llm_layer = llm_layer_activation_bytes(config, tokens, r, dropout, act, targets, device)
     vit_layer = vit_layer_activation_bytes(config, patch_tokens, act)
-    llm_fixed = tokens * (4 * c.hidden_size + 4) + 2 * tokens * head_dim * 4  # final RMSNorm; RoPE cos/sin (fp32)
-    answers = batch_size * answer_tokens
-    logits = min(answers, loss_chunk_tokens) * c.vocab_size * 12 + 2 * answers * c.hidden_size * act  # docstring
-
-    n_vis = batch_size * vis_tokens
-    cin = config.projector.downsample ** 2 * config.mm_hidden_size  # after space-to-channel
-    if config.projector.downsample == 2:  # LayerNorm(4C) → Linear → GELU → Linear
-        norm_in, gelu_in, linear_in = (cin,), (c.hidden_size,), (cin, c.hidden_size)
-    else:  # LayerNorm(9C) → Linear → GELU → LayerNorm(3C) → Linear → GELU → Linear
-        mid = 3 * config.mm_hidden_size
-        norm_in, gelu_in, linear_in = (cin, mid), (mid, c.hidden_size), (cin, mid, c.hidden_size)
-    proj_act = n_vis * (sum(norm_in) * act + 8 * len(norm_in) + sum(gelu_in) * act)  # LayerNorm + GELU inputs
-    if train_projector:
-        proj_act += n_vis * sum(linear_in) * act  # the trained linears keep their (LayerNorm / GELU output) inputs
-    if config.preprocessing.image_aspect_ratio == "dynamic_s2":
-        proj_act += patch_tokens * v.hidden_size * act  # per-scale maps kept by the area resize
-
-    if gradient_checkpointing:
-        llm_keep = L * tokens * c.hidden_size * act + llm_fixed
-        vit_keep = used * patch_tokens * v.hidden_size * act
-        # peak phase: start of backward (logits), LLM layer recompute, or ViT layer recompute (by then the
-        # LLM checkpoints and the projector's tensors are freed)
-        mlp_grads = 3 * tokens * c.intermediate_size * act  # backward temporaries inside the recomputed layer
-        # the vision tower runs (and recomputes) tile_batch_size tiles at a time
-        if tile_batch_size is None:
-            tile_batch_size = max(1, 8192 // v.grid ** 2)
-        n_tiles = batch_size * tiles
-        chunk = min(n_tiles, tile_batch_size) / n_tiles if n_tiles else 0.0
-        vit_chunk = chunk * (vit_layer + 2 * patch_tokens * v.intermediate_size * act)
-        phases = {"logits": logits, "LLM layer recompute": llm_layer + mlp_grads,
-                  "ViT layer recompute": vit_chunk - llm_keep - proj_act}
-        peak_phase = max(phases, key=phases.get)
-        parts["activations: LLM layer inputs"] = int(llm_keep)
-        parts["activations: vision layer inputs"] = int(vit_keep)
-        parts["activations: projector"] = int(proj_act)
-        parts[f"activations: peak ({peak_phase})"] = int(max(phases.values()))
-    else:
-        peak_phase = "backward start"
-        parts["activations: LLM layers"] = int(L * llm_layer + llm_fixed)
-        parts["activations: vision tower"] = int(used * vit_layer)
-        parts["activations: projector"] = int(proj_act)
-        parts["activations: logits + loss"] = int(logits)
+    proj_act = _projector_activation_bytes(config, batch_size * vis_tokens, patch_tokens, act, train_projector)
+    acts, peak_phase = _activation_parts(config, batch_size, tiles, seq_len, answer_tokens, act, llm_layer, vit_layer,
+                                         proj_act, gradient_checkpointing, tile_batch_size, loss_chunk_tokens)
+    parts.update(acts)
     # the batch: fp32 tile pixels, int64 ids and labels
     parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
 
@@ -397,3 +420,147 @@ def require_fit(config: NVILAConfig, ft: FinetuneConfig, limit: int, device: str
             break
     raise ResourceLimitError(f"this fine-tune needs an estimated {est.total_gb:.2f} GB but {limit / GB:.2f} GB are "
                              f"{where}; {advice}. Nothing was loaded.\n{est.table()}")
+
+
+# ---- full training (the recipe's stages) under DDP or FSDP -----------------------------------------------------------
+FSDP_MODES = ("no", "full_shard", "shard_grad_op")
+
+
+def _llm_params(config: NVILAConfig) -> tuple[int, int]:
+    """(all Qwen2 parameters, those of its largest decoder layer)."""
+    c = config.llm
+    L = c.num_hidden_layers
+    shapes = _llm_linear_shapes(config)
+    head_dim = c.hidden_size // c.num_attention_heads
+    layer = sum(i * o for i, o in shapes.values()) + c.hidden_size + 2 * c.num_key_value_heads * head_dim + 2 * c.hidden_size
+    embeds = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return L * layer + embeds + c.hidden_size, layer
+
+
+def estimate_training_memory(config: NVILAConfig, trains, batch_size: int = 1, world: int = 1, fsdp: str = "no",
+                             seq_len: int | None = None, tiles: int | None = None, answer_tokens: int | None = None,
+                             gradient_checkpointing: bool = False, device: str = "cuda", optimizer: str = "adamw",
+                             tile_batch_size: int | None = None,
+                             loss_chunk_tokens: int = CHUNK_TOKENS) -> MemoryEstimate:
+    """Per-rank peak memory of one full-training step of a recipe stage (``trains``: the modules it trains) with
+    ``batch_size`` examples on each rank, under DDP (``fsdp="no"``: every rank holds everything) or FSDP over
+    ``world`` ranks (training/fsdp.py), by part, in bytes.
+
+    Weights stay fp32 (the trainer loads them so; on a bf16 GPU the forward runs in bf16: DDP by autocast,
+    FSDP by gathering bf16 copies): 4 bytes a parameter, a gradient of 4 and AdamW's two fp32 states per
+    trainable parameter (16 bytes a parameter in all). FSDP divides all of it by ``world`` and adds what a
+    step gathers: ``full_shard`` the root unit (embeddings, LM head, projector, norms) and two decoder layers
+    (the one running and the next), ``shard_grad_op`` every unit from its forward to its backward, and the
+    unsharded gradient of one layer before its reduce-scatter.
+
+    Activations: as ``estimate_finetune_memory`` counts them (same per-layer terms, no LoRA), plus the inputs
+    the trained linears keep (Qwen2: the two normalised inputs and the MLP product, ``(2·H + I)·act`` a token;
+    SigLIP: ``(2·Hv + Iv)·act``). The tower keeps activations only when it trains, the projector when it or
+    the tower trains; the LLM always (the loss flows back through it). Same defaults (``tiles``, ``seq_len``,
+    ``answer_tokens``) and same exclusions (allocator caching, workspaces, CUDA context, data loader)."""
+    if fsdp not in FSDP_MODES:
+        raise ConfigError(f"fsdp must be one of {FSDP_MODES}, got {fsdp!r}")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if batch_size < 1 or world < 1:
+        raise ConfigError(f"batch_size and world must be >= 1, got {batch_size} and {world}")
+    trains = tuple(trains)
+    bf16 = device == "cuda" and config.model_dtype == "bfloat16"
+    act = 2 if bf16 else 4
+    tiles = _max_tiles(config) if tiles is None else int(tiles)
+    vis_tokens = _visual_tokens(config, tiles) if tiles else 0
+    seq_len = vis_tokens + 512 if seq_len is None else int(seq_len)
+    answer_tokens = max(1, seq_len - vis_tokens) if answer_tokens is None else int(answer_tokens)
+    c, v = config.llm, config.vision
+
+    llm_all, llm_layer_params = _llm_params(config)
+    vit_all, _ = _vision_params(config)
+    proj = _projector_params(config)
+    sizes = {"llm": llm_all, "vision_tower": vit_all, "mm_projector": proj}
+    total = sum(sizes.values())
+    trainable = sum(sizes[m] for m in trains)
+    shards = world if fsdp != "no" else 1
+    parts = {
+        "weights (fp32)": int(total * 4 / shards),
+        "gradients (fp32)": int(trainable * 4 / shards),
+        "optimizer states": int(trainable * 4 * OPTIMIZERS[optimizer] / shards),
+    }
+    if fsdp != "no":
+        gather = 2 if bf16 else 4
+        vit_layer_params = (v.num_hidden_layers and (vit_all - 3 * v.patch_size ** 2 * v.hidden_size) // v.num_hidden_layers)
+        unit = max(llm_layer_params, vit_layer_params)
+        embeds = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        root = embeds + proj + c.hidden_size
+        gathered = root + (2 * unit if fsdp == "full_shard" else total - root)
+        parts["FSDP gathered weights"] = int(gathered * gather * (world - 1) / world)
+        if trainable:
+            parts["FSDP unsharded layer gradient"] = int(unit * gather)
+
+    tokens = batch_size * seq_len
+    patch_tokens = batch_size * tiles * v.grid ** 2
+    llm_layer = llm_layer_activation_bytes(config, tokens, 1, 0.0, act, (), device)
+    if "llm" in trains:  # the trained linears keep their inputs: two normalised hidden states, the MLP product
+        llm_layer += tokens * (2 * c.hidden_size + c.intermediate_size) * act
+    vision_trains = "vision_tower" in trains
+    vit_layer = None
+    if vision_trains:
+        vit_layer = vit_layer_activation_bytes(config, patch_tokens, act) + patch_tokens * (2 * v.hidden_size + v.intermediate_size) * act
+    proj_act = 0.0
+    if vision_trains or "mm_projector" in trains:
+        proj_act = _projector_activation_bytes(config, batch_size * vis_tokens, patch_tokens, act, "mm_projector" in trains)
+    acts, _ = _activation_parts(config, batch_size, tiles, seq_len, answer_tokens, act, llm_layer, vit_layer, proj_act,
+                                gradient_checkpointing, tile_batch_size, loss_chunk_tokens)
+    parts.update(acts)
+    parts["inputs"] = int(batch_size * (tiles * 3 * v.image_size ** 2 * 4 + 2 * 8 * seq_len))
+    settings = {"model": config.name, "trains": "+".join(trains), "fsdp": fsdp, "world": world,
+                "batch_per_rank": batch_size, "seq_len": seq_len, "tiles": tiles, "grad_ckpt": gradient_checkpointing,
+                "device": device}
+    return MemoryEstimate(parts, settings)
+
+
+_MODE_NAMES = {"no": "DDP", "full_shard": "FSDP full_shard", "shard_grad_op": "FSDP shard_grad_op"}
+
+
+def stage_estimates(config: NVILAConfig, recipe, gpus: int, stage: int | None = None,
+                    device: str = "cuda") -> list[tuple[int, object, dict[str, MemoryEstimate]]]:
+    """For each stage of ``recipe`` (or stage number ``stage``, 1-based): its per-GPU estimate under DDP (the
+    stage's ``batch_size`` on every GPU, as the Trainer runs it) and under both FSDP modes at ``gpus`` GPUs
+    (the global ``batch_size`` split over them, as training/fsdp.py runs it)."""
+    n = len(recipe.stages)
+    if stage is not None and not 1 <= stage <= n:
+        raise ConfigError(f"--stage must be 1..{n} (recipe {recipe.name!r}: "
+                          f"{', '.join(f'{i + 1}={s.name}' for i, s in enumerate(recipe.stages))}), got {stage}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    out = []
+    for i, s in enumerate(recipe.stages):
+        if stage is not None and i + 1 != stage:
+            continue
+        ests = {}
+        for mode in FSDP_MODES:
+            batch = s.batch_size if mode == "no" else max(1, math.ceil(s.batch_size / gpus))
+            ests[mode] = estimate_training_memory(config, s.trains, batch_size=batch, world=gpus, fsdp=mode,
+                                                  gradient_checkpointing=recipe.gradient_checkpointing, device=device)
+        out.append((i + 1, s, ests))
+    return out
+
+
+def estimate_report(config: NVILAConfig, recipe, gpus: int, gpu_mem_gb: float = 80.0, stage: int | None = None,
+                    device: str = "cuda") -> str:
+    """``nvila-edge train --estimate``: per stage, each engine's per-GPU memory and whether it fits."""
+    lines = [f"model={config.name}, gpus={gpus}, gpu_mem={gpu_mem_gb:g} GB, grad_ckpt={recipe.gradient_checkpointing}, "
+             f"device={device} (GB per GPU; FSDP splits the stage's batch_size over the GPUs, DDP runs it on each)"]
+    head = f"{'':20s} {'batch':>5s} {'weights+grads+optim':>19s} {'gathered':>9s} {'activations':>11s} {'total':>8s}"
+    for number, s, ests in stage_estimates(config, recipe, gpus, stage, device):
+        lines += ["", f"stage {number} {s.name} (trains {'+'.join(s.trains)}, batch_size {s.batch_size})", head]
+        for mode, est in ests.items():
+            p = est.parts
+            state = sum(v for k, v in p.items() if k.startswith(("weights", "gradients", "optimizer")))
+            gathered = sum(v for k, v in p.items() if k.startswith("FSDP"))
+            acts = est.total_bytes - state - gathered
+            fits = "fits" if est.total_bytes <= gpu_mem_gb * GB else "does not fit"
+            lines.append(f"{_MODE_NAMES[mode]:20s} {est.settings['batch_per_rank']:>5d} {state / GB:>19.2f} "
+                         f"{gathered / GB:>9.2f} {acts / GB:>11.2f} {est.total_gb:>8.2f}  {fits}")
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ runs (``measure_preset_peak``), so the estimate of ``memory.py`` is checked agai
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -89,6 +90,33 @@ class _LiveTensorTracker:
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
 
+    @contextlib.contextmanager
+    def tracking(self):
+        """The dispatch mode, plus storages resized in place: FSDP2 allocates and frees a unit's gathered
+        weights with ``UntypedStorage.resize_`` (no tensor op), so those sizes are followed here."""
+        tracker, real = self, torch.UntypedStorage.resize_
+
+        def resize_(st, size):
+            out = real(st, size)
+            key = st._cdata
+            if key in tracker.live:
+                tracker.current += st.nbytes() - tracker.live[key]
+                tracker.live[key] = st.nbytes()
+                tracker.peak = max(tracker.peak, tracker.current)
+            elif st.nbytes() and st.device.type != "meta":
+                tracker.live[key] = st.nbytes()
+                tracker.current += st.nbytes()
+                tracker.peak = max(tracker.peak, tracker.current)
+                weakref.finalize(st, tracker._free, key)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            with self.mode:
+                yield
+        finally:
+            torch.UntypedStorage.resize_ = real
+
 
 def _quant_state_tensors(model: torch.nn.Module):
     for m in model.modules():
@@ -157,7 +185,7 @@ def measure_finetune_peak(model: torch.nn.Module, batch: dict, optimizer: torch.
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with tracker.mode:
+    with tracker.tracking():
         step()
     device_peak = None
     if cuda:
@@ -179,6 +207,53 @@ def estimate_for_batch(config: NVILAConfig, batch: dict, **kwargs) -> MemoryEsti
         lengths.append(len(ids) - placeholders + sum(m.num_tokens for m in items))
     tiles = batch["pixel_values"].shape[0] if batch.get("pixel_values") is not None else 0
     return estimate_finetune_memory(config, batch_size=n, seq_len=max(lengths), tiles=math.ceil(tiles / n), **kwargs)
+
+
+def preset_example(config: NVILAConfig, answer_words: int = 96, packed: bool = False) -> tuple[dict, int, int, int]:
+    """One training example for ``config`` (an image of its largest tiling, 4:3, and an answer of
+    ``answer_words`` words), collated; with its tiles, media-expanded length and supervised tokens."""
+    from nvila_edge import NVILAProcessor
+
+    from .data import NVILACollator
+    from .tokenizer import demo_tokenizer
+
+    proc = NVILAProcessor(config, demo_tokenizer())
+    tile = config.vision.image_size
+    image = np.random.default_rng(0).integers(0, 256, (3 * tile, 4 * tile, 3), dtype=np.uint8)  # 4:3, the most tiles
+    words = "the red circle is to the left of the small blue square".split()
+    answer = " ".join(words[i % len(words)] for i in range(answer_words))
+    conv = [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": answer}]
+    batch = NVILACollator(packed=packed)([proc(conv, images=[image], add_generation_prompt=False, return_labels=True)])
+    tiles = batch["pixel_values"].shape[0]
+    length = len(batch["input_ids"][0]) - 1 + sum(m.num_tokens for m in batch["media"][0])
+    answers = int((batch["labels"][0][1:] != -100).sum())
+    return batch, tiles, length, answers
+
+
+def measure_sharded_peak(preset: str, trains=("vision_tower", "mm_projector", "llm"), fsdp: str = "full_shard",
+                         steps: int = 2, answer_words: int = 96) -> tuple[MemoryEstimate, MeasuredPeak]:
+    """Inside a ``torchrun`` process group on the CPU: a preset at its real size with random weights, the
+    ``trains`` modules trained, sharded as ``train --fsdp`` shards it (training/fsdp.py), one example per
+    rank; ``steps - 1`` warm-up steps, then the measured one. Returns (``estimate_training_memory`` for that
+    step on this world size, this rank's measured peak)."""
+    from nvila_edge import NVILAModel
+
+    from . import fsdp as sharded
+    from .memory import estimate_training_memory
+    from .trainer import set_trainable
+
+    world = sharded.init_process_group()
+    config = NVILAConfig.from_preset(preset)
+    torch.manual_seed(0)
+    model = NVILAModel(config)
+    set_trainable(model, trains)
+    sharded.freeze_unused(model)
+    sharded.shard(model, model, fsdp)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch, tiles, length, answers = preset_example(config, answer_words)
+    est = estimate_training_memory(config, trains, batch_size=1, world=world, fsdp=fsdp, seq_len=length, tiles=tiles,
+                                   answer_tokens=answers, device="cpu", tile_batch_size=model.tile_batch_size)
+    return est, measure_finetune_peak(model, batch, optimizer, warmup_steps=max(0, steps - 1))
 
 
 def measure_preset_peak(preset: str, device: str = "cpu", steps: int = 3, ft: FinetuneConfig | None = None,
@@ -203,16 +278,7 @@ def measure_preset_peak(preset: str, device: str = "cpu", steps: int = 3, ft: Fi
     groups = prepare_model(model, ft)
     optimizer = torch.optim.AdamW(param_groups(groups, ft))
     set_gradient_checkpointing(model, ft.gradient_checkpointing)
-    proc = NVILAProcessor(config, demo_tokenizer())
-    tile = config.vision.image_size
-    image = np.random.default_rng(0).integers(0, 256, (3 * tile, 4 * tile, 3), dtype=np.uint8)  # 4:3, the most tiles
-    words = "the red circle is to the left of the small blue square".split()
-    answer = " ".join(words[i % len(words)] for i in range(answer_words))
-    conv = [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": answer}]
-    batch = NVILACollator()([proc(conv, images=[image], add_generation_prompt=False, return_labels=True)])
-    tiles = batch["pixel_values"].shape[0]
-    length = len(batch["input_ids"][0]) - 1 + sum(m.num_tokens for m in batch["media"][0])
-    answers = int((batch["labels"][0][1:] != -100).sum())
+    batch, tiles, length, answers = preset_example(config, answer_words)
     est = estimate_for_finetune(config, ft, seq_len=length, answer_tokens=answers, tiles=tiles, device=device,
                                 tile_batch_size=model.tile_batch_size)
     measured = measure_finetune_peak(model, batch, optimizer, warmup_steps=max(0, steps - 1))

@@ -16,6 +16,7 @@ from nvila_edge.errors import ConfigError
 MODULES = ("vision_tower", "mm_projector", "llm")
 OBJECTIVES = ("lm", "media_tags", "lm+media_tags")
 POSITION_INITS = ("random", "sincos")
+FSDP_MODES = ("full_shard", "shard_grad_op", "no")  # training/fsdp.py; "no": DDP through the HF Trainer
 
 
 @dataclass
@@ -47,7 +48,7 @@ def check_preprocessing(overrides: dict | None, what: str) -> None:
     """Preprocessing overrides must be a mapping of ``PreprocessingConfig`` fields."""
     if not overrides:
         return
-    from nvila_edge.config import PreprocessingConfig
+    from nvila_edge.subconfigs import PreprocessingConfig
 
     known = {f.name for f in dataclasses.fields(PreprocessingConfig)}
     if not isinstance(overrides, dict) or set(overrides) - known:
@@ -104,11 +105,19 @@ class Recipe:
     seed: int = 0
     position_init: str = "random"  # a preset start's vision position embeddings: "random" or "sincos"
     gradient_checkpointing: bool = False
+    # shard weights, gradients and AdamW state over the torchrun ranks (training/fsdp.py): "full_shard"
+    # (ZeRO-3), "shard_grad_op" (ZeRO-2) or "no" (DDP). Under FSDP a stage's batch_size is the global batch.
+    fsdp: str = "no"
+    save_steps: int = 0  # under FSDP: sharded mid-stage saves every this many steps (0: none), for --resume
     base_dir: str = "."  # where relative data paths resolve (the recipe file's folder)
 
     def __post_init__(self):
         if self.position_init not in POSITION_INITS:
             raise ConfigError(f"position_init must be one of {POSITION_INITS}, got {self.position_init!r}")
+        if self.fsdp not in FSDP_MODES:
+            raise ConfigError(f"fsdp must be one of {FSDP_MODES}, got {self.fsdp!r}")
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be >= 0, got {self.save_steps}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
@@ -173,6 +182,7 @@ def nvila_recipe(data_dir: str | Path = ".", preset: str = "nvila-8b", checkpoin
     return Recipe(
         name="nvila",
         preset=preset if checkpoint is None else None,
+        gradient_checkpointing=True,  # the 8B's activations at the full Dynamic-S2 length need it on any GPU
         checkpoint=checkpoint,
         base_dir=d,
         stages=(

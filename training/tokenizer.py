@@ -6,7 +6,7 @@ transformers' ``AutoTokenizer`` opens it like a real NVILA ``llm/`` folder.
 
 from __future__ import annotations
 
-from nvila_edge.config import TINY_BASE_VOCAB
+from nvila_edge.presets import TINY_BASE_VOCAB
 from nvila_edge.tokenizer import NVILATokenizer
 
 from .synthetic import SyntheticConfig, corpus

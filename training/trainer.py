@@ -12,12 +12,10 @@ import dataclasses
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from nvila_edge import NVILAConfig, NVILAModel, NVILAProcessor, NVILATokenizer
@@ -25,7 +23,7 @@ from nvila_edge.errors import ConfigError
 
 from .data import (DataIssue, ExampleCache, LengthGroupedSampler, NVILACollator, NVILADataset, Record,
                    dataset_lengths, read_jsonl, warm_cache)
-from .recipe import MODULES, DataSource, Recipe, Stage
+from .recipe import FSDP_MODES, MODULES, DataSource, Recipe, Stage
 
 log = logging.getLogger("nvila_edge.training")
 COMPLETE = "metrics.json"  # written inside the atomic checkpoint: its presence means the stage finished
@@ -226,11 +224,17 @@ def warm_workers(stage: Stage, num_examples: int) -> int:
 def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sources: Sources,
                 out_dir: Path, seed: int = 0, gradient_checkpointing: bool = False, progress: bool = True,
                 extra_files: dict[str, str] | None = None, cache: ExampleCache | None = None,
-                verbose: bool = True) -> dict:
+                verbose: bool = True, fsdp: str = "no", resume: bool = False, save_steps: int = 0,
+                fingerprint: dict | None = None) -> dict:
     """Train one stage on its ``sources`` (``stage_sources``) and save the checkpoint to ``out_dir`` (rank 0,
     atomically);
     ``cache`` keeps processed examples for later epochs and stages. ``verbose=False``: one progress bar, the
-    Trainer's logs only in the checkpoint's metrics.json (``log_history``)."""
+    Trainer's logs only in the checkpoint's metrics.json (``log_history``).
+
+    ``fsdp`` other than "no": the stage trains sharded over the process group (training/fsdp.py; the
+    stage's ``batch_size`` is then the global batch), with sharded saves every ``save_steps`` steps that
+    ``resume`` continues from (``fingerprint``: what the resumed run must share); ``model`` is left
+    sharded: reload the checkpoint to use it."""
     n_trainable = set_trainable(model, stage.trains)
     if gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
@@ -257,6 +261,11 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
         tok = processor.tokenizer
         trained = MediaTagModel(model, stage.objective, stage.tag_weight,
                                 ignore_ids=[*tok.eos_token_ids, tok.pad_token_id, *tok.newline_ids])
+    if fsdp != "no":
+        return _train_sharded(model, trained, processor, stage, dataset, out_dir, scratch, seed=seed, fsdp=fsdp,
+                              resume=resume, save_steps=save_steps, fingerprint=fingerprint or {},
+                              progress=progress, extra_files=extra_files, n_trainable=n_trainable,
+                              gradient_checkpointing=gradient_checkpointing)
     optimizers = (None, None)
     if stage.scheduler == "one_cycle":
         optimizers = one_cycle(trained, stage, len(dataset))
@@ -286,6 +295,31 @@ def train_stage(model: NVILAModel, processor: NVILAProcessor, stage: Stage, sour
     return metrics
 
 
+def _train_sharded(model, trained, processor, stage, dataset, out_dir: Path, scratch: Path, *, seed: int, fsdp: str,
+                   resume: bool, save_steps: int, fingerprint: dict, progress: bool, extra_files, n_trainable: int,
+                   gradient_checkpointing: bool) -> dict:
+    """``train_stage`` under FSDP: train sharded, then rank 0 writes the gathered checkpoint (atomically) and
+    drops the stage's mid-stage shards."""
+    from . import fsdp as sharded
+
+    with linear_patch_embedding(model):
+        metrics, plain = sharded.train_stage_fsdp(
+            trained, model, dataset, NVILACollator(packed=stage.packing), stage, out_dir, mode=fsdp, seed=seed,
+            fingerprint_=fingerprint, save_steps=save_steps, resume=resume, progress=progress,
+            prefix="model." if trained is not model else "")
+    metrics = {**metrics, "trainable_parameters": n_trainable, "examples": len(dataset)}
+    if _is_main():
+        files = dict(extra_files or {})
+        files[COMPLETE] = json.dumps(metrics, indent=2)
+        plain.save_pretrained(out_dir, tokenizer=processor.tokenizer, extra_files=files)
+        sharded.drop_shards(out_dir)
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    _barrier()
+    return metrics
+
+
 def one_cycle(model: torch.nn.Module, stage: Stage, num_records: int):
     """AdamW + ``OneCycleLR`` (5 % warm-up from lr/25, cosine down, momentum cycled 0.95 → 0.85 → 0.95).
 
@@ -307,12 +341,6 @@ def stage_dir(output_dir: Path, index: int, stage: Stage) -> Path:
     return output_dir / f"stage{index + 1}-{stage.name}"
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple[NVILAModel, NVILAProcessor]:
     """The recipe's starting point: a checkpoint, or a preset initialised from the seed."""
     if recipe.checkpoint:
@@ -327,8 +355,10 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
         from .tokenizer import demo_tokenizer
 
         tokenizer = demo_tokenizer()
+    from transformers import set_seed  # python, numpy and torch RNGs (CUDA too); imported here: it is slow
+
     config = NVILAConfig.from_preset(recipe.preset)
-    _seed_everything(recipe.seed)
+    set_seed(recipe.seed)
     model = NVILAModel(config)
     from .initialization import init_position_embeddings
 
@@ -340,18 +370,42 @@ def base_model(recipe: Recipe, tokenizer: NVILATokenizer | None = None) -> tuple
 def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | None = None,
                tokenizer: NVILATokenizer | None = None, on_error: str = "skip", progress: bool = True,
                cache_bytes: int = 4 << 30, verbose: bool = True,
-               on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+               on_stage: Callable[[StageResult], None] | None = None, fsdp: str | None = None,
+               resume: bool = False, save_steps: int | None = None) -> list[StageResult]:
     """Run ``stages`` (default: all) in recipe order, resuming after the last finished checkpoint.
 
     ``verbose=False``: per stage one progress bar, the Trainer's logs in its metrics.json only; ``on_stage``
     is called with each stage's result as it finishes (or is found cached).
 
     Processed examples are kept across epochs and stages up to ``cache_bytes`` of float16 pixels
-    (``ExampleCache``; 0 turns it off)."""
+    (``ExampleCache``; 0 turns it off).
+
+    ``fsdp`` (default: the recipe's): "full_shard" / "shard_grad_op" train each stage sharded under torchrun
+    (training/fsdp.py), with sharded saves every ``save_steps`` (default: the recipe's) steps; ``resume``
+    continues a stage from its latest complete save."""
+    from transformers import set_seed
+
     output_dir = Path(output_dir)
     wanted = list(stages) if stages else [s.name for s in recipe.stages]
     for name in wanted:
         recipe.stage(name)  # raises for unknown names
+    fsdp = recipe.fsdp if fsdp is None else fsdp
+    save_steps = recipe.save_steps if save_steps is None else save_steps
+    if fsdp not in FSDP_MODES:
+        raise ConfigError(f"--fsdp must be one of {FSDP_MODES}, got {fsdp!r}")
+    if fsdp != "no":  # refused before any weight is built
+        from . import fsdp as sharded
+
+        for i, stage in enumerate(recipe.stages):
+            found = sharded.latest_shards(stage_dir(output_dir, i, stage))
+            if found is not None and not resume and stage.name in wanted:
+                raise ConfigError(f"stage {stage.name!r} has mid-stage shards at {found}: pass --resume to continue "
+                                  f"from there, or delete {found.parent} to start the stage over")
+        world = sharded.init_process_group()
+        sharded.stage_needs([recipe.stage(n) for n in wanted], world)
+    elif resume:
+        raise ConfigError("--resume continues a stage from its sharded mid-stage saves, which only FSDP writes: "
+                          "pass --fsdp full_shard (finished stages are always skipped on a re-run)")
     results: list[StageResult] = []
     current: Path | None = None  # the checkpoint the next stage starts from
     model = processor = None
@@ -376,19 +430,31 @@ def run_recipe(recipe: Recipe, output_dir: str | Path, stages: Sequence[str] | N
         model.train()
         issues: list[DataIssue] = []
         sources = stage_sources(recipe, stage, on_error=on_error, issues=issues)
-        _seed_everything(recipe.seed + i)
+        set_seed(recipe.seed + i)
         log.info("stage %d/%d %s: trains %s", i + 1, len(recipe.stages), stage.name, stage.trains)
         extra = {"recipe.json": json.dumps(recipe.to_dict(), indent=2),
                  "data_issues.json": json.dumps([str(x) for x in issues], indent=2)}
         metrics = train_stage(model, processor, stage, sources, ckpt, seed=recipe.seed + i,
                               gradient_checkpointing=recipe.gradient_checkpointing, progress=progress, extra_files=extra, cache=cache,
-                              verbose=verbose)
+                              verbose=verbose, fsdp=fsdp, resume=resume, save_steps=save_steps,
+                              fingerprint={"recipe": _fingerprint(recipe), "stage": stage.name})
         model.eval()
+        if fsdp != "no":
+            model = None  # left sharded: the next stage loads the gathered checkpoint
         results.append(StageResult(stage.name, ckpt, metrics))
         if on_stage:
             on_stage(results[-1])
         current = ckpt
     return results
+
+
+def _fingerprint(recipe: Recipe) -> dict:
+    """The recipe's training content, which a resumed stage must share with the run that wrote its shards (not
+    where its files are, how often it saves, or how it shards)."""
+    d = recipe.to_dict()
+    for k in ("base_dir", "save_steps", "fsdp"):
+        d.pop(k, None)
+    return d
 
 
 def last_checkpoint(recipe: Recipe, output_dir: str | Path) -> Path | None:

@@ -16,10 +16,13 @@ from ..errors import MediaError
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 
-def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
+def load_image(image: ImageInput, max_pixels: int = 178_956_970, budget_pixels: int | None = None) -> Image.Image:
     """Open and decode ``image`` (path, bytes, PIL image or HWC uint8 RGB array) as RGB.
 
-    EXIF orientation is applied; grayscale, RGBA (alpha dropped, as the reference ``convert("RGB")``),
+    ``max_pixels`` refuses larger images from the header, before any decode. ``budget_pixels`` (what the tiler
+    can use): a larger file is downscaled while it decodes (JPEG: libjpeg's DCT scaling through PIL ``draft``,
+    so the full-size bitmap is never made) or right after (PIL ``reduce``, an integer box filter), keeping at
+    least ``budget_pixels``. EXIF orientation is applied; grayscale, RGBA (alpha dropped, as the reference ``convert("RGB")``),
     palette, CMYK and 16-bit images are converted to 8-bit RGB. Unreadable input raises ``MediaError``.
     """
     if isinstance(image, np.ndarray):
@@ -35,7 +38,7 @@ def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
         name = "image bytes"
         if not image:
             raise MediaError("image bytes are empty (0 bytes)")
-        img = _open(io.BytesIO(image), name, max_pixels)
+        img = _open(io.BytesIO(image), name, max_pixels, budget_pixels)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         name = str(path)
@@ -43,7 +46,7 @@ def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
             raise MediaError(f"image file not found: {path}")
         if path.stat().st_size == 0:
             raise MediaError(f"image file is empty (0 bytes): {path}")
-        img = _open(path, name, max_pixels)
+        img = _open(path, name, max_pixels, budget_pixels)
     else:
         raise MediaError(
             f"unsupported image input of type {type(image).__name__}; pass a path, bytes, a PIL image or an HWC uint8 array"
@@ -60,7 +63,7 @@ def load_image(image: ImageInput, max_pixels: int = 178_956_970) -> Image.Image:
     return _to_rgb(img, name)
 
 
-def _open(src, name: str, max_pixels: int) -> Image.Image:
+def _open(src, name: str, max_pixels: int, budget_pixels: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below decides; PIL's warning threshold is lower than our default
@@ -69,14 +72,34 @@ def _open(src, name: str, max_pixels: int) -> Image.Image:
             w, h = img.size
             if w * h > max_pixels:
                 raise MediaError(f"{name} has {w * h} pixels, above the limit of {max_pixels}; downscale it first")
+            factor = reduce_factor((w, h), budget_pixels)
+            if factor > 1:
+                img.draft(None, (-(-w // factor), -(-h // factor)))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
             img.load()  # force decoding now so truncated data fails here, not later
-        return img
+            return _reduce(img, budget_pixels)
     except MediaError:
         raise
     except Image.DecompressionBombError as e:
         raise MediaError(f"{name} is too large to decode safely ({e}); downscale it first") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(f"cannot decode {name}: {e}. Is it a complete JPEG/PNG/WebP/BMP/TIFF file?") from e
+
+
+def reduce_factor(size: tuple[int, int], budget_pixels: int | None) -> int:
+    """The largest integer downscale that keeps at least ``budget_pixels`` (1: none)."""
+    w, h = size
+    if not budget_pixels or w * h <= budget_pixels:
+        return 1
+    return max(1, int((w * h / budget_pixels) ** 0.5))
+
+
+def _reduce(img: Image.Image, budget_pixels: int | None) -> Image.Image:
+    factor = reduce_factor(img.size, budget_pixels)
+    if factor == 1:
+        return img
+    if img.mode not in ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F", "I;16"):
+        img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+    return img.reduce(factor)
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from ..chat import DEFAULT_SYSTEM, Message, apply_chat_template, is_templated, normalize_conversation, parse_chat_template
-from ..config import NVILAConfig, tokenizer_token_ids
+from .. import vila_format
+from ..config import NVILAConfig
 from ..errors import ConfigError, ContextOverflowError, GenerationError, MediaError
 from ..tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, NVILATokenizer
 from .image import ImageInput, crop_grid, load_image, resize, to_pixel_values
@@ -87,7 +88,7 @@ class NVILAProcessor:
         # nvila_edge.checkpoint.read_checkpoint); a silent mismatch would splice media at the wrong places.
         self.config = config
         self.tokenizer = tokenizer
-        for key, tok_id in tokenizer_token_ids(tokenizer).items():
+        for key, tok_id in vila_format.tokenizer_token_ids(tokenizer).items():
             have = tuple(getattr(config, key)) if key == "end_token_ids" else getattr(config, key)
             if have != tok_id:
                 raise ConfigError(
@@ -119,7 +120,7 @@ class NVILAProcessor:
         path = Path(path)
         self.tokenizer.save_pretrained(path / "llm")
         if not (path / "config.json").exists():
-            atomic_write_text(path / "config.json", json.dumps(self.config.to_vila_dict(), indent=2))
+            atomic_write_text(path / "config.json", json.dumps(vila_format.to_vila_dict(self.config), indent=2))
 
     # ---- plans ---------------------------------------------------------------------------------------
     def plan_image(self, size: tuple[int, int], multi: bool = False) -> ImagePlan:

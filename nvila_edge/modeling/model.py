@@ -17,26 +17,36 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from .. import vila_format
 from ..config import NVILAConfig
 from ..errors import ContextOverflowError, GenerationError, MediaError
 from ..events import FinishEvent, GenerationResult, StreamEvent, Timings
+from ..generation import stream_tokens
 from ..media.processor import MediaItem, ProcessedInputs
 from ..media.tiling import ImagePlan
 from ..media.video import VideoPlan
 from ..sampling import SamplingParams
-from .generate import stream_tokens
+from .decoding import TorchKVCache
 from .loss import CHUNK_TOKENS, chunked_lm_loss, supervised_positions
 from .packing import PackedBatch, pack_sequences
 from .projector import MultimodalProjector
 
 
+
+def host_ids(ids) -> np.ndarray:
+    """Token ids (a list, numpy array or tensor on any device, e.g. after ``ProcessedInputs.to("cuda")``) as a
+    flat host array: numpy cannot read a CUDA tensor itself."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    return np.asarray(ids).reshape(-1)
+
 class NVILAModel(nn.Module):
     def __init__(self, config: NVILAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        vcfg = SiglipVisionConfig(**config.vision_hf_config())
+        vcfg = SiglipVisionConfig(**vila_format.vision_hf_config(config))
         vcfg._attn_implementation = attn_implementation
-        lcfg = Qwen2Config(**config.llm_hf_config())
+        lcfg = Qwen2Config(**vila_format.llm_hf_config(config))
         lcfg._attn_implementation = attn_implementation
         self.vision_tower = SiglipVisionModel(vcfg)
         self.mm_projector = MultimodalProjector(config)
@@ -239,11 +249,11 @@ class NVILAModel(nn.Module):
         chunks = iter(chunks)
         rows, labs = [], []
         for b, ids in enumerate(input_ids):
-            ids_t = torch.as_tensor(np.asarray(ids).reshape(-1), device=self.device)
+            ids_t = torch.as_tensor(host_ids(ids), device=self.device)
             own = [next(chunks) for m in media[b] for _ in range(m.num_placeholders)]
             rows.append(self.embed_inputs(ids_t[None], own)[0])
             if labels is not None:
-                lab = torch.as_tensor(np.asarray(labels[b]).reshape(-1), device=self.device)
+                lab = torch.as_tensor(host_ids(labels[b]), device=self.device)
                 is_media = (ids_t == self.config.image_token_id) | (ids_t == self.config.video_token_id)
                 pieces, pos, it = [], 0, iter(own)
                 for p in torch.nonzero(is_media).flatten().tolist():
@@ -321,7 +331,7 @@ class NVILAModel(nn.Module):
                 inputs_embeds = self.build_inputs_embeds(input_ids=input_ids, pixel_values=pixel_values, media=media)
             else:
                 if not batched:  # one prompt with labels: a batch of one
-                    input_ids, media, labels = [np.asarray(input_ids).reshape(-1)], [list(media or [])], [labels]
+                    input_ids, media, labels = [host_ids(input_ids)], [list(media or [])], [labels]
                 if packed and labels is not None:
                     chunks = self.embed_media(pixel_values, [m for items in media for m in items])
                     return self.llm_loss(input_ids, media, labels, chunks, packed=True, **kwargs)
@@ -331,19 +341,18 @@ class NVILAModel(nn.Module):
         kwargs.pop("num_items_in_batch", None)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    # ---- generation ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, inputs_embeds: torch.Tensor):
-        """Run the prompt; return (last-position logits as float32 numpy, KV cache)."""
-        out = self.llm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float().cpu().numpy(), out.cache
+    # ---- generation: the backends' step API (modeling/decoding.py) ----------------------------------
+    def new_cache(self, capacity: int | None = None, static: bool = False) -> TorchKVCache:
+        """An empty KV cache for one sequence (default capacity: the context length)."""
+        return TorchKVCache(self.llm, capacity or self.config.llm.context_length, static=static)
 
-    @torch.inference_mode()
-    def decode_step(self, token_id: int, cache):
-        """Feed one token with the cache; return (logits numpy, cache)."""
-        ids = torch.tensor([[token_id]], device=self.device)
-        out = self.llm(input_ids=ids, cache=cache, use_cache=True)
-        return out.logits[0, -1].float().cpu().numpy(), out.cache
+    def prefill(self, inputs_embeds: torch.Tensor, cache: TorchKVCache) -> torch.Tensor:
+        """Append (1, L, H) embeddings to ``cache``; the last position's logits (V,), on the model's device."""
+        return cache.prefill(inputs_embeds)
+
+    def decode_step(self, token_id: int, cache: TorchKVCache) -> torch.Tensor:
+        """Append one token to ``cache``; its logits (V,), on the model's device."""
+        return cache.decode_step(token_id)
 
     @torch.inference_mode()
     def stream(
@@ -373,7 +382,7 @@ class NVILAModel(nn.Module):
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                                 (stop,) if isinstance(stop, str) else tuple(stop))
         media = list(media or [])
-        ids = np.asarray(input_ids).reshape(-1)
+        ids = host_ids(input_ids)
         n_placeholders = sum(m.num_placeholders for m in media)
         visual = sum(m.num_tokens for m in media)
         length = num_tokens if num_tokens is not None else len(ids) - n_placeholders + visual
@@ -385,18 +394,10 @@ class NVILAModel(nn.Module):
         chunks = self.embed_media(pixel_values, media)
         timings.vision_ms = (time.perf_counter() - t0) * 1000
         embeds = self.embed_inputs(ids[None], chunks)
-        state = {}
-
-        def prefill():
-            logits, state["cache"] = self.prefill(embeds)
-            return logits
-
-        def decode(tok: int):
-            logits, state["cache"] = self.decode_step(tok, state["cache"])
-            return logits
-
-        yield from stream_tokens(prefill, decode, tokenizer, params, tokenizer.eos_token_ids, int(embeds.shape[1]),
-                                 visual, limit, timings)
+        cache = self.new_cache(limit)
+        host = lambda logits: logits.float().cpu().numpy()  # noqa: E731 - the reference samples on the host
+        yield from stream_tokens(lambda: host(self.prefill(embeds, cache)), lambda tok: host(self.decode_step(tok, cache)),
+                                 tokenizer, params, tokenizer.eos_token_ids, int(embeds.shape[1]), visual, limit, timings)
 
     def generate(self, *args, **kwargs) -> GenerationResult:
         """Like ``stream`` but returns the final ``GenerationResult``."""

@@ -2,8 +2,8 @@
 activation scale) linears, int8 embeddings, and the model that holds them.
 
 Export writes these tensors and the runtime reads them, and neither may import the other, so the one
-definition lives here. The bundle holds a portable layout; ``prepare`` converts it to the kernel's layout
-on the device at load:
+definition lives here. The bundle holds a portable layout (its codes and rules: ``nvila_edge.quant_format``); ``prepare``
+converts it to the kernel's layout on the device at load:
 
 - ``Int4Linear``: ``qweight`` uint8 (N, K/2), two unsigned codes q = c + 8 a byte (low nibble = even k: the
   very bytes of the cpu target's ``MatMulNBits``), ``scales`` float32 (N, K/g); w = c * scale. Kernel:
@@ -13,7 +13,13 @@ on the device at load:
   ``pre_quant_scale`` (K,) (SmoothQuant): x' = x * s, q = clamp(round(x' * 127 / amax)), y = (q @ w^T) *
   (amax / 127) * weight_scale + bias — ModelOpt's fake quantization computed with ``torch._int_mm``.
 - ``Int8Embedding`` / ``Int8Head``: the token table int8 per row (+ row scales), shared by the lookup and,
-  for tied models, the LM head (``_weight_int8pack_mm`` where the device has it).
+  for tied models, the LM head. The head's kernel is a ``KernelOptions.head`` choice: on the CPU
+  ``_weight_int8pack_mm``; on CUDA a dense bf16 copy through cuBLAS by default (int8mm.cu runs one thread per
+  output with a serial K loop: at batch 1 most of the GPU idles), or a compiled dequantize-GEMV ("gemv").
+
+Where the fast kernel depends on the device (the head, W8A8's elementwise work, the M from which W4A16 runs
+cuBLAS on dequantized weights instead of tinygemm), ``KernelOptions`` names the alternatives and
+scripts/gpu_check.sh measures each; the defaults stand until a lent GPU has measured them (docs/BENCHMARKS.md).
 
 A kernel the device lacks (an int4 GEMM on a GPU older than sm_80, ``_int_mm`` shapes cuBLAS refuses) falls
 back to the same numbers through dequantized weights, with a warning: never to different numbers.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,41 +37,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvila_edge.errors import BundleError
+from nvila_edge.quant_format import dequantize_int4, unpack_int4
 
 GROUP_SIZES = (32, 64, 128, 256)  # tinygemm's
+HEAD_KERNELS = ("dense", "gemv", "int8pack")
+W8A8_KERNELS = ("eager", "compile")
 
 
-# ---- int4 packing (the portable layout) ---------------------------------------------------------------------
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Signed codes (N, K) in [-8, 7] → uint8 (N, K/2): q = c + 8, the low nibble holds the even k."""
-    q = (codes.to(torch.int16) + 8).to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernel choices that only a measurement on the device settles (None: that device's default).
 
+    - ``head``: the int8 LM head — "dense" (a bf16 copy, cuBLAS; CUDA's default: +2 bytes a table entry of
+      memory), "gemv" (``torch.compile`` of dequantize × x: one fused reduction over the int8 table), or
+      "int8pack" (``_weight_int8pack_mm``; the CPU's default).
+    - ``w8a8``: "compile" fuses the W8A8 quantize / dequantize elementwise work around ``_int_mm`` into two
+      kernels (CUDA's default; eager runs ~12 launches a linear), "eager" runs it op by op (the CPU's default).
+    - ``int4_dense_min_m``: from this many rows (prefill) W4A16 dequantizes its weight to bf16 and runs cuBLAS
+      instead of tinygemm, a small-batch kernel (CUDA default 64; never on the CPU).
+    """
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) → signed int8 codes (N, K) (the inverse of ``pack_int4``)."""
-    lo, hi = (packed & 0x0F).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    head: str | None = None
+    w8a8: str | None = None
+    int4_dense_min_m: int | None = None
 
-
-def quantize_int8_rows(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (token tables, LM heads): (int8 codes, float32 row scales = amax / 127),
-    computed ``chunk`` rows at a time so no full-size float copy of a large table is made."""
-    q = torch.empty(tuple(w.shape), dtype=torch.int8)
-    scales = torch.empty(w.shape[0])
-    for s in range(0, w.shape[0], chunk):
-        rows = w[s:s + chunk].detach().float().cpu()
-        sc = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[s:s + chunk] = torch.round(rows / sc[:, None]).clamp(-127, 127).to(torch.int8)
-        scales[s:s + chunk] = sc
-    return q, scales
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    codes = unpack_int4(packed).float()
-    n, k = codes.shape
-    g = k // scales.shape[1]
-    return (codes.reshape(n, -1, g) * scales.float()[..., None]).reshape(n, k)
+    def resolve(self, device: torch.device) -> "KernelOptions":
+        cuda = device.type == "cuda"
+        r = replace(self, head=self.head or ("dense" if cuda else "int8pack"),
+                    w8a8=self.w8a8 or ("compile" if cuda else "eager"),
+                    int4_dense_min_m=self.int4_dense_min_m if self.int4_dense_min_m is not None
+                    else (64 if cuda else 1 << 62))
+        if r.head not in HEAD_KERNELS or r.w8a8 not in W8A8_KERNELS or r.int4_dense_min_m < 1:
+            raise ValueError(f"KernelOptions: head in {HEAD_KERNELS}, w8a8 in {W8A8_KERNELS}, "
+                             f"int4_dense_min_m >= 1; got {self}")
+        return r
 
 
 def _warn_fallback(what: str, why: str) -> None:
@@ -86,6 +92,17 @@ def int4_kernel_support(device: torch.device) -> str | None:
     return f"no int4 kernel for device type {device.type}"
 
 
+def inner_k_tiles(k: int) -> int | None:
+    """tinygemm's inner k-tiles for K (the widest load that divides it: 8, 4 or 2 k-tiles of 16)."""
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+
+
+def cuda_int4_bytes(qweight: torch.Tensor) -> torch.Tensor:
+    """The portable bytes (low nibble = even k) as the CUDA converter reads them (high nibble = even k:
+    int4mm.cu's ``matrix_to_m16n8k16_Bint4_layout`` on uint8 input)."""
+    return (((qweight & 0x0F) << 4) | (qweight >> 4)).contiguous()
+
+
 # ---- modules -------------------------------------------------------------------------------------------------
 class Int4Linear(nn.Module):
     """W4A16 linear (AWQ codes and scales, optional AWQ pre-quant scale on the input)."""
@@ -105,9 +122,10 @@ class Int4Linear(nn.Module):
         w = dequantize_int4(self.qweight, self.scales)
         return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
 
-    def prepare(self, dtype: torch.dtype, kernel: bool = True) -> str:
+    def prepare(self, dtype: torch.dtype, kernel: bool = True, options: KernelOptions | None = None) -> str:
         """Convert to the device kernel's layout (``mode`` "int4"), or to a dense weight ("dense")."""
         dev = self.qweight.device
+        self._dense_min_m = (options or KernelOptions()).resolve(dev).int4_dense_min_m
         why = int4_kernel_support(dev) if kernel else "kernels off"
         n, k = self.out_features, self.in_features
         if why is None and dev.type == "cuda":
@@ -115,13 +133,12 @@ class Int4Linear(nn.Module):
                 why = f"tinygemm on CUDA computes in bfloat16, not {dtype}"
             elif n % 8 or k % 32:
                 why = f"shape {n}x{k} is not a multiple of tinygemm's tiles (N % 8, K % 32)"
-        inner = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+        inner = inner_k_tiles(k)
         if why is None:
             try:
                 sz = torch.stack([self.scales.t(), torch.zeros_like(self.scales.t())], -1).contiguous()
-                if dev.type == "cuda":  # the CUDA converter takes the high nibble as the even k
-                    swapped = ((self.qweight & 0x0F) << 4) | (self.qweight >> 4)
-                    packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner)
+                if dev.type == "cuda":
+                    packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_bytes(self.qweight), inner)
                     self._mm = torch.ops.aten._weight_int4pack_mm
                 else:
                     q = unpack_int4(self.qweight).to(torch.int32) + 8
@@ -143,6 +160,13 @@ class Int4Linear(nn.Module):
         self._dtype = dtype
         return self.mode
 
+    def _dequantized(self) -> torch.Tensor:
+        """The weight tinygemm computes with, (N, K) in the activations' dtype, made on the device."""
+        codes = unpack_int4(self.qweight).to(self._dtype)
+        n, k = codes.shape
+        scale = self._sz[..., 0].t()  # (N, K/g), the kernel's own rounding of the scales
+        return (codes.reshape(n, -1, self.group_size) * scale[..., None]).reshape(n, k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
             return F.linear(x.to(self._dtype), self._dense, self._bias)
@@ -150,7 +174,10 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self._dtype)
         if self._pqs is not None:
             x2 = x2 * self._pqs
-        y = self._mm(x2.contiguous(), self._packed, self.group_size, self._sz)
+        if x2.shape[0] >= self._dense_min_m:  # prefill: cuBLAS on the weight dequantized for this call
+            y = F.linear(x2, self._dequantized())
+        else:
+            y = self._mm(x2.contiguous(), self._packed, self.group_size, self._sz)
         if self._bias is not None:
             y = y + self._bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -174,8 +201,9 @@ class Int8Linear(nn.Module):
         w = self.weight.float() * self.weight_scale.float()[:, None]
         return w * self.pre_quant_scale.float()[None, :] if self.pre_quant_scale is not None else w
 
-    def prepare(self, dtype: torch.dtype, kernel: bool = True) -> str:
+    def prepare(self, dtype: torch.dtype, kernel: bool = True, options: KernelOptions | None = None) -> str:
         dev = self.weight.device
+        self._fused = (options or KernelOptions()).resolve(dev).w8a8 == "compile"
         # ModelOpt's scale is 127 / amax in float32 (zero amax: everything quantizes to 0)
         amax = self.input_amax.float()
         tiny = amax <= 2.0 ** -24
@@ -203,26 +231,65 @@ class Int8Linear(nn.Module):
         return self.mode
 
     def _quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._pqs is not None:
-            x2 = x2 * self._pqs.to(x2.dtype)  # in the activation's dtype first, as ModelOpt does
-        return torch.clamp(torch.round(x2.float() * self._inv), self.act_min, 127)
+        return _w8a8_quantize(x2, self._pqs, self._inv, self.act_min)
+
+    def _call(self, fn, *args):
+        """``fn`` fused by torch.compile where ``KernelOptions.w8a8`` says so; a compiler that fails here (no
+        Triton, no C++ compiler) leaves the eager ops, once, with a warning."""
+        if self._fused:
+            try:
+                return _compiled(fn)(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure leaves the same eager numbers
+                self._fused = False
+                warnings.warn(f"w8a8: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "running its elementwise ops eagerly", RuntimeWarning, stacklevel=2)
+        return fn(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        q = self._quantize_input(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
         if self.mode == "dense":  # the fake-quant arithmetic itself
+            q = self._quantize_input(x2)
             y = F.linear((q / self._div).to(self._dtype), self._dense)
+            if self._bias is not None:
+                y = y + self._bias
         else:
-            m = q.shape[0]
-            pad = 17 - m if q.is_cuda and m <= 16 else 0  # cuBLASLt's int8 GEMM needs M > 16
-            qi = q.to(torch.int8)
-            if pad:
-                qi = F.pad(qi, (0, 0, 0, pad))
-            acc = torch._int_mm(qi.contiguous(), self._wt)[:m]
-            y = (acc.float() * self._out_scale).to(self._dtype)
-        if self._bias is not None:
-            y = y + self._bias
+            m = x2.shape[0]
+            pad = 17 - m if x2.is_cuda and m <= 16 else 0  # cuBLASLt's int8 GEMM needs M > 16
+            qi = self._call(_w8a8_quantize_int8, x2, self._pqs, self._inv, self.act_min, pad)
+            acc = torch._int_mm(qi, self._wt)[:m]
+            y = self._call(_w8a8_dequantize, acc, self._out_scale, self._bias, self._dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def _w8a8_quantize(x2, pqs, inv, act_min: int):
+    if pqs is not None:
+        x2 = x2 * pqs.to(x2.dtype)  # in the activation's dtype first, as ModelOpt does
+    return torch.clamp(torch.round(x2.float() * inv), act_min, 127)
+
+
+def _w8a8_quantize_int8(x2, pqs, inv, act_min: int, pad: int):
+    q = _w8a8_quantize(x2, pqs, inv, act_min).to(torch.int8)
+    return (F.pad(q, (0, 0, 0, pad)) if pad else q).contiguous()
+
+
+def _w8a8_dequantize(acc, out_scale, bias, dtype):
+    y = (acc.float() * out_scale).to(dtype)
+    return y + bias if bias is not None else y
+
+
+_COMPILED: dict = {}  # a cache of compiled wrappers (torch.compile keeps its own per code object)
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _int8_gemv(x, w, scales):
+    """The head as gpt-fast writes its int8 linear: torch.compile fuses the cast into the matmul's reduction."""
+    return F.linear(x, w.to(x.dtype)) * scales
 
 
 class Int8Embedding(nn.Module):
@@ -235,7 +302,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.empty(num_embeddings, device=device))
         self._dtype = torch.float32
 
-    def prepare(self, dtype: torch.dtype, kernel: bool = True) -> str:
+    def prepare(self, dtype: torch.dtype, kernel: bool = True, options: KernelOptions | None = None) -> str:
         self._dtype = dtype
         return "int8"
 
@@ -259,29 +326,36 @@ class Int8Head(nn.Module):
     def source(self) -> Int8Embedding:
         return self._tied[0] if self._tied else self.table
 
-    def prepare(self, dtype: torch.dtype, kernel: bool = True) -> str:
+    def prepare(self, dtype: torch.dtype, kernel: bool = True, options: KernelOptions | None = None) -> str:
         t = self.source
+        dev = t.weight.device
         self._dtype = dtype
-        self._scales = t.scales.to(dtype)
-        why = None if kernel else "kernels off"
-        if why is None:
+        choice = (options or KernelOptions()).resolve(dev).head if kernel else "dense"
+        # int8mm.cu reads float32 scales (and casts A to float); the CPU kernel takes A's dtype
+        self._scales = t.scales.float() if dev.type == "cuda" else t.scales.to(dtype)
+        self.mode = "dense"
+        if choice == "int8pack":
             try:
-                torch.ops.aten._weight_int8pack_mm(torch.zeros(1, t.embedding_dim, dtype=dtype, device=t.weight.device),
+                torch.ops.aten._weight_int8pack_mm(torch.zeros(1, t.embedding_dim, dtype=dtype, device=dev),
                                                    t.weight, self._scales)
                 self.mode = "int8"
-            except (RuntimeError, NotImplementedError, AttributeError) as e:
-                why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        if why is not None:  # e.g. CUDA: no int8 weight-only GEMM in this build; dense copy of the same numbers
+            except (RuntimeError, NotImplementedError, AttributeError):  # a build without it: the dense copy
+                pass
+        elif choice == "gemv":
+            self._scales, self.mode = t.scales.to(dtype), "gemv"
+        if self.mode == "dense":  # the same numbers as a plain bf16 table: cuBLAS's GEMV
             self._dense = (t.weight.float() * t.scales.float()[:, None]).to(dtype)
-            self.mode = "dense"
         return self.mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.mode == "dense":
             return F.linear(x.to(self._dtype), self._dense)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self._dtype).contiguous(),
-                                               self.source.weight, self._scales)
+        x2 = x.reshape(-1, shape[-1]).to(self._dtype).contiguous()
+        if self.mode == "gemv":
+            y = _compiled(_int8_gemv)(x2, self.source.weight, self._scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.source.weight, self._scales)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -373,12 +447,12 @@ def _remap_head(tensors: dict) -> dict:
 
 
 def load_quantized(config, path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, kernels: bool = True):
+                   dtype: torch.dtype | None = None, kernels: bool = True, options: KernelOptions | None = None):
     """The cuda target's weights → an ``NVILAModel`` on ``device`` running the low-bit kernels.
 
     ``dtype``: the activations' dtype (default bfloat16 on CUDA — tinygemm's — and float32 on CPU).
     ``kernels=False`` runs every quantized layer on its dequantized weights (the fp16 baseline on the same
-    numbers)."""
+    numbers); ``options``: the kernel choices a device measurement settles (``KernelOptions``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -386,13 +460,13 @@ def load_quantized(config, path: str | os.PathLike, device: str | torch.device =
         tensors = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - a corrupt file is a bundle problem, said as one
         raise BundleError(f"cannot read {path}: {e}") from e
-    return from_tensors(config, tensors, device, dtype, kernels, where=str(path))
+    return from_tensors(config, tensors, device, dtype, kernels, where=str(path), options=options)
 
 
 def from_tensors(config, tensors: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 kernels: bool = True, where: str = "cuda target"):
+                 kernels: bool = True, where: str = "cuda target", options: KernelOptions | None = None):
     """``load_quantized`` on tensors already in memory (the layout of ``export/cuda.py``)."""
-    from nvila_edge.checkpoint import _materialize_buffers
+    from nvila_edge.checkpoint import materialize_buffers
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -411,64 +485,10 @@ def from_tensors(config, tensors: dict, device: str | torch.device = "cpu", dtyp
         keep = v.dtype in (torch.uint8, torch.int8) or _is_quant_meta(model, k)
         state[k] = (v if keep else v.to(dtype)).to(device)
     model.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.eval()
-    prepare(model, dtype, kernels)
+    prepare(model, dtype, kernels, options)
     return model
-
-
-def random_quantized_tensors(model, calibration_pixels: torch.Tensor | None = None, group_size: int = 128) -> dict:
-    """A float model → this layout without ModelOpt (benchmarks on random weights): the LLM's decoder linears
-    int4 round-to-nearest with ModelOpt's formula (scale = amax / 7 per group), the vision tower's used linears
-    W8A8 with per-channel weights and activation amax measured on ``calibration_pixels`` (no smoothing), the
-    token table int8 per row, the rest fp16. Not a calibration: use ``nvila-edge calibrate`` for real models."""
-    out: dict[str, torch.Tensor] = {}
-    amax: dict[str, float] = {}
-    hooks = []
-    vis = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("vision_tower.")]
-    if calibration_pixels is not None:
-        for n in vis:
-            def hook(mod, args, name=n):
-                amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
-            hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
-        with torch.inference_mode():
-            model.encode_tiles(calibration_pixels)
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if not isinstance(m, nn.Linear):
-                continue
-            w = m.weight.detach().float().cpu()
-            if name.startswith("llm.model.layers.") and w.shape[1] % group_size == 0:
-                n, k = w.shape
-                a = w.reshape(n, k // group_size, group_size).abs().amax(-1)
-                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 7.0)
-                codes = torch.clamp(torch.round(w.reshape(n, -1, group_size) / scale[..., None]), -8, 7)
-                out[f"{name}.qweight"] = pack_int4(codes.reshape(n, k).to(torch.int8))
-                out[f"{name}.scales"] = scale
-            elif name in amax:
-                a = w.abs().amax(1)
-                scale = torch.where(a <= 2.0 ** -24, torch.ones_like(a), a / 127.0)
-                out[f"{name}.weight"] = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-                out[f"{name}.weight_scale"] = scale
-                out[f"{name}.input_amax"] = torch.tensor(amax[name])
-            else:
-                continue
-            if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach().float().cpu()
-        q, sc = quantize_int8_rows(model.llm.get_input_embeddings().weight)
-        out["llm.model.embed_tokens.weight"], out["llm.model.embed_tokens.scales"] = q, sc
-        done = {k.rsplit(".", 1)[0] for k in out}
-        for k, v in model.state_dict().items():
-            mod = k.rsplit(".", 1)[0]
-            if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
-                continue
-            if k == "llm.lm_head.weight":
-                out[k], out["llm.lm_head.scales"] = quantize_int8_rows(v)
-                continue
-            out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _is_quant_meta(model, key: str) -> bool:
@@ -480,14 +500,15 @@ def _is_quant_meta(model, key: str) -> bool:
         return False
 
 
-def prepare(model: nn.Module, dtype: torch.dtype, kernels: bool = True) -> dict[str, int]:
+def prepare(model: nn.Module, dtype: torch.dtype, kernels: bool = True,
+            options: KernelOptions | None = None) -> dict[str, int]:
     """Every quantized module to its kernel layout; returns how many run in each mode."""
     modes: dict[str, int] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for m in model.modules():
             if isinstance(m, QUANT_MODULES):
-                mode = m.prepare(dtype, kernels)
+                mode = m.prepare(dtype, kernels, options)
                 modes[f"{type(m).__name__}:{mode}"] = modes.get(f"{type(m).__name__}:{mode}", 0) + 1
     seen = set()
     for w in caught:  # one warning per reason, not one per layer
@@ -495,6 +516,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, kernels: bool = True) -> dict[
             seen.add(str(w.message))
             warnings.warn(w.message, w.category, stacklevel=2)
     model.quant_modes = modes
+    model.kernel_options = options or KernelOptions()
     return modes
 
 
@@ -517,6 +539,7 @@ def dequantize(model: nn.Module) -> nn.Module:
             continue
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, lin)
+    model.__dict__.pop("quant_modes", None)  # plain weights now: not the cuda target's kernels (its label)
     head = getattr(getattr(model, "llm", None), "lm_head", None)
     if isinstance(head, Int8Head):
         if head._tied:
@@ -532,5 +555,6 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize_int4", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
-           "build_quantized", "load_quantized", "from_tensors", "random_quantized_tensors", "prepare", "dequantize", "quantized_kinds", "int4_kernel_support"]
+__all__ = ["KernelOptions", "cuda_int4_bytes", "inner_k_tiles", "Int4Linear", "Int8Linear", "Int8Embedding", "Int8Head",
+           "build_quantized", "load_quantized", "from_tensors", "prepare", "dequantize", "quantized_kinds",
+           "int4_kernel_support"]

@@ -10,7 +10,7 @@ fake-quant arithmetic (the same modules run on dequantized weights, ``kernels=Fa
 for one image and an 8-frame video on both paths; peak GPU memory; the bandwidth bound (weight + KV bytes a
 token reads / measured device bandwidth) and the fraction of it achieved.
 
-For ``--preset`` the quantized tensors come from ``modeling.quantized.random_quantized_tensors`` (RTN int4
+For ``--preset`` the quantized tensors come from ``random_quantized_tensors`` below (RTN int4
 with ModelOpt's formula, W8A8 with activation ranges measured on one random tile): kernel speed does not
 depend on how the numbers were chosen. For a bundle the fp16 path is the cuda target's own weights,
 dequantized. Runs on CPU too (the CPU kernels, eager decoding): the tests do, with ``--quick``.
@@ -18,12 +18,61 @@ dequantized. Runs on CPU too (the CPU kernels, eager decoding): the tests do, wi
 
 from __future__ import annotations
 
-
 import numpy as np
 
-# the comparison's report pieces live beside the rest of the report (report.py); imported here as before
-from .report import QUANT_HEAD as HEAD  # noqa: F401
-from .report import QUANT_TARGETS, quant_ratios as ratios, quant_rows as rows  # noqa: F401
+
+def random_quantized_tensors(model, calibration_pixels=None, group_size: int = 128) -> dict:
+    """A float model → the cuda target's layout without ModelOpt (benchmarks on random weights), on
+    ``nvila_edge.quant_format``'s rules: the LLM's decoder linears int4 round-to-nearest (scale = amax / 7 per
+    group), the vision tower's used linears W8A8 with per-channel weights and activation amax measured on
+    ``calibration_pixels`` (no smoothing), the token table (and an untied LM head) int8 per row, the rest fp16.
+    Not a calibration: use ``nvila-edge calibrate`` for real models."""
+    import torch
+    from torch import nn
+
+    from nvila_edge import quant_format as qf
+
+    out: dict[str, torch.Tensor] = {}
+    amax: dict[str, float] = {}
+    hooks = []
+    vis = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("vision_tower.")]
+    if calibration_pixels is not None:
+        for n in vis:
+            def hook(mod, args, name=n):
+                amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
+            hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+        with torch.inference_mode():
+            model.encode_tiles(calibration_pixels)
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            w = m.weight.detach().float().cpu()
+            if name.startswith("llm.model.layers.") and w.shape[1] % group_size == 0:
+                codes, scales = qf.quantize_int4_groups(w, group_size)
+                out[f"{name}.qweight"], out[f"{name}.scales"] = qf.pack_int4(codes), scales
+            elif name in amax:
+                out[f"{name}.weight"], out[f"{name}.weight_scale"] = qf.quantize_int8_channels(w)
+                out[f"{name}.input_amax"] = torch.tensor(amax[name])
+            else:
+                continue
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().float().cpu()
+        q, sc = qf.quantize_int8_rows(model.llm.get_input_embeddings().weight)
+        out["llm.model.embed_tokens.weight"], out["llm.model.embed_tokens.scales"] = q, sc
+        done = {k.rsplit(".", 1)[0] for k in out}
+        for k, v in model.state_dict().items():
+            mod = k.rsplit(".", 1)[0]
+            if mod in done or k == "llm.lm_head.weight" and model.config.llm.tie_word_embeddings:
+                continue
+            if k == "llm.lm_head.weight":
+                out[k], out["llm.lm_head.scales"] = qf.quantize_int8_rows(v)
+                continue
+            out[k] = v.detach().to(torch.float16).cpu() if v.is_floating_point() else v.detach().cpu()
+    return {k: v.contiguous() for k, v in out.items()}
+
 
 def quant_bytes(model, cfg, kv_positions: int, kv_item: int = 2) -> dict:
     """Bytes one decode step of the quantized LLM reads: every LLM tensor but the token table (one row),
@@ -60,7 +109,8 @@ def _cosine(a, b) -> float:
 
 
 def _models(spec, dev, cuda):
-    """(fp16 model, quantized model, fake-quant model) on the same weights."""
+    """(config, make_fp16, make_quant): builders of the fp16 model and the quantized one (``kernels=False``: the
+    fake-quant model) on the same weights, so each path holds only its own model on the device."""
     import torch
 
     from nvila_edge.bundle import Bundle
@@ -70,22 +120,41 @@ def _models(spec, dev, cuda):
 
     cfg, _ = _config_tok(spec)
     qdtype = torch.bfloat16 if cuda else torch.float32
+    fdtype = torch.float16 if cuda else torch.float32
     if spec.get("bundle"):
         b = Bundle.open(spec["bundle"])
         path = b.file("weights", "cuda")
-        quant = Q.load_quantized(b.config, path, device=dev, dtype=qdtype)
-        fake = Q.load_quantized(b.config, path, device=dev, dtype=qdtype, kernels=False)
-        fp16 = Q.dequantize(Q.load_quantized(b.config, path, device=dev, kernels=False))
+        cfg = b.config
+
+        def make_quant(kernels=True):
+            return Q.load_quantized(cfg, path, device=dev, dtype=qdtype, kernels=kernels)
+
+        def make_fp16():
+            return Q.dequantize(Q.load_quantized(cfg, path, device=dev, kernels=False)).to(dev, fdtype).eval()
     else:
-        fp16 = _torch_model(spec, device="cpu")  # random weights of the seed, float32
+        cpu_fp32 = _torch_model(spec, device="cpu")  # random weights of the seed, float32, kept on the host
         s = cfg.vision.image_size
         px = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, s, s)).astype(np.float32))
-        tensors = Q.random_quantized_tensors(fp16, px)
-        quant = Q.from_tensors(cfg, tensors, device=dev, dtype=qdtype)
-        fake = Q.from_tensors(cfg, tensors, device=dev, dtype=qdtype, kernels=False)
-        del tensors
-    fp16 = fp16.to(dev, torch.float16 if cuda else torch.float32).eval()
-    return cfg, fp16, quant, fake
+        tensors = random_quantized_tensors(cpu_fp32, px)
+
+        def make_quant(kernels=True):
+            return Q.from_tensors(cfg, tensors, device=dev, dtype=qdtype, kernels=kernels)
+
+        def make_fp16():
+            import copy
+
+            return copy.deepcopy(cpu_fp32).to(dev, fdtype).eval() if cuda else cpu_fp32.eval()
+    return cfg, make_fp16, make_quant
+
+
+def _release(cuda: bool) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def phase_quantized(spec: dict, quick: bool = False) -> dict:
@@ -102,21 +171,36 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     n = dict(GPU, vision_tiles=2, tokens=8, reps=1, prefill=64) if quick else GPU
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     _, tok = _config_tok(spec)
-    cfg, fp16, quant, fake = _models(spec, dev, cuda)
-    res = {"counts": n, "prefill_tokens": n["prefill"], "device": dev, "dtype": str(fp16.dtype).replace("torch.", ""), "torch": torch.__version__,
+    cfg, make_fp16, make_quant = _models(spec, dev, cuda)
+    quant = make_quant()
+    res = {"counts": n, "prefill_tokens": n["prefill"], "device": dev,
+           "dtype": "float16" if cuda else "float32", "torch": torch.__version__,
            "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
            "quant_dtype": str(quant.dtype).replace("torch.", ""), "kernels": dict(quant.quant_modes)}
     s = cfg.vision.image_size
     log(f"  vision fp16 vs W8A8 on {dev}")
+    enc = lambda m: (lambda x: m.encode_tiles(torch.from_numpy(x)))  # noqa: E731
+    px = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, s, s)).astype(np.float32))
     with torch.inference_mode():
-        enc = lambda m: (lambda x: m.encode_tiles(torch.from_numpy(x)))  # noqa: E731
-        res["vision_ms"] = _time_tiles(enc(fp16), s, n["vision_tiles"], sync)
         res["vision_w8a8_ms"] = _time_tiles(enc(quant), s, n["vision_tiles"], sync)
-        px = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, s, s)).astype(np.float32))
-        res["vision_cosine"] = _cosine(quant.encode_tiles(px), fake.encode_tiles(px))
+        feats = quant.encode_tiles(px).float().cpu()
+    if cuda:  # a step reads the whole static cache: the bucket _device_llm's request gets (cache_bucket)
+        from nvila_edge.runtime.backends.cuda_graph import cache_bucket
+
+        kv = cache_bucket(n["prefill"] + n["tokens"] + 2, cfg.llm.context_length)
+    else:  # the dynamic cache reads what it holds, on average half-way through the decode
+        kv = n["prefill"] + n["tokens"] // 2
+    q_bytes = quant_bytes(quant, cfg, kv, 2 if cuda else 4)
+    del quant
+    _release(cuda)
+    with torch.inference_mode():
+        fake = make_quant(kernels=False)
+        res["vision_cosine"] = _cosine(feats, fake.encode_tiles(px).float().cpu())
     del fake
-    if cuda:
-        torch.cuda.empty_cache()
+    _release(cuda)
+    fp16 = make_fp16()
+    with torch.inference_mode():
+        res["vision_ms"] = _time_tiles(enc(fp16), s, n["vision_tiles"], sync)
     ids = _prompt_ids(cfg, n["prefill"])
     log("  LLM fp16 transformers eager")
     res["eager"] = _torch_llm(fp16.llm, ids, n["tokens"], n["reps"], sync)
@@ -131,20 +215,18 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
         return out
 
     graph = run_path(fp16, "fp16")
-    ours = run_path(quant, "w4a16")
-    kv = n["prefill"] + n["tokens"] // 2
+    fp16_bytes = report.torch_llm_bytes(fp16.llm, cfg, kv)
+    del fp16  # one model resident at a time: each path's peak memory is its own
+    _release(cuda)
+    ours = run_path(make_quant(), "w4a16")
     res.update(fp16_graph=graph, w4a16=ours, backend=ours["llm"], describe=ours["describe"],
                ttft_image=ours["ttft_image"], ttft_video=ours["ttft_video"],
                gpu_peak_mem_mb=ours.get("gpu_peak_mem_mb"),
-               bytes_per_token=quant_bytes(quant, cfg, kv, 2 if cuda else 4),
-               fp16_bytes_per_token=report.torch_llm_bytes(fp16.llm, cfg, kv))
+               bytes_per_token=q_bytes, fp16_bytes_per_token=fp16_bytes)
     if cuda:
         res["bandwidth_gbs"] = report.gpu_bandwidth_gbs(dev)
     res["peak_rss_mb"] = report.peak_rss_mb()
     return res
-
-
-__all__ = ["phase_quantized", "ratios", "rows", "quant_bytes", "QUANT_TARGETS", "HEAD"]
 
 
 def phase_gpu(spec: dict, quick: bool = False) -> dict:
@@ -181,3 +263,6 @@ def phase_gpu(spec: dict, quick: bool = False) -> dict:
         res["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     res["peak_rss_mb"] = report.peak_rss_mb()
     return res
+
+
+__all__ = ["phase_quantized", "phase_gpu", "quant_bytes", "random_quantized_tensors"]

@@ -27,7 +27,7 @@ from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_write_text
 
 from . import report
-from .report import bandwidth_gbs, peak_rss_mb  # noqa: F401 - peak_rss_mb: _phase_main
+from .report import bandwidth_gbs, peak_rss_mb
 from . import llamacpp
 from .timing import log, module_missing
 
@@ -178,7 +178,7 @@ def run_child(phase: str, spec: dict) -> dict:
 
 def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
               work_dir=None, seed=0, llama_cpp=None, prepare=False) -> dict:
-    """Measure everything in one run; return the result (``bench_report`` shows it)."""
+    """Measure everything in one run; return the result (``report`` shows it)."""
     t0 = time.time()
     counts = QUICK if quick else FULL
     work = _work_dir(work_dir, preset, bundle, seed, backend)
@@ -191,14 +191,14 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     if backend == "torch":
-        from . import gpu as bench_gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
+        from . import gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
 
         from nvila_edge.bundle import Bundle
 
         quantized = preset or "cuda" in Bundle.open(bundle).targets
         log("torch backend: " + ("fp16 eager vs fp16 CUDA graph vs W4A16 / W8A8 (cuda target)" if quantized
                                  else "eager vs the torch backend (CUDA graph decoding on cuda)"))
-        result["gpu"] = bench_gpu.phase_quantized(spec, quick) if quantized else bench_gpu.phase_gpu(spec, quick)
+        result["gpu"] = gpu.phase_quantized(spec, quick) if quantized else gpu.phase_gpu(spec, quick)
         result["counts"] = result["gpu"].pop("counts")
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:

@@ -97,23 +97,61 @@ def _torch_llm(llm, ids: np.ndarray, n_tokens: int, reps: int = 1, sync=lambda: 
 
 
 def _backend_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None) -> dict:
-    """Our backend: prefill the same prompt's embeddings, then greedy ``decode_step``s (IOBinding on ORT)."""
+    """Our backend through the step API the Runtime drives: prefill the prompt's embeddings on a cache of its
+    own, then greedy ``decode_step``s with the backend's own sampler (IOBinding on ORT; on CUDA the graph replay
+    and the on-device pick, one id to the host per token)."""
+    from nvila_edge.sampling import SamplingParams
+
     embeds = be.embed_tokens(ids)[None]
-    be.reset()
-    be.prefill(embeds[:, :16])  # warm-up
+    pick = be.sampler(SamplingParams(max_new_tokens=n_tokens))  # greedy
+    cache = be.new_cache(len(ids) + n_tokens)
+    be.prefill(embeds[:, :16], cache)  # warm-up
     prefill, decode = [], []
     for _ in range(reps):
-        be.reset()
+        cache.clear()
         sync()
         t = time.perf_counter()
-        logits = be.prefill(embeds)
+        logits = be.prefill(embeds, cache)
+        tok = pick(logits)
         prefill.append(time.perf_counter() - t)
         t = time.perf_counter()
         for _ in range(n_tokens):
-            logits = be.decode_step(int(np.argmax(logits)))
+            tok = pick(be.decode_step(tok, cache))
         sync()
         decode.append(n_tokens / (time.perf_counter() - t))
     return {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": n_tokens}
+
+
+def _device_llm(be, ids: np.ndarray, n_tokens: int, reps: int, sync=lambda: None) -> dict:
+    """The torch backend's serving path, as ``Runtime.generate`` runs it: device embeddings, a cache of its own
+    (static, with its captured decode graph, on CUDA), device logits read by the backend's sampler — one small
+    copy a token, not all logits to the host. The first step (which captures the graph) is not timed."""
+    from nvila_edge.sampling import SamplingParams
+
+    prefill = be.prefill  # device logits
+    decode = be.decode_step
+    embeds = be.prompt_embeds(ids, [], [])
+    cap = len(ids) + n_tokens + 2
+    warm = be.new_cache(cap)  # warm-up: allocator, kernels
+    prefill(embeds[:, :16], warm)
+    decode(0, warm)
+    pre, dec = [], []
+    for _ in range(reps):
+        cache, sample, seen = be.new_cache(cap), be.sampler(SamplingParams(max_new_tokens=n_tokens + 1)), []
+        sync()
+        t = time.perf_counter()
+        logits = prefill(embeds, cache)
+        seen.append(sample(logits, seen))
+        pre.append(time.perf_counter() - t)
+        logits = decode(seen[-1], cache)  # captures this cache's graph on CUDA
+        sync()
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            seen.append(sample(logits, seen))
+            logits = decode(seen[-1], cache)
+        sync()
+        dec.append(n_tokens / (time.perf_counter() - t))
+    return {"prefill_s": _median(pre), "decode_tok_s": _median(dec), "tokens": n_tokens, "path": "device"}
 
 
 def _ttft(rt, reps: int, cfg, video: bool) -> dict:
@@ -160,7 +198,7 @@ def _backend_path(be, cfg, tok, ids: np.ndarray, n: dict, sync, ttft_reps: int) 
     from nvila_edge.runtime import Runtime
 
     log(f"  LLM torch backend ({be.describe()['decode']})")
-    out = {"describe": be.describe(), "llm": _backend_llm(be, ids, n["tokens"], n["reps"], sync)}
+    out = {"describe": be.describe(), "llm": _device_llm(be, ids, n["tokens"], n["reps"], sync)}
     rt = Runtime(cfg, tok, be)
     out["ttft_image"] = _ttft(rt, ttft_reps, cfg, video=False)
     out["ttft_video"] = _ttft(rt, 1, cfg, video=True)

@@ -14,8 +14,10 @@ A ``cuda``-only bundle on a machine without CUDA raises ``BackendUnavailable`` s
 picked by ``auto``: it is untested (no TensorRT on any machine this project runs on), so it runs only when
 named.
 
-Whether CUDA is present is asked without importing torch (the driver library, through ctypes), so the ONNX
-Runtime path stays torch-free.
+Whether CUDA is present is asked first without importing torch (the driver library, through ctypes), so the ONNX
+Runtime path stays torch-free on a machine without a driver; where a driver answers and the bundle has a cuda
+target, torch itself is asked (``torch.cuda.is_available()``: a CPU build of torch beside an NVIDIA driver
+falls back to the cpu target on ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 
 from nvila_edge.errors import BackendUnavailable, BundleError
 
-from .base import Backend, KVCache, check_embeds
+from .base import Backend, check_embeds
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
 
@@ -66,7 +68,10 @@ def choose_backend(bundle, name: str = "auto", device: str | None = None) -> str
     targets = bundle.manifest.get("targets", {})
     want_cpu = device is not None and str(device).startswith("cpu")
     if "cuda" in targets and _installed("torch") and not want_cpu and cuda_device_count() > 0:
-        return "torch"
+        from .torch import torch_sees_cuda
+
+        if torch_sees_cuda():  # the driver alone says nothing of the installed torch build
+            return "torch"
     if "cpu" in targets and _installed("onnxruntime"):
         return "onnxruntime"
     if "torch" in targets and _installed("torch"):
@@ -128,4 +133,4 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
     return TorchBackend.from_bundle(bundle, device=device, threads=threads)
 
 
-__all__ = ["Backend", "KVCache", "BACKENDS", "LLM_ENGINES", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]
+__all__ = ["Backend", "BACKENDS", "LLM_ENGINES", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]

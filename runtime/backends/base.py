@@ -1,20 +1,22 @@
-"""The one small interface every runtime backend implements (numpy in, numpy out), and the KV cache it fills.
+"""The one step API every runtime backend implements, and the helpers the CPU backends share.
 
-Device-resident path: the Runtime itself calls ``encode`` → ``prompt_embeds`` → ``prefill_logits`` /
-``decode_logits`` → ``sampler(params)``. Their values are opaque (numpy for ONNX Runtime, device tensors for
-the torch backend on CUDA): the Runtime only hands them back to the same backend and reads ``.shape``, so
-features, embeddings, the KV cache and the logits never cross to the host; a token costs one decode step and
-one small copy (the sampled id). The defaults below are the numpy path.
+    cache = backend.new_cache(capacity)            # the caller's own KV cache (nvila_edge.kv_cache.KVCache)
+    feats = backend.encode_tiles(pixels)           # vision features
+    embeds = backend.prompt_embeds(ids, media, feats, end)
+    logits = backend.prefill(embeds, cache)        # the prompt's last position
+    logits = backend.decode_step(token, cache)     # one more token
+    token = backend.sampler(params)(logits, previous)
 
-The caller owns the cache: ``cache = backend.new_cache(capacity)``, then ``backend.prefill(embeds, cache)``
-and ``backend.decode_step(token, cache)`` append to it. A chat session keeps its own cache turn after turn
+Values are native to the backend (numpy for ONNX Runtime / OpenVINO, device tensors for the torch backend on
+CUDA): the Runtime only hands them back to the same backend and reads ``.shape``, so features, embeddings, the
+KV cache and the logits never cross to the host; a token costs one decode step and one small copy (the sampled
+id). ``to_numpy`` copies a native value to the host where a caller needs numpy (video streams, tests, the bench).
+``project`` and ``embed_tokens`` are numpy in, numpy out (the torch-free ``nvila_edge.visual`` path).
+
+The caller owns the cache and every step needs one: a chat session keeps its own turn after turn
 (``cache.truncate`` rolls it back to re-align with the canonical tokenization of the last answer), a request
-or an agent takes one for its answer, and no call can spoil another's cache. Where the backend runs on a
-GPU the cache lives there.
-
-``cache=None`` uses the backend's own default cache (``default_cache``; ``cache_length`` / ``truncate`` /
-``reset`` act on it): the single-cache API of 0.1, kept for scripts and benchmarks that drive a backend
-directly.
+or an agent takes one for its answer, and no call can spoil another's cache. Where the backend runs on a GPU
+the cache lives there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from nvila_edge.config import NVILAConfig
+from nvila_edge.kv_cache import KVCache
 
 
 def tile_batch(config: NVILAConfig, device: str) -> int:
@@ -41,24 +44,6 @@ def encode_in_batches(vision, pixels: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-class KVCache(ABC):
-    """Positions one sequence holds in a backend's KV cache. Made by ``Backend.new_cache``; each backend
-    subclasses it with its own storage (ONNX Runtime buffers, a transformers cache, a CUDA static cache)."""
-
-    capacity: int  # positions it can hold (a backend may grow it up to its max_length)
-    length: int = 0  # positions held
-
-    @abstractmethod
-    def truncate(self, length: int) -> None:
-        """Keep only the first ``length`` positions (the rest is overwritten by later steps)."""
-
-    def clear(self) -> None:
-        self.truncate(0)
-
-    def __len__(self) -> int:
-        return self.length
-
-
 class Backend(ABC):
     name: str = "base"
     config: NVILAConfig
@@ -66,8 +51,8 @@ class Backend(ABC):
 
     # ---- vision --------------------------------------------------------------------------------------
     @abstractmethod
-    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 tiles → (N, g*g, C) float32 SigLIP features (``hidden_states[select_layer]``)."""
+    def encode_tiles(self, pixels: np.ndarray):
+        """(N, 3, S, S) float32 tiles → (N, g*g, C) SigLIP features (``hidden_states[select_layer]``), native."""
 
     @abstractmethod
     def project(self, features: np.ndarray) -> np.ndarray:
@@ -78,38 +63,25 @@ class Backend(ABC):
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 token ids → (n, H) float32 input embeddings."""
 
+    def prompt_embeds(self, input_ids: np.ndarray, media, features, end: np.ndarray):
+        """Prompt ids + media features → (1, L', H) embeddings (Dynamic-S2 merge, TSP, splicing), native."""
+        from nvila_edge import visual
+
+        features = None if features is None else self.to_numpy(features)
+        chunks = visual.embed_media(features, media, self.config, self.project, end)
+        return visual.embed_inputs(input_ids, chunks, self.config, self.embed_tokens)
+
     @abstractmethod
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for one sequence of up to ``capacity`` positions (default: what the engine holds)."""
 
     @abstractmethod
-    def prefill(self, embeds: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
-        """Append (1, L, H) embeddings to ``cache``; return the last position's logits (V,) float32."""
+    def prefill(self, embeds, cache: KVCache):
+        """Append (1, L, H) embeddings to ``cache``; the last position's logits (V,), native."""
 
     @abstractmethod
-    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
-        """Append one token to ``cache``; return its logits (V,) float32."""
-
-    # ---- the device-resident path (opaque values; the numpy path by default) ---------------------------
-    def encode(self, pixels: np.ndarray):
-        """Tiles → vision features in the backend's own array type (``encode_tiles`` by default)."""
-        return self.encode_tiles(pixels)
-
-    def prompt_embeds(self, input_ids: np.ndarray, media, features, end: np.ndarray):
-        """Prompt ids + media features → (1, L', H) embeddings (Dynamic-S2 merge, TSP, splicing)."""
-        from nvila_edge import visual
-
-        if features is not None and not isinstance(features, np.ndarray):
-            features = np.asarray(features)
-        chunks = visual.embed_media(features, media, self.config, self.project, end)
-        return visual.embed_inputs(input_ids, chunks, self.config, self.embed_tokens)
-
-    def prefill_logits(self, embeds, cache: KVCache | None = None):
-        """``prefill`` returning logits in the backend's own array type (what ``sampler`` reads)."""
-        return self.prefill(embeds, cache)
-
-    def decode_logits(self, token_id: int, cache: KVCache | None = None):
-        return self.decode_step(token_id, cache)
+    def decode_step(self, token_id: int, cache: KVCache):
+        """Append one token to ``cache``; its logits (V,), native."""
 
     def sampler(self, params):
         """The token picker for this backend's logits (numpy ``Sampler`` by default)."""
@@ -117,29 +89,9 @@ class Backend(ABC):
 
         return Sampler(params)
 
-    # ---- the default cache (``cache=None``) ----------------------------------------------------------
-    @property
-    def default_cache(self) -> KVCache:
-        cache = self.__dict__.get("_default_cache")
-        if cache is None:
-            cache = self.__dict__["_default_cache"] = self.new_cache()
-        return cache
-
-    def _cache(self, cache: KVCache | None) -> KVCache:
-        return self.default_cache if cache is None else cache
-
-    @property
-    def cache_length(self) -> int:
-        """Positions held in the default cache."""
-        return self.default_cache.length
-
-    def truncate(self, length: int) -> None:
-        """Keep only the first ``length`` positions of the default cache."""
-        self.default_cache.truncate(length)
-
-    def reset(self) -> None:
-        """Empty the default cache."""
-        self.default_cache.clear()
+    def to_numpy(self, value) -> np.ndarray:
+        """A native value (features, embeddings, logits) as a host float32 array."""
+        return np.asarray(value, dtype=np.float32)
 
     @property
     def max_length(self) -> int:

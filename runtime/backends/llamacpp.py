@@ -20,9 +20,10 @@ import threading
 import numpy as np
 
 from nvila_edge.errors import BundleError, ContextOverflowError, GenerationError
+from nvila_edge.kv_cache import KVCache
 from nvila_edge.optional import require
 
-from .base import KVCache, check_embeds
+from .base import check_embeds
 from .onnxruntime import OrtBackend
 
 MAX_SEQUENCES = 8  # caches alive at once (a session, a stream, the server's admitted requests)
@@ -95,7 +96,8 @@ class LlamaCppKVCache(KVCache):
 
 
 class LlamaCppLLM:
-    """A GGUF on a llama.cpp context: ``prefill(embeds, cache)`` / ``decode_step(embed, cache)`` → logits (V,)."""
+    """A GGUF on a llama.cpp context: ``step(embeds, cache)`` appends (n, H) embeddings to the cache's sequence and
+    returns the last position's logits (V,)."""
 
     def __init__(self, path, info: dict, *, threads: int | None = None, n_ctx: int | None = None,
                  sequences: int = MAX_SEQUENCES, check: bool = True):
@@ -147,9 +149,11 @@ class LlamaCppLLM:
             self.L.llama_memory_seq_rm(self.mem, seq, int(start), -1)
 
     # ---- steps -----------------------------------------------------------------------------------------
-    def _decode(self, embeds: np.ndarray, cache: LlamaCppKVCache) -> np.ndarray:
+    def step(self, embeds: np.ndarray, cache: LlamaCppKVCache) -> np.ndarray:
         """(n, H) float32 after the cache's positions, BATCH at a time; the last position's logits."""
         L, b, n = self.L, self.batch, embeds.shape[0]
+        if not isinstance(cache, LlamaCppKVCache) or cache.engine is not self:
+            raise GenerationError("the llama.cpp engine steps only the caches its own new_cache() made")
         if cache.seq is None:
             raise GenerationError("this KV cache was closed")
         total = cache.length + n
@@ -222,12 +226,12 @@ class LlamaCppBackend(OrtBackend):
     def new_cache(self, capacity: int | None = None) -> LlamaCppKVCache:
         return LlamaCppKVCache(self.llm, capacity or self.llm.n_ctx)
 
-    def prefill(self, embeds: np.ndarray, cache: LlamaCppKVCache | None = None) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray, cache: LlamaCppKVCache) -> np.ndarray:
         embeds = check_embeds(embeds, self.config.llm.hidden_size)
-        return self.llm._decode(embeds[0], self._cache(cache))
+        return self.llm.step(embeds[0], cache)
 
-    def decode_step(self, token_id: int, cache: LlamaCppKVCache | None = None) -> np.ndarray:
-        return self.llm._decode(self.table(np.asarray([int(token_id)])).astype(np.float32), self._cache(cache))
+    def decode_step(self, token_id: int, cache: LlamaCppKVCache) -> np.ndarray:
+        return self.llm.step(self.table(np.asarray([int(token_id)])).astype(np.float32), cache)
 
     @property
     def max_length(self) -> int:

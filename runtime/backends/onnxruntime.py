@@ -27,7 +27,9 @@ from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BackendUnavailable, BundleError, GenerationError
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds, encode_in_batches, tile_batch
+from nvila_edge.kv_cache import KVCache
+
+from .base import Backend, check_embeds, encode_in_batches, tile_batch
 
 _NP = {"float32": np.float32, "float16": np.float16}
 INITIAL_CAPACITY = 4096  # KV positions allocated up front; grows (doubling) up to the graph's max_length
@@ -289,18 +291,17 @@ class OrtBackend(Backend):
             return cache.logits[0, -1].copy()
         return cache.output(io["logits"])[0, -1].astype(np.float32)
 
-    def prefill(self, embeds: np.ndarray, cache: OrtKVCache | None = None) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray, cache: OrtKVCache) -> np.ndarray:
         """Prefill in chunks of ``PREFILL_CHUNK`` positions: a long prompt (a video: 1 000+ tokens) then needs one
         chunk's activations, not the whole prompt's, at no cost in speed (GQA attends over the cached chunks)."""
-        embeds, cache = check_embeds(embeds, self.config.llm.hidden_size), self._cache(cache)
+        embeds = check_embeds(embeds, self.config.llm.hidden_size)
         n = embeds.shape[1]
         last = max(0, (n - 1) // PREFILL_CHUNK * PREFILL_CHUNK)
         for s in range(0, last, PREFILL_CHUNK):
             self._run(embeds[:, s:s + PREFILL_CHUNK], cache)
         return self._run(embeds[:, last:], cache)
 
-    def decode_step(self, token_id: int, cache: OrtKVCache | None = None) -> np.ndarray:
-        cache = self._cache(cache)
+    def decode_step(self, token_id: int, cache: OrtKVCache) -> np.ndarray:
         cache.step[0, 0] = self.table(np.asarray([int(token_id)]))[0]
         return self._run(cache.step, cache)
 
@@ -310,7 +311,7 @@ class OrtBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "providers": self.providers,
-                "kv": "shared-buffer" if self.shared else "present→past", "kv_capacity": getattr(self.__dict__.get("_default_cache"), "capacity", self.capacity),
+                "kv": "shared-buffer" if self.shared else "present→past", "kv_capacity": self.capacity,
                 "threads": self.threads, "vision": self.vision.describe() if self.vision is not None else None}
 
 

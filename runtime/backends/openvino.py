@@ -29,7 +29,9 @@ from nvila_edge.config import NVILAConfig
 from nvila_edge.errors import BundleError, GenerationError
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds, encode_in_batches, tile_batch
+from nvila_edge.kv_cache import KVCache
+
+from .base import Backend, check_embeds, encode_in_batches, tile_batch
 
 PRECISIONS = ("f32", "bf16")
 
@@ -181,12 +183,12 @@ class OpenVINOBackend(Backend):
         cache.length = total
         return np.array(cache.request.get_output_tensor(0).data[0, -1], dtype=np.float32)
 
-    def prefill(self, embeds: np.ndarray, cache: OpenVINOKVCache | None = None) -> np.ndarray:
-        return self._run(check_embeds(embeds, self.config.llm.hidden_size), self._cache(cache))
+    def prefill(self, embeds: np.ndarray, cache: OpenVINOKVCache) -> np.ndarray:
+        return self._run(check_embeds(embeds, self.config.llm.hidden_size), cache)
 
-    def decode_step(self, token_id: int, cache: OpenVINOKVCache | None = None) -> np.ndarray:
+    def decode_step(self, token_id: int, cache: OpenVINOKVCache) -> np.ndarray:
         row = self.table(np.asarray([int(token_id)]))[None].astype(np.float32, copy=False)
-        return self._run(row, self._cache(cache))
+        return self._run(row, cache)
 
     @property
     def max_length(self) -> int:

@@ -1,4 +1,4 @@
-"""TensorRT backend (GPU): the bundle's TensorRT vision engine; projector, embeddings and decoder from the
+"""UNTESTED TensorRT backend (GPU): the bundle's TensorRT vision engine; projector, embeddings and decoder from the
 bundle's cpu target on ONNX Runtime's **CPU** provider (same IOBinding KV path as the CPU backend): that
 decoder is an fp32 GroupQueryAttention graph, for which ONNX Runtime's CUDA provider has no kernel, and no
 extra installs onnxruntime-gpu. ``backend="auto"`` never picks this backend; the GPU path that runs is the
@@ -9,7 +9,7 @@ the TensorRT 10 Python API (named I/O tensors, ``execute_async_v3``). ``tensorrt
 imported only here, and a missing one raises ``BackendUnavailable`` naming the ``[gpu]`` extra.
 
 Not wired yet: the TensorRT-LLM engine (``tensorrt/trtllm_engine``). Its runtime generates whole answers
-from a prompt table; the step API this interface needs (prefill, decode_step, truncate) is the ORT decoder's.
+from a prompt table; the step API this interface needs (``new_cache``, ``prefill``, ``decode_step``) is the ORT decoder's.
 """
 
 from __future__ import annotations
@@ -83,4 +83,4 @@ class TensorRTBackend(OrtBackend):
         return self.trt_vision(pixels)
 
     def describe(self) -> dict:
-        return {**super().describe(), "backend": self.name, "vision": "tensorrt"}
+        return {**super().describe(), "backend": self.name, "vision": "tensorrt", "tested": False}

@@ -2,12 +2,11 @@
 or its ``cuda`` target (real int4 / int8 kernels: CUDA bf16, or the CPU variants of the same kernels).
 torch is imported here only, so the ONNX Runtime path never loads it.
 
-On CUDA the Runtime's device-resident path keeps everything on the GPU: ``encode`` returns device features,
-``prompt_embeds`` runs the model's own merge / TSP / splice in torch, the KV cache is a static one with a
-captured decode graph (``cuda_graph.GraphDecoder``), and ``sampler`` picks tokens from the device logits
-(greedy / top-k / top-p / repetition penalty), so a token costs one graph replay and one small copy (its id).
-The numpy methods (``encode_tiles``, ``project``, ``embed_tokens``, ``prefill``, ``decode_step``) stay for
-video streams, scripts and benchmarks.
+The step is the model's own (``nvila_edge.modeling.decoding``): ``prefill`` / ``decode_step`` hand the caller's
+cache to it. Everything stays on the device: ``encode_tiles`` returns device features, ``prompt_embeds`` runs the
+model's own merge / TSP / splice in torch, on CUDA each cache is a static one with its own captured decode graph
+(``cuda_graph.GraphDecoder``), and ``sampler`` picks tokens from the device logits (greedy / top-k / top-p /
+repetition penalty), so a token costs one graph replay and one small copy (its id).
 """
 
 from __future__ import annotations
@@ -19,33 +18,28 @@ import numpy as np
 from nvila_edge.errors import BackendUnavailable
 from nvila_edge.optional import require
 
-from .base import Backend, KVCache, check_embeds
+from nvila_edge.kv_cache import KVCache
+from nvila_edge.modeling.decoding import TorchKVCache
+
+from .base import Backend, check_embeds
 
 
-class TorchKVCache(KVCache):
-    """Eager decoding's cache: a transformers ``DynamicCache`` (made by the first prefill) and its length."""
+def torch_sees_cuda() -> bool:
+    """Whether the installed torch can run on a CUDA GPU (False for a CPU build, even beside a driver)."""
+    import torch
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.cache = None
-
-    def truncate(self, length: int) -> None:
-        length = max(0, min(int(length), self.length))
-        if length == 0:
-            self.cache = None
-        elif self.cache is not None:
-            # per layer, so a prefill that failed halfway (some layers appended, others not) is consistent again
-            for layer in self.cache.layers:
-                extra = layer.get_seq_length() - length
-                if extra > 0:
-                    layer.crop(-extra)  # transformers 5: a negative count removes that many positions
-        self.length = length
+    return bool(torch.cuda.is_available())
 
 
 class TorchSampler:
     """``nvila_edge.sampling.Sampler``'s rules on torch logits, on their device. Greedy is identical to the numpy
-    sampler (first maximum); sampled tokens follow the same distribution from a torch generator."""
+    sampler (first maximum); sampled tokens follow the same distribution from a torch generator.
+
+    Every mode is fixed-shape and sync-free until the one copy a token (its id): the repetition penalty reads a
+    (V,) mask of the ids seen, kept on the device and updated with the sampler's own device pick (the history
+    crosses host → device only for ids it did not pick itself); top-k / top-p mask instead of indexing by a
+    data-dependent length; the draw is an exponential race (argmax p / E, E ~ Exp(1): the categorical
+    distribution, as ``torch.multinomial``) rather than a kernel that checks its input on the host."""
 
     def __init__(self, params, device):
         import torch
@@ -56,18 +50,34 @@ class TorchSampler:
             self.gen.manual_seed(int(params.seed))
         else:
             self.gen.seed()
+        self._seen = None  # (V,) bool on the device
+        self._counted = 0  # how many of ``previous`` the mask holds
+        self._last = None  # (device pick, its host id)
 
-    def __call__(self, logits, previous=()) -> int:
+    def _penalised(self, x, previous):
+        torch, p = self.torch, self.params
+        v = x.shape[0]
+        if self._seen is None or self._seen.shape[0] != v or self._seen.device != x.device or \
+                len(previous) < self._counted:
+            self._seen, self._counted = torch.zeros(v, dtype=torch.bool, device=x.device), 0
+        new = list(previous[self._counted:])
+        if len(new) == 1 and self._last is not None and self._last[1] == new[0]:
+            self._seen.index_fill_(0, self._last[0].reshape(1), True)  # device → device: its own pick
+        else:
+            ids = [int(t) for t in new if 0 <= int(t) < v]
+            if ids:
+                self._seen.index_fill_(0, torch.tensor(ids, dtype=torch.long).to(x.device, non_blocking=True), True)
+        self._counted = len(previous)
+        return torch.where(self._seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+
+    def pick(self, logits, previous=()):
+        """The chosen id as a 0-d device tensor (nothing crosses to the host)."""
         torch, p = self.torch, self.params
         x = logits.reshape(-1).float()
-        if p.repetition_penalty != 1.0 and len(previous):
-            x = x.clone()
-            seen = torch.unique(torch.as_tensor(list(previous), dtype=torch.long)).to(x.device)
-            seen = seen[seen < x.shape[0]]
-            vals = x[seen]
-            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.repetition_penalty != 1.0:
+            x = self._penalised(x, previous)
         if p.greedy:
-            return int(torch.argmax(x))
+            return torch.argmax(x)
         x = x / p.temperature
         if p.top_k and p.top_k < x.shape[0]:
             kth = torch.topk(x, p.top_k).values[-1]
@@ -76,9 +86,15 @@ class TorchSampler:
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True, stable=True)
             keep = (torch.cumsum(sorted_p, 0) - sorted_p) < p.top_p  # smallest set whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
+        race = torch.empty_like(probs).exponential_(1.0, generator=self.gen)
+        return torch.argmax(probs / race)
+
+    def __call__(self, logits, previous=()) -> int:
+        tok = self.pick(logits, previous)
+        tid = int(tok)  # the one copy a token
+        self._last = (tok, tid)
+        return tid
 
 
 class TorchBackend(Backend):
@@ -103,33 +119,22 @@ class TorchBackend(Backend):
         self.device = str(device)
         self.capacity = min(self.config.llm.context_length, max_cache_len)  # a static (CUDA-graph) cache's size
         self.cuda_graph = bool(cuda_graph and self.device.startswith("cuda"))
-        if self.cuda_graph:  # capture once up front: a failure falls back to eager now, not mid-answer
-            probe = self._make_graph(self.capacity)
-            self.cuda_graph = probe is not None
-            if probe is not None:
-                self._default_cache = probe
-
-    def _make_graph(self, capacity: int):
-        """Static cache + captured decode step; None (eager decoding) where capture fails."""
-        import warnings
-
-        from .cuda_graph import GraphDecoder
-
-        try:
-            g = GraphDecoder(self.model.llm, capacity)
-            g._capture()
-            return g
-        except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
-            warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
-            return None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache."""
+        """CUDA: a static cache with its own captured decode graph (device-resident); else a dynamic cache.
+        The graph is captured here, so a failure falls back to eager decoding now, never mid-answer."""
         if self.cuda_graph:
-            from .cuda_graph import GraphDecoder
+            import warnings
 
-            return GraphDecoder(self.model.llm, min(int(capacity or self.capacity), self.config.llm.context_length))
-        return TorchKVCache(int(capacity or self.config.llm.context_length))
+            from .cuda_graph import GraphDecoder, cache_bucket
+
+            want = min(int(capacity or self.capacity), self.config.llm.context_length)
+            try:
+                return GraphDecoder(self.model.llm, cache_bucket(want, self.config.llm.context_length))
+            except Exception as e:  # noqa: BLE001 - any capture failure leaves the correct eager path
+                warnings.warn(f"CUDA-graph decoding unavailable ({type(e).__name__}: {e}); decoding eagerly")
+                self.cuda_graph = False
+        return self.model.new_cache(capacity)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
@@ -179,28 +184,26 @@ class TorchBackend(Backend):
             return x.to(self.device, self.model.dtype)
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.model.dtype)
 
-    @staticmethod
-    def _numpy(t) -> np.ndarray:
-        return t.float().cpu().numpy()
+    def to_numpy(self, value) -> np.ndarray:
+        if isinstance(value, self._torch.Tensor):
+            return value.float().cpu().numpy()
+        return np.asarray(value, dtype=np.float32)
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
             self._torch.cuda.synchronize()
 
     # ---- vision --------------------------------------------------------------------------------------
-    def encode(self, pixels: np.ndarray):
+    def encode_tiles(self, pixels: np.ndarray):
         """Device features; synchronised once, so the caller's timing (latency-aware tiling) is the real one."""
         with self._torch.inference_mode():
             feats = self.model.encode_tiles(self._torch.from_numpy(np.ascontiguousarray(pixels)))
         self._sync()
         return feats
 
-    def encode_tiles(self, pixels: np.ndarray) -> np.ndarray:
-        return self._numpy(self.encode(pixels))
-
     def project(self, features: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self._numpy(self.model.mm_projector(self._tensor(features)))
+            return self.to_numpy(self.model.mm_projector(self._tensor(features)))
 
     def prompt_embeds(self, input_ids, media, features, end=None):
         """The model's own torch merge / TSP / splice, on the device (``end`` is recomputed there)."""
@@ -212,16 +215,7 @@ class TorchBackend(Backend):
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         ids = self._torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1), device=self.device)
         with self._torch.inference_mode():
-            return self._numpy(self.model.llm.get_input_embeddings()(ids))
-
-    def _run(self, cache: TorchKVCache, n: int, **kwargs):
-        if cache.length + n > cache.capacity:
-            raise OverflowError(f"{cache.length + n} positions exceed the cache of {cache.capacity}")
-        with self._torch.inference_mode():
-            out = self.model.llm(cache=cache.cache, use_cache=True, logits_to_keep=1, **kwargs)
-        cache.cache = out.cache
-        cache.length += n
-        return out.logits[0, -1]
+            return self.to_numpy(self.model.llm.get_input_embeddings()(ids))
 
     def _embeds(self, embeds):
         if isinstance(embeds, self._torch.Tensor):
@@ -231,25 +225,12 @@ class TorchBackend(Backend):
             return self._tensor(embeds)
         return self._tensor(check_embeds(embeds, self.config.llm.hidden_size))
 
-    def prefill_logits(self, embeds, cache: KVCache | None = None):
+    def prefill(self, embeds, cache: TorchKVCache):
         """Device logits (V,) of the prompt's last position."""
-        x = self._embeds(embeds)
-        cache = self._cache(cache)
-        if isinstance(cache, TorchKVCache):
-            return self._run(cache, x.shape[1], inputs_embeds=x)
-        return cache.prefill(x)
+        return self.model.prefill(self._embeds(embeds), cache)
 
-    def decode_logits(self, token_id: int, cache: KVCache | None = None):
-        cache = self._cache(cache)
-        if isinstance(cache, TorchKVCache):
-            return self._run(cache, 1, input_ids=self._torch.tensor([[int(token_id)]], device=self.device))
-        return cache.decode_step(token_id)
-
-    def prefill(self, embeds, cache: KVCache | None = None) -> np.ndarray:
-        return self._numpy(self.prefill_logits(embeds, cache))
-
-    def decode_step(self, token_id: int, cache: KVCache | None = None) -> np.ndarray:
-        return self._numpy(self.decode_logits(token_id, cache))
+    def decode_step(self, token_id: int, cache: TorchKVCache):
+        return self.model.decode_step(token_id, cache)
 
     def sampler(self, params) -> TorchSampler:
         return TorchSampler(params, self.device)

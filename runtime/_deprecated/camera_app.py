@@ -1,5 +1,0 @@
-"""Deprecated: ``nvila_edge.runtime.camera_app`` moved to ``nvila_edge.apps.camera_app`` (this alias goes away in the next release)."""
-
-from nvila_edge.deprecation import moved_module
-
-moved_module(__name__, "nvila_edge.apps.camera_app")
