@@ -63,3 +63,32 @@ def test_gpu_check_script_parts(tmp_path):
                        text=True, timeout=120)
     s = json.loads(p.stdout)
     assert s["gpu"] == "G" and s["bench_rc"] == 1 and s["targets"] == [["t", "met", 2.0]]
+
+
+def test_random_quantized_tensors_follow_quant_format(tiny_config):
+    """The bench's random-weight cuda layout is quant_format's rules: int4 RTN (amax / 7 per group) for the decoder
+    linears, int8 per channel with measured activation amax for the vision linears, int8 rows for the token table."""
+    import numpy as np
+    import torch
+
+    from conftest import make_model
+    from nvila_edge import quant_format as qf
+    from nvila_edge.pipelines.bench.gpu import random_quantized_tensors
+
+    model = make_model(tiny_config)
+    s = tiny_config.vision.image_size
+    px = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32))
+    t = random_quantized_tensors(model, px, group_size=32)
+    name = "llm.model.layers.0.mlp.down_proj"
+    w = model.get_submodule(name).weight.detach().float()
+    codes, scales = qf.quantize_int4_groups(w, 32)
+    assert torch.equal(t[f"{name}.qweight"], qf.pack_int4(codes)) and torch.equal(t[f"{name}.scales"], scales)
+    err = (qf.dequantize_int4(t[f"{name}.qweight"], t[f"{name}.scales"]) - w).abs().reshape(w.shape[0], -1, 32)
+    assert bool((err <= scales[..., None] / 2 + 1e-6).all())  # round-to-nearest on each group's grid
+    vis = [k[:-len(".input_amax")] for k in t if k.endswith(".input_amax")]
+    assert vis and all(float(t[f"{n}.input_amax"]) > 0 for n in vis)
+    vw = model.get_submodule(vis[0]).weight.detach().float()
+    assert torch.allclose(t[f"{vis[0]}.weight"].float() * t[f"{vis[0]}.weight_scale"][:, None], vw,
+                          atol=float(t[f"{vis[0]}.weight_scale"].max()) / 2 + 1e-6)
+    q, sc = qf.quantize_int8_rows(model.llm.get_input_embeddings().weight)
+    assert torch.equal(t["llm.model.embed_tokens.weight"], q) and torch.equal(t["llm.model.embed_tokens.scales"], sc)
