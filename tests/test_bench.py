@@ -211,7 +211,7 @@ def test_failing_conversion_is_a_row(tmp_path):
 
 def test_crashing_phase_is_an_error_not_a_crash(tmp_path):
     res = bench.run_child("no-such-phase", {"work": str(tmp_path)})
-    assert res["error"].startswith("phase no-such-phase failed (exit status 1")
+    assert res["error"].startswith("phase no-such-phase failed (exit status 2")  # the usage error, no traceback
 
 
 def test_report_written_atomically(quick_run, tmp_path, monkeypatch):

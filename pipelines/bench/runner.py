@@ -322,11 +322,16 @@ def _phases() -> dict:
 
 
 def _phase_main(argv: list[str]) -> int:
+    phases = _phases()
+    if len(argv) != 3 or argv[0] not in phases:
+        print("usage: python -m nvila_edge.pipelines.bench PHASE SPEC.json OUT.json (what `nvila-edge bench` runs "
+              f"in each child); PHASE: {', '.join(phases)}", file=sys.stderr)
+        return 2
     phase, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads") and phase != "torch":
         os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    res = _phases()[phase](spec)
+    res = phases[phase](spec)
     res["peak_rss_mb"] = peak_rss_mb()
     Path(out_path).write_text(json.dumps(res, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
     return 0
