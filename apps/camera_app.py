@@ -285,6 +285,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
+    p.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+                   help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
     w = p.add_argument_group("web page (--web)")
     w.add_argument("--web", action="store_true", help="serve a live page at http://HOST:PORT/: the frames, the "
                    "answers as they stream, the question and interval editable (needs the [server] extra)")
@@ -319,7 +321,7 @@ def camera_main(args) -> int:
             raise GenerationError("OpenCV here has no GUI support (opencv-python-headless); "
                                   "use --headless --out out.mp4") from None
     with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
-                      vision_engine=args.vision_engine) as rt:
+                      vision_engine=args.vision_engine, llm_engine=args.llm_engine) as rt:
         app = CameraApp(rt, args.source, args.question, every=args.every, out=args.out, headless=args.headless,
                         max_seconds=args.max_seconds, max_retries=args.max_retries, backoff_s=args.backoff,
                         max_new_tokens=args.max_new_tokens)
@@ -341,7 +343,7 @@ def camera_web_main(args) -> int:
     check_bind(args.host, args.api_key)
     hub = CameraHub()
     with Runtime.load(args.bundle, backend=args.backend, threads=args.threads,
-                      vision_engine=args.vision_engine) as rt:
+                      vision_engine=args.vision_engine, llm_engine=args.llm_engine) as rt:
         cam = CameraApp(rt, args.source, args.question or "Describe what you see in one sentence.",
                         every=args.every, out=args.out, headless=True, max_seconds=args.max_seconds,
                         max_retries=args.max_retries, backoff_s=args.backoff, max_new_tokens=args.max_new_tokens,

@@ -679,9 +679,9 @@ ROUTES = (("/health", health, ["GET"]), ("/v1/models", models, ["GET"]),
 def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int = 32 << 20, max_images: int = 8,
                max_videos: int = 1, media_dir: str | os.PathLike | None = None, model_name: str | None = None,
                default_max_tokens: int = 512, backend: str = "auto", threads: int | None = None,
-               vision_engine: str | None = None, max_image_pixels: int | None = None,
-               max_memory_mb: float | None = None, max_header_bytes: int = 16 << 10, ui: bool = False,
-               api_key: str | None = None):
+               vision_engine: str | None = None, llm_engine: str | None = None,
+               max_image_pixels: int | None = None, max_memory_mb: float | None = None,
+               max_header_bytes: int = 16 << 10, ui: bool = False, api_key: str | None = None):
     """FastAPI app serving ``runtime_or_bundle`` (a ``Runtime`` or a bundle path) the OpenAI way; ``ui``: the
     chat page at ``/`` (``apps/web``); ``api_key``: the API needs ``Authorization: Bearer KEY``.
     ``max_image_pixels``: images above it are refused from their header (default: the bundle's preprocessing
@@ -697,7 +697,7 @@ def create_app(runtime_or_bundle, *, max_queue: int = 8, max_request_bytes: int 
     if isinstance(rt, (str, os.PathLike)):
         from nvila_edge.runtime import Runtime
 
-        rt = Runtime.load(rt, backend=backend, threads=threads, vision_engine=vision_engine)
+        rt = Runtime.load(rt, backend=backend, threads=threads, vision_engine=vision_engine, llm_engine=llm_engine)
     name = model_name or getattr(getattr(rt, "config", None), "name", None) or "nvila-edge"
     memory = MemoryBudget(int(max_memory_mb * (1 << 20)) if max_memory_mb else None)
     state = ServerState(rt, _Engine(rt, max_queue), memory, name, media_dir=media_dir,

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     s.add_argument("--threads", type=int, help="CPU threads for the backend")
     s.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
+    s.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+                   help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
     s.add_argument("--model-name", help="model id reported by /v1/models (default: the bundle's model name)")
     s.add_argument("--media-dir", help="allow file:// image / video URLs, but only inside this folder")
     s.add_argument("--max-queue", type=int, default=8, help="requests admitted at once (running + waiting); "
@@ -59,7 +61,7 @@ def serve_main(args) -> int:
           threads=args.threads, model_name=args.model_name, media_dir=args.media_dir, max_queue=args.max_queue,
           max_request_bytes=int(args.max_request_mb * (1 << 20)), max_images=args.max_images,
           default_max_tokens=args.max_tokens, vision_engine=args.vision_engine,
-          max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb,
+          llm_engine=args.llm_engine, max_image_pixels=args.max_image_pixels, max_memory_mb=args.max_memory_mb,
           ui=args.ui, api_key=args.api_key)
     return 0
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | cuda | tensorrt | torch | all)")
+    e = sub.add_parser("export", help="calibrated directory → deployment bundle (cpu | gguf | cuda | tensorrt | torch | all)")
     e.add_argument("calibrated", help="output of `nvila-edge calibrate`")
     e.add_argument("-o", "--output", required=True, help="bundle directory (written atomically)")
-    e.add_argument("--target", default="cpu", help="cpu, cuda, tensorrt, torch, a comma-separated list, or all")
+    e.add_argument("--target", default="cpu", help="cpu, gguf (with cpu: cpu,gguf), cuda, tensorrt, torch, a comma-separated list, or all")
     e.add_argument("--engines", choices=("auto", "build", "skip"), default="auto",
                    help="GPU engines: build when TensorRT is installed (auto), require it (build), or skip")
     e.add_argument("--embeddings-dtype", choices=("float16", "float32", "int8"), default="float16")
+    e.add_argument("--lm-head", choices=("int8", "int4"), default=None,
+                   help="gguf target's LM head: int8 (Q8_0, default) or int4 (Q4_0, fewer bytes a token)")
     e.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM): also write manifest.sig ([sign] extra)")
     e.set_defaults(func=cmd_export)
 
@@ -28,7 +30,7 @@ def cmd_export(args) -> int:
     logging.getLogger("modelopt").setLevel(logging.ERROR)
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     result = export_bundle(args.calibrated, args.output, targets, engines=args.engines,
-                           embeddings_dtype=args.embeddings_dtype, sign_key=args.sign)
+                           embeddings_dtype=args.embeddings_dtype, lm_head=args.lm_head, sign_key=args.sign)
     print(result)
     from nvila_edge.bundle import Bundle
 

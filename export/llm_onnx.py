@@ -21,7 +21,7 @@ import torch
 
 from nvila_edge.errors import ExportError
 from nvila_edge.quant_format import (OTHER_QUANTIZERS, Int4Handler, enabled_quantizer, fake_quant_weight, pre_quant_scale,
-                                     quantize_int8_rows)
+                                     quantize_int8_rows, shared_pre_quant_scale)
 
 PRECISIONS = ("fp32", "int4")
 LM_HEAD_PRECISIONS = ("fp32", "int8", "int4")
@@ -32,7 +32,7 @@ EXTERNAL_DATA_MIN_BYTES = 64 << 20  # smaller graphs keep weights inline: one fi
 OPSET = 21
 
 
-def _llm_of(model):
+def llm_of(model):
     llm = getattr(model, "llm", model)
     if not hasattr(llm, "model") or not hasattr(llm.model, "layers"):
         raise ExportError(f"expected an NVILAModel or a Qwen2ForCausalLM, got {type(model).__name__}")
@@ -173,14 +173,6 @@ class _DecoderBuilder:
         g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""  # mean / inv-std are not needed
         return outs[0], outs[3]
 
-    @staticmethod
-    def shared_scale(mods):
-        """The one pre-quant scale every linear of a group shares (foldable into the norm), else None."""
-        s = [pre_quant_scale(m) for m in mods]
-        if s[0] is not None and all(x is not None and torch.equal(x, s[0]) for x in s[1:]):
-            return s[0]
-        return None
-
     def build(self, max_length: int):
         g, llm, c = self.g, self.llm, self.llm.config
         # attention-mask → GQA's seqlens_k (valid length - 1) and total_sequence_length, as genai's builder
@@ -191,7 +183,7 @@ class _DecoderBuilder:
         shape = g.node("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape")[0]
         total = g.node("Gather", [shape, "/model/constants/INT64/1"], "/model/attn_mask_reformat/Gather", axis=0)[0]
         total = g.node("Cast", [total], "/model/attn_mask_reformat/Gather/Cast", to=6)[0]
-        cos, sin = _rope_cache(c, self.head_dim, max_length)
+        cos, sin = rope_cache(c, self.head_dim, max_length)
         g.init("cos_cache", cos)
         g.init("sin_cache", sin)
 
@@ -200,7 +192,7 @@ class _DecoderBuilder:
         for i, layer in enumerate(llm.model.layers):
             p, at, mlp = f"/model/layers.{i}", layer.self_attn, layer.mlp
             qkv = [at.q_proj, at.k_proj, at.v_proj]
-            fold = self.shared_scale(qkv)
+            fold = shared_pre_quant_scale(qkv)
             x, residual = self.norm(residual, skip, layer.input_layernorm.weight, f"{p}/input_layernorm", fold)
             if fold is not None or all(pre_quant_scale(m) is None for m in qkv):
                 q, k, v = self.linear(x, qkv, f"{p}/attn/qkv_proj", B), "", ""
@@ -216,7 +208,7 @@ class _DecoderBuilder:
             o = self.linear(self.scaled_input(attn[0], at.o_proj, f"{p}/attn/o_proj/pre_quant_scale/Mul"),
                             [at.o_proj], f"{p}/attn/o_proj", B)
             gu = [mlp.gate_proj, mlp.up_proj]
-            fold = self.shared_scale(gu)
+            fold = shared_pre_quant_scale(gu)
             x, residual = self.norm(residual, o, layer.post_attention_layernorm.weight,
                                     f"{p}/post_attention_layernorm", fold)
             gate, up = (self.linear(x if fold is not None else self.scaled_input(x, m, f"{p}/mlp/{n}/pre_quant_scale/Mul"),
@@ -241,7 +233,7 @@ class _DecoderBuilder:
             nd.output[:] = ["logits" if s == logits else s for s in nd.output]
 
 
-def _rope_cache(c, head_dim: int, max_length: int):
+def rope_cache(c, head_dim: int, max_length: int):
     """cos/sin tables (max_length, head_dim/2), computed like transformers' default RoPE in float32."""
     rope = c.rope_parameters if isinstance(getattr(c, "rope_parameters", None), dict) else {}
     rope = rope or (getattr(c, "rope_scaling", None) or {})
@@ -276,7 +268,7 @@ def export_decoder(model, out_dir: str | os.PathLike, *, precision: str = "int4"
         raise ExportError(f"block_size must be a power of two >= 16 (MatMulNBits), got {block_size}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level must be 0-4, got {accuracy_level}")
-    llm = _llm_of(model)
+    llm = llm_of(model)
     _check_quantizers(llm)
     c = llm.config
     if getattr(c, "use_sliding_window", False) or getattr(c, "hidden_act", "silu") != "silu":
@@ -343,7 +335,7 @@ def export_embeddings(model, out_dir: str | os.PathLike, *, dtype: str = "float1
 
     if dtype not in EMBEDDING_DTYPES:
         raise ExportError(f"unsupported embedding dtype {dtype!r}; supported: {', '.join(EMBEDDING_DTYPES)}")
-    llm = _llm_of(model)
+    llm = llm_of(model)
     w = llm.get_input_embeddings().weight.detach()
     tensors = {}
     if dtype == "int8":  # symmetric per row, in chunks (the cuda target's token table is the same numbers)

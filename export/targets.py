@@ -8,6 +8,9 @@
 - ``cuda``: the real low-bit tensors (packed int4 AWQ codes + scales for the LLM linears, int8 SmoothQuant
   weights + static activation scales for the vision linears, int8 token table) for the torch backend's
   kernels (tinygemm int4, ``torch._int_mm``) on CUDA — and on CPU with their CPU variants (``export/cuda.py``).
+- ``gguf``: the calibrated Qwen2 as a GGUF for llama.cpp (the AWQ codes as Q4_0 blocks, ``export/gguf.py``); the
+  vision and projector graphs and the token table are the cpu target's (``--target cpu,gguf``), run by
+  ``Runtime.load(bundle, llm_engine="llamacpp")``.
 - ``torch``: a plain VILA checkpoint whose weights carry the quantization (fake-quantized, pre-quant
   scales folded) for the torch backend on CUDA fp16 or CPU.
 """
@@ -159,6 +162,24 @@ def _build_torch(model, writer, recipes, options) -> None:
                                  "weights": "fake-quantized fp32 (quantization baked in)"})
 
 
+def _build_gguf(model, writer, recipes, options) -> None:
+    from .gguf import export_gguf
+
+    cpu = writer.targets.get("cpu")
+    if cpu is None:
+        raise ExportError("the gguf target uses the cpu target's vision, projector and token table: "
+                          "export both (`--target cpu,gguf`)")
+    root = writer.path_for("gguf/x").parent
+    limits = dict(cpu["limits"])
+    info = export_gguf(model, root, block_size=recipes["llm"].block_size or 128, lm_head=options.get("lm_head") or "int8",
+                       context_length=limits["context_length"])
+    files = {"llm": "gguf/llm.gguf", **{k: cpu["files"][k] for k in ("vision", "projector", "embeddings")}}
+    writer.add_target("gguf", files=files, limits=limits, io={"llm": info, "embeddings": cpu["io"]["embeddings"]},
+                      precision={"vision": cpu["precision"]["vision"], "projector": cpu["precision"]["projector"],
+                                 "llm": "q4_0" if recipes["llm"].quantized else "f16", "lm_head": info["types"]["output.weight"],
+                                 "embeddings": cpu["precision"]["embeddings"]})
+
+
 def _build_cuda(model, writer, recipes, options) -> None:
     from .cuda import build_cuda
 
@@ -171,6 +192,8 @@ register(ExportTarget("cpu", _ALL_VISION, _ALL_LLM, _build_cpu, "ONNX Runtime on
 
 register(ExportTarget("cuda", _ALL_VISION, _ALL_LLM, _build_cuda,
                       "int4 / int8 tensors for the torch backend's low-bit kernels (CUDA, or CPU)"))
+register(ExportTarget("gguf", _ALL_VISION, _ALL_LLM, _build_gguf,
+                      "the LLM as a GGUF for llama.cpp (AWQ codes as Q4_0), beside the cpu target's vision graphs"))
 register(ExportTarget("torch", _ALL_VISION, _ALL_LLM, _build_torch, "plain checkpoint for the torch backend"))
 register(ExportTarget("tensorrt", _ALL_VISION, _ALL_LLM, _build_tensorrt,
                       "TensorRT vision engine + TensorRT-LLM W4A16 (engines need the [gpu] extra)"))

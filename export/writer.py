@@ -36,16 +36,23 @@ def _resolve_targets(target: str | Sequence[str]) -> list[str]:
         return list(TARGETS)
     for n in names:
         get_target(n)
+    if "gguf" in names:  # it reuses the cpu target's graphs: that target is written first
+        if "cpu" not in names:
+            raise ExportError("the gguf target uses the cpu target's vision, projector and token table: "
+                              "export both (`--target cpu,gguf`)")
+        names = [n for n in names if n != "gguf"] + ["gguf"]
     return names
 
 
 def export_bundle(calibrated: str | os.PathLike, output: str | os.PathLike, target: str | Sequence[str] = "cpu", *,
-                  engines: str = "auto", embeddings_dtype: str = "float16", overwrite: bool = True,
-                  progress: bool = True, sign_key: str | os.PathLike | None = None) -> ExportResult:
+                  engines: str = "auto", embeddings_dtype: str = "float16", lm_head: str | None = None,
+                  overwrite: bool = True, progress: bool = True,
+                  sign_key: str | os.PathLike | None = None) -> ExportResult:
     """Export a calibrated directory (``nvila-edge calibrate``) for ``target`` ("cpu", "tensorrt",
     "torch", a list, or "all"). ``engines``: "auto" builds GPU engines when TensorRT is installed,
-    "build" requires it, "skip" writes only the portable files. ``sign_key``: an Ed25519 private key (PEM) that
-    signs the manifest (``manifest.sig``; ``nvila-edge verify --key PUB`` checks it)."""
+    "build" requires it, "skip" writes only the portable files. ``lm_head`` (gguf target): "int8" (Q8_0,
+    default) or "int4" (Q4_0: fewer bytes a token). ``sign_key``: an Ed25519 private key (PEM) that signs the
+    manifest (``manifest.sig``; ``nvila-edge verify --key PUB`` checks it)."""
     from nvila_edge.calibration import is_calibrated, load_calibrated, read_recipes
 
     if engines not in ("auto", "build", "skip"):
@@ -66,7 +73,9 @@ def export_bundle(calibrated: str | os.PathLike, output: str | os.PathLike, targ
     model = load_calibrated(calibrated)
     if model.tokenizer is None:
         raise ExportError(f"{calibrated} has no tokenizer files; the bundle needs them")
-    options = {"engines": engines, "embeddings_dtype": embeddings_dtype}
+    if lm_head not in (None, "int8", "int4"):
+        raise ExportError(f"lm_head must be int8 or int4, got {lm_head!r}")
+    options = {"engines": engines, "embeddings_dtype": embeddings_dtype, "lm_head": lm_head}
     quantization = {part: r.to_dict() for part, r in recipes.items()}
     if sign_key is not None and not Path(sign_key).is_file():  # before minutes of export
         raise ExportError(f"the signing key {sign_key} is not a file")

@@ -107,6 +107,16 @@ def pre_quant_scale(lin):
     return pqs.detach().float().reshape(-1)
 
 
+def shared_pre_quant_scale(mods):
+    """The one pre-quant scale every linear of ``mods`` shares (foldable into the norm before them), else None."""
+    import torch
+
+    s = [pre_quant_scale(m) for m in mods]
+    if s[0] is not None and all(x is not None and torch.equal(x, s[0]) for x in s[1:]):
+        return s[0]
+    return None
+
+
 def fake_quant_weight(lin):
     """The weight as ModelOpt's enabled weight quantizer computes with it (float32)."""
     import torch
@@ -144,11 +154,20 @@ class Int4Handler:
         self.name, self.lin, self.block_size = name, lin, bs
         self.codes, self.scales = codes.reshape(n, k).to(torch.int8), scale
 
+    def unsigned_codes(self) -> np.ndarray:
+        """The codes as stored by the int4 formats (code + 8, 0..15): (N, K) uint8."""
+        return (self.codes.numpy().astype(np.int16) + 8).astype(np.uint8)
+
+    def dequantized(self):
+        """codes * scale: the float32 (N, K) weight every target computes with."""
+        n, k = self.codes.shape
+        return (self.codes.float().reshape(n, -1, self.block_size) * self.scales[..., None]).reshape(n, k)
+
     def matmulnbits(self) -> tuple[np.ndarray, np.ndarray]:
         """ONNX ``MatMulNBits`` B (N, K/block, block/2) uint8 and its scales (N, K/block) float32."""
         n, k = self.codes.shape
-        q = (self.codes.numpy().astype(np.int16) + 8).astype(np.uint8)
-        return pack_nibbles(q).reshape(n, k // self.block_size, self.block_size // 2), self.scales.numpy()
+        return (pack_nibbles(self.unsigned_codes()).reshape(n, k // self.block_size, self.block_size // 2),
+                self.scales.numpy())
 
     def tensors(self) -> dict:
         """The ``Int4Linear`` buffers: qweight (N, K/2) uint8 (the MatMulNBits bytes), scales, pre_quant_scale."""
@@ -205,4 +224,5 @@ HANDLERS = {"int4": Int4Handler, "w8a8": W8A8Handler}  # scheme → handler: wha
 
 __all__ = ["ZERO_AMAX", "INT4_MAX", "INT8_MAX", "OTHER_QUANTIZERS", "HANDLERS", "Int4Handler", "W8A8Handler",
            "symmetric_scale", "pack_nibbles", "pack_int4", "unpack_int4", "dequantize_int4", "quantize_int4_groups",
-           "quantize_int8_channels", "quantize_int8_rows", "enabled_quantizer", "pre_quant_scale", "fake_quant_weight"]
+           "quantize_int8_channels", "quantize_int8_rows", "enabled_quantizer", "pre_quant_scale", "shared_pre_quant_scale",
+           "fake_quant_weight"]

@@ -24,6 +24,8 @@ def add_run_parser(sub) -> None:
     r.add_argument("--device", help="cpu or cuda (default: the fastest available)")
     r.add_argument("--vision-engine", choices=("onnxruntime", "openvino"),
                    help="onnxruntime backend: the engine for the vision tower (openvino: faster on CPUs, [openvino] extra)")
+    r.add_argument("--llm-engine", choices=("onnxruntime", "llamacpp"),
+                   help="onnxruntime backend: the engine for the LLM (llamacpp: the bundle's gguf target, [llamacpp] extra)")
     r.add_argument("--threads", type=int, help="CPU threads for the backend")
     r.add_argument("--max-new-tokens", type=int, default=256)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -113,7 +115,7 @@ def run_main(args) -> int:
         raise GenerationError("the question is empty")
     rt = Runtime.load(args.bundle, backend=args.backend, max_tiles=args.max_tiles,
                       latency_budget_ms=args.latency_budget_ms, threads=args.threads, device=args.device,
-                      verify=not args.no_verify, vision_engine=args.vision_engine)
+                      verify=not args.no_verify, vision_engine=args.vision_engine, llm_engine=args.llm_engine)
     media = {"images": args.image or None, "video": args.video, "overflow": args.overflow,
              "num_frames": args.num_frames}
     if not args.chat:

@@ -66,15 +66,16 @@ class Runtime:
     @classmethod
     def load(cls, bundle: str | os.PathLike, backend: str = "auto", *, max_tiles: int | None = None,
              latency_budget_ms: float | None = None, threads: int | None = None, device: str | None = None,
-             verify: bool = True, vision_engine: str | None = None) -> "Runtime":
+             verify: bool = True, vision_engine: str | None = None, llm_engine: str | None = None) -> "Runtime":
         """Open a bundle: verify its manifest and file hashes, pick the backend, read the tokenizer.
         ``vision_engine="openvino"`` runs the vision tower on OpenVINO beside the ONNX Runtime decoder (faster on
-        CPUs; the ``[openvino]`` extra)."""
+        CPUs; the ``[openvino]`` extra). ``llm_engine="llamacpp"`` runs the LLM from the bundle's gguf target on
+        llama.cpp (the ``[llamacpp]`` extra) beside the same vision graphs."""
         from nvila_edge.bundle import Bundle
         from nvila_edge.tokenizer import NVILATokenizer
 
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
-        be = load_backend(b, backend, threads=threads, device=device, vision_engine=vision_engine)
+        be = load_backend(b, backend, threads=threads, device=device, vision_engine=vision_engine, llm_engine=llm_engine)
         target = b.manifest.get("targets", {}).get(getattr(be, "target", None) or TARGET_OF[be.name], {})
         return cls(b.config, NVILATokenizer.from_pretrained(b.tokenizer_dir), be, limits=target.get("limits"),
                    max_tiles=max_tiles, latency_budget_ms=latency_budget_ms, bundle=b)

@@ -10,7 +10,7 @@ import torch
 
 from nvila_edge import quant_format as QF
 from nvila_edge.modeling import quantized as Q
-from nvila_edge.pipelines.bench_gpu import random_quantized_tensors
+from nvila_edge.pipelines.bench.gpu import random_quantized_tensors
 
 
 # ---- tinygemm's CUDA int4 layout, transcribed from aten/src/ATen/native/cuda/int4mm.cu ------------------------

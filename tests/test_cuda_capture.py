@@ -13,7 +13,7 @@ from conftest import make_model
 from nvila_edge import NVILAConfig
 from nvila_edge import quant_format as QF
 from nvila_edge.modeling import quantized as Q
-from nvila_edge.pipelines.bench_gpu import random_quantized_tensors
+from nvila_edge.pipelines.bench.gpu import random_quantized_tensors
 from nvila_edge.sampling import SamplingParams
 
 HOST_READS = ("_local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")

@@ -53,7 +53,7 @@ def _cos(a, b):
 def test_bundle_manifest(demo_bundle):
     cal, path, _ = demo_bundle
     b = Bundle.open(path)
-    assert b.targets == ["cpu", "cuda", "tensorrt", "torch"]
+    assert b.targets == ["cpu", "cuda", "gguf", "tensorrt", "torch"]
     cpu = b.target("cpu")
     assert cpu["precision"]["vision"] == "int8-qdq" and cpu["precision"]["llm"] == "int4"
     assert cpu["limits"] == {"max_tiles": 6, "max_frames": 8, "context_length": 2048}

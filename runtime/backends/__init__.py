@@ -86,14 +86,32 @@ def choose_backend(bundle, name: str = "auto", device: str | None = None) -> str
     raise BackendUnavailable("onnxruntime", "export", f"running a bundle with targets {sorted(targets)}")
 
 
+LLM_ENGINES = ("onnxruntime", "llamacpp")
+
+
 def load_backend(bundle, name: str = "auto", *, threads: int | None = None, device: str | None = None,
-                 vision_engine: str | None = None) -> Backend:
+                 vision_engine: str | None = None, llm_engine: str | None = None) -> Backend:
     """Open the bundle's engines with the named backend (``auto``: the fastest one that can run here).
 
     ``vision_engine`` (onnxruntime backend only): the engine that runs the vision graph — ``"onnxruntime"``
     (default) or ``"openvino"`` (the same Q/DQ graph on OpenVINO's CPU plugin; the decoder stays on ONNX Runtime).
+    ``llm_engine`` (onnxruntime backend only): ``"onnxruntime"`` (the cpu target's decoder, default) or
+    ``"llamacpp"`` (the gguf target's GGUF on llama.cpp, the ``[llamacpp]`` extra).
     """
-    name = choose_backend(bundle, name, device)
+    if llm_engine not in (None, *LLM_ENGINES):
+        raise BundleError(f"unknown llm engine {llm_engine!r}; choose one of {', '.join(LLM_ENGINES)}")
+    name = choose_backend(bundle, "onnxruntime" if llm_engine == "llamacpp" and name == "auto" else name, device)
+    if llm_engine == "llamacpp":
+        if name != "onnxruntime":
+            raise BundleError(f"llm_engine='llamacpp' runs beside the onnxruntime backend's vision graphs, not the "
+                              f"{name} backend (pass backend='onnxruntime' or leave backend out)")
+        if "gguf" not in bundle.targets:
+            raise BundleError(f"bundle {bundle.path} has no gguf target (it has: {', '.join(bundle.targets)}); export it "
+                              "with `nvila-edge export CALIBRATED -o BUNDLE --target cpu,gguf`")
+        from .llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend.from_bundle(bundle, threads=threads, device=device,
+                                           vision_engine=vision_engine or "onnxruntime")
     if vision_engine is not None and name != "onnxruntime" and vision_engine != name:
         raise BundleError(f"vision_engine={vision_engine!r} applies to the onnxruntime backend; the {name} backend "
                           "runs its own vision graph (leave vision_engine out, or pass backend='onnxruntime')")
@@ -115,4 +133,4 @@ def load_backend(bundle, name: str = "auto", *, threads: int | None = None, devi
     return TorchBackend.from_bundle(bundle, device=device, threads=threads)
 
 
-__all__ = ["Backend", "BACKENDS", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]
+__all__ = ["Backend", "BACKENDS", "LLM_ENGINES", "check_embeds", "choose_backend", "cuda_device_count", "load_backend"]

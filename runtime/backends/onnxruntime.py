@@ -195,7 +195,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, config: NVILAConfig, vision: str | os.PathLike | None, projector: str | os.PathLike | None,
-                 decoder: str | os.PathLike, embeddings, io: dict, *, threads: int | None = None,
+                 decoder: str | os.PathLike | None, embeddings, io: dict, *, threads: int | None = None,
                  device: str | None = None, capacity: int | None = None, vision_engine: str = "onnxruntime"):
         _ort()  # a clear BackendUnavailable before any work when onnxruntime is missing
         self.config = config
@@ -205,7 +205,7 @@ class OrtBackend(Backend):
         # vision / projector may be left out (None) for LLM-only use such as decode benchmarks
         self.vision = vision_engine_for(vision_engine)(self, vision) if vision is not None else None
         self.projector = self._session(projector) if projector is not None else None
-        self.decoder = self._session(decoder)
+        self.decoder = self._session(decoder) if decoder is not None else None  # None: another LLM engine
         if not callable(embeddings):
             from nvila_edge.embeddings import load_embeddings
 

@@ -1,10 +1,10 @@
 """Speed / memory sanity check for the LLM decoder export (not a test; random weights, minutes at real size).
 
-    python tests/bench_llm_onnx.py export OUT [--preset nvila-lite-2b] [--lm-head int8] [--precision int4] [--awq]
+    python scripts/bench_llm_onnx.py export OUT [--preset nvila-lite-2b] [--lm-head int8] [--precision int4] [--awq]
         NVILAModel with random weights (optionally ModelOpt INT4-AWQ calibrated on random embeddings) → OUT/decoder.onnx + embeddings; prints peak RSS
-    python tests/bench_llm_onnx.py decode OUT [--prompt 128] [--tokens 64]
+    python scripts/bench_llm_onnx.py decode OUT [--prompt 128] [--tokens 64]
         our loop: IOBinding, past/present in one preallocated buffer; prints prefill s and decode tok/s
-    python tests/bench_llm_onnx.py genai OUT [--preset nvila-lite-2b] [--block-size 128]
+    python scripts/bench_llm_onnx.py genai OUT [--preset nvila-lite-2b] [--block-size 128]
         onnxruntime-genai's model builder (int4, CPU) on a random LLM of the same config, then its own
         generation loop; prints decode tok/s
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_timing import _config_tok, _torch_model, cached, log
+from .timing import _config_tok, _torch_model, cached, log
 
 VISION_RECIPE, LLM_RECIPE = "w8a8-smoothquant", "w4a16-awq"
 NUM_IMAGES = 2  # calibration images, + 1 held out (the same for --quick: the cached bundle does not depend on it);

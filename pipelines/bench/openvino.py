@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_timing import _config_tok, _median, _prompt_ids, _time_tiles, cached, cosine, log
+from .timing import _config_tok, _median, _prompt_ids, _time_tiles, cached, cosine, log
 
 GROUP = 128
 

@@ -26,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .bench_timing import cached, module_missing
+from .timing import cached, module_missing
 
 QUANTS = ("Q4_0", "Q4_K_M")
 _CONVERT = "convert_hf_to_gguf.py"
@@ -166,7 +166,7 @@ def phase_llamacpp(spec: dict) -> dict:
     return res
 
 
-# ---- the llama-cpp-python runner (child interpreters: python -m nvila_edge.pipelines.bench_llamacpp ...) -------
+# ---- the llama-cpp-python runner (child interpreters: python -m nvila_edge.pipelines.bench.llamacpp ...) -
 def _quantize_main(src: str, dst: str, quant: str) -> int:
     import ctypes
 

@@ -1,6 +1,6 @@
 """The measuring helpers of ``nvila-edge bench`` (timed tiles, transformers-eager and backend decode loops,
 TTFT through the Runtime, the phases' model and tokenizer), shared by the CPU phases (``bench.py``) and the
-GPU comparison (``bench_gpu.py``)."""
+GPU comparison (``gpu.py``)."""
 
 from __future__ import annotations
 

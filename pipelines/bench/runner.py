@@ -2,7 +2,7 @@
 
     nvila-edge bench BUNDLE                         # the bundle's engines (+ its torch target for baselines)
     nvila-edge bench --preset nvila-lite-2b         # real size, random weights, exported here (cached)
-    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: fp16 vs W4A16/W8A8 (bench_gpu.py)
+    nvila-edge bench --preset nvila-lite-2b --backend torch --device cuda   # GPU: fp16 vs W4A16/W8A8 (gpu.py)
     nvila-edge bench --report result.json           # re-render the docs from a saved result
 
 On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.pipelines.bench PHASE spec out``)
@@ -15,7 +15,6 @@ fails the command.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -23,17 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from nvila_edge.errors import ConfigError
 from nvila_edge.io import atomic_write_text
 
-from . import bench_report as report
-from .bench_report import bandwidth_gbs, peak_rss_mb
-from . import bench_llamacpp as llamacpp
-from .bench_timing import (GPU, _backend_llm, _backend_path, _config_tok, _median, _prompt_ids, _time_tiles,
-                           _torch_llm, _torch_model, _ttft, cached, cosine, log,
-                           module_missing)
+from . import report
+from .report import bandwidth_gbs, peak_rss_mb
+from . import llamacpp
+from .timing import log, module_missing
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
         "peer_tokens": 64, "torch_tokens": 16, "reps": 2, "ttft_reps": 2}
@@ -182,7 +178,7 @@ def run_child(phase: str, spec: dict) -> dict:
 
 def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
               work_dir=None, seed=0, llama_cpp=None, prepare=False) -> dict:
-    """Measure everything in one run; return the result (``bench_report`` shows it)."""
+    """Measure everything in one run; return the result (``report`` shows it)."""
     t0 = time.time()
     counts = QUICK if quick else FULL
     work = _work_dir(work_dir, preset, bundle, seed, backend)
@@ -195,14 +191,14 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     if backend == "torch":
-        from . import bench_gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
+        from . import gpu  # fp16 eager / fp16 CUDA graph / the cuda target's W4A16 + W8A8, one run
 
         from nvila_edge.bundle import Bundle
 
         quantized = preset or "cuda" in Bundle.open(bundle).targets
         log("torch backend: " + ("fp16 eager vs fp16 CUDA graph vs W4A16 / W8A8 (cuda target)" if quantized
                                  else "eager vs the torch backend (CUDA graph decoding on cuda)"))
-        result["gpu"] = bench_gpu.phase_quantized(spec, quick) if quantized else phase_gpu(spec, quick)
+        result["gpu"] = gpu.phase_quantized(spec, quick) if quantized else gpu.phase_gpu(spec, quick)
         result["counts"] = result["gpu"].pop("counts")
         result["machine"] = report.machine_info(result["gpu"].get("gpu_name"))
     else:
@@ -316,218 +312,26 @@ def _openvino(spec: dict) -> dict:
     return out
 
 
-# ---- phases ------------------------------------------------------------------------------------------------
-def phase_torch(spec: dict) -> dict:
-    import torch
-
-    from nvila_edge.export.llm_onnx import export_decoder
-    from nvila_edge.export.vision_onnx import export_vision
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    work, c = Path(spec["work"]), spec["counts"]
-    art: dict = {}
-    res: dict = {"artifacts": art}
-    model = _torch_model(spec)
-    if model is None:
-        res["skipped"] = "the bundle has no torch target: no weights for the transformers baselines"
-    else:
-        size = model.config.vision.image_size
-        if not spec.get("prepare"):
-            log("  transformers eager fp32 vision")
-            with torch.inference_mode():
-                res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x)), size,
-                                               c["torch_vision_tiles"])
-        cached(work, "vision_fp32", lambda: export_vision(model, work, name="vision_fp32.onnx", example_tiles=1))
-        art["vision_fp32"] = str(work / "vision_fp32.onnx")
-        model.vision_tower = None  # the LLM phases below do not need its 1.6 GB
-        gc.collect()
-    if not spec.get("vision_int8") and (art.get("vision_fp32") or spec.get("vision_fp32")):
-        src = art.get("vision_fp32") or spec["vision_fp32"]
-        cached(work, "vision_int8", lambda: report.quantize_dynamic(src, work / "vision_int8.onnx"))
-        art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
-    if model is None:
-        return res
-    # the peers' inputs, from the same fp32 weights: an HF folder (llama.cpp's converter), an fp32 decoder ONNX
-    # (OpenVINO reads it, then NNCF compresses it)
-    if spec.get("llamacpp"):
-        cached(work, "hf_llm", lambda: _save_hf(model.llm, spec, work / "hf_llm"))
-        art["hf_llm"] = str(work / "hf_llm")
-    if spec.get("openvino"):
-        cached(work, "decoder_fp32", lambda: export_decoder(model, work / "decoder_fp32", precision="fp32"))
-        art["decoder_fp32"] = str(work / "decoder_fp32" / "decoder.onnx")
-    if spec["genai"]:
-        try:
-            cached(work, "genai", lambda: report.build_genai(model.llm, work / "genai"))
-            art["genai_dir"] = str(work / "genai")
-        except Exception as e:  # noqa: BLE001 - the peer is reported as skipped, the bench goes on
-            res["genai_skipped"] = f"onnxruntime-genai builder failed: {type(e).__name__}: {e}"
-    if spec.get("prepare"):
-        return res
-    ids = _prompt_ids(model.config, c["prefill"])
-    for dtype in ("float32", "bfloat16"):
-        log(f"  transformers eager {dtype} LLM: prefill {len(ids)}, decode {c['torch_tokens']}")
-        model.llm.to(getattr(torch, dtype))
-        res[f"llm_{dtype}"] = _torch_llm(model.llm, ids, c["torch_tokens"])
-    return res
-
-
-def _runtime_bytes(spec: dict, kv_positions: int) -> dict:
-    """What the runtime must hold: the cpu target's files (graphs + external weights + embedding table) and one
-    cache's float32 KV for ``kv_positions`` (ONNX Runtime: the capacity it allocates up front; OpenVINO: the
-    longest sequence it held, its state grows)."""
-    folder = Path(spec["decoder"]).parent
-    io = spec["decoder_io"]
-    kv = 2 * int(io["num_layers"]) * int(io["num_kv_heads"]) * int(io["head_dim"]) * kv_positions * 4
-    files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")} | \
-        {f.resolve() for f in folder.iterdir() if f.name.startswith("decoder")}
-    return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": kv_positions}
-
-
-def _save_hf(llm, spec: dict, out: Path) -> None:
-    """The Qwen2 LLM as a plain HF folder (config, safetensors, tokenizer files)."""
-    from nvila_edge import NVILATokenizer
-
-    llm.save_pretrained(out)
-    NVILATokenizer.from_pretrained(spec["tokenizer"]).save_pretrained(out)
-
-
-def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
-    """Ours: the bundle through ``Runtime`` on ``backend`` (vision, prefill, decode, TTFT, peak RSS), then the fp32
-    vision graph on ONNX Runtime for the ratio and the feature cosine."""
-    from nvila_edge.runtime import Runtime
-    from nvila_edge.runtime.backends.onnxruntime import OrtBackend
-    from nvila_edge.runtime.backends.onnxruntime import session as ort_session
-
-    cfg, tok = _config_tok(spec)
-    c = spec["counts"]
-    if backend == "onnxruntime" and spec.get("vision_int8_kind", "").startswith("dynamic"):  # fp32 tower: our INT8 variant
-        be = OrtBackend(cfg, spec["vision_int8"], spec["projector"], spec["decoder"], spec["embeddings"],
-                        spec["decoder_io"], threads=spec["threads"])
-        rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
-    else:  # the bundle as a user opens it; the tower on OpenVINO beside the ORT decoder when it is installed
-        engine = "openvino" if backend == "onnxruntime" and spec.get("openvino") else None
-        rt = Runtime.load(spec["bundle"], backend=backend, threads=spec["threads"], vision_engine=engine)
-        be = rt.backend
-    size = cfg.vision.image_size
-    res = {"describe": be.describe(), "vision_int8_kind": spec.get("vision_int8_kind", "")}
-    tower = (res["describe"].get("vision") or {}).get("engine", backend)  # what runs the vision graph
-    log(f"  vision INT8 ({tower})")
-    res["vision_int8_ms"] = _time_tiles(be.encode_tiles, size, c["vision_tiles"])
-    log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
-    res["llm"] = _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])
-    log("  TTFT image / 8-frame video")
-    res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
-    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
-    res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
-    held = max(res["ttft_video"]["prompt_tokens"], c["prefill"] + c["ort_tokens"])
-    res["runtime_bytes"] = _runtime_bytes(spec, be.capacity if backend == "onnxruntime" else held)
-    if backend == "onnxruntime" and tower == "openvino":  # the same graph on ORT, for the record
-        log("  the vision INT8 graph on ONNX Runtime")
-        sess = ort_session(spec["vision_int8"], spec["threads"])
-        name = sess.get_inputs()[0].name
-        res["vision_int8_ort_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
-        del sess
-    if spec.get("vision_fp32"):
-        log("  vision fp32 ONNX")
-        sess = ort_session(spec["vision_fp32"], spec["threads"])  # the runtime's session options
-        name = sess.get_inputs()[0].name
-        res["vision_fp32_ms"] = _time_tiles(lambda x: sess.run(None, {name: x}), size, c["vision_tiles"])
-        tile = np.load(spec["calib_tiles"])[:1] if spec.get("calib_tiles") else \
-            np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-        res["vision_cosine_vs_fp32"] = cosine(be.encode_tiles(tile), sess.run(None, {name: tile})[0])
-    return res
-
-
-
-def phase_genai(spec: dict) -> dict:
-    import onnxruntime_genai as og
-
-    c = spec["counts"]
-    cfg, _ = _config_tok(spec)
-    ids = _prompt_ids(cfg, c["prefill"]).astype(np.int32)
-    # --threads binds the peer too (its config's session options), so both sides get the same cores
-    cfg_path = Path(spec["genai_dir"]) / "genai_config.json"
-    gcfg = json.loads(cfg_path.read_text())
-    so = gcfg["model"]["decoder"].setdefault("session_options", {})
-    so.pop("intra_op_num_threads", None)
-    if spec["threads"]:
-        so["intra_op_num_threads"] = int(spec["threads"])
-    cfg_path.write_text(json.dumps(gcfg, indent=4))
-    model = og.Model(spec["genai_dir"])
-    prefill, decode = [], []
-    for rep in range(c["reps"] + 1):  # the first pass warms up
-        params = og.GeneratorParams(model)
-        total = len(ids) + c["genai_tokens"] + 1
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(model, params)
-        t = time.perf_counter()
-        gen.append_tokens(ids[None] if rep else ids[None, :16])
-        gen.generate_next_token()
-        p = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(c["genai_tokens"] if rep else 2):
-            gen.generate_next_token()
-        if rep:
-            prefill.append(p)
-            decode.append(c["genai_tokens"] / (time.perf_counter() - t))
-        del gen
-    return {"llm": {"prefill_s": _median(prefill), "decode_tok_s": _median(decode), "tokens": c["genai_tokens"]},
-            "block_size": report.GENAI_BLOCK}
-
-
-def phase_gpu(spec: dict, quick: bool = False) -> dict:
-    """Torch on one device (fp16 on cuda): transformers eager vs our torch backend (CUDA-graph decode)."""
-    import torch
-
-    from nvila_edge.runtime.backends.torch import TorchBackend
-
-    dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = dev.startswith("cuda")
-    n = dict(GPU, vision_tiles=2, tokens=8, reps=1) if quick else GPU
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfg, tok = _config_tok(spec)
-    dtype = torch.float16 if cuda else torch.float32
-    model = _torch_model(spec, device=dev, dtype=dtype)
-    res = {"counts": n, "device": dev, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-           "gpu_name": torch.cuda.get_device_name(0) if cuda else None}
-    log(f"  vision eager on {dev}")
-    with torch.inference_mode():
-        res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x).to(dev, dtype)),
-                                       cfg.vision.image_size, n["vision_tiles"], sync)
-    ids = _prompt_ids(cfg, n["prefill"])
-    log("  LLM transformers eager")
-    res["eager"] = _torch_llm(model.llm, ids, n["tokens"], n["reps"], sync)
-    path = _backend_path(TorchBackend(model, device=dev), cfg, tok, ids, n, sync, ttft_reps=2)
-    res.update(describe=path["describe"], backend=path["llm"], ttft_image=path["ttft_image"],
-               ttft_video=path["ttft_video"])
-    res["bytes_per_token"] = report.torch_llm_bytes(model.llm, cfg, n["prefill"] + n["tokens"] // 2)
-    if cuda:
-        res["bandwidth_gbs"] = report.gpu_bandwidth_gbs(dev)
-        res["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    res["peak_rss_mb"] = peak_rss_mb()
-    return res
-
-
 def _phases() -> dict:
-    from . import bench_build, bench_openvino as ov
+    from . import build, genai, ours, transformers_peer, openvino as ov
 
-    return {"build": bench_build.phase_build, "torch": phase_torch, "ort": phase_ort, "genai": phase_genai,
-            "ours_openvino": lambda spec: phase_ort(spec, backend="openvino"),
+    return {"build": build.phase_build, "torch": transformers_peer.phase_torch, "ort": ours.phase_ort,
+            "genai": genai.phase_genai, "ours_openvino": lambda spec: ours.phase_ort(spec, backend="openvino"),
             "llamacpp": llamacpp.phase_llamacpp, "openvino_build": ov.phase_openvino_build,
             "openvino_vision": ov.phase_openvino_vision, "openvino_llm": ov.phase_openvino_llm}
 
 
 def _phase_main(argv: list[str]) -> int:
+    phases = _phases()
+    if len(argv) != 3 or argv[0] not in phases:
+        print("usage: python -m nvila_edge.pipelines.bench PHASE SPEC.json OUT.json (what `nvila-edge bench` runs "
+              f"in each child); PHASE: {', '.join(phases)}", file=sys.stderr)
+        return 2
     phase, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads") and phase != "torch":
         os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    res = _phases()[phase](spec)
+    res = phases[phase](spec)
     res["peak_rss_mb"] = peak_rss_mb()
     Path(out_path).write_text(json.dumps(res, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_phase_main(sys.argv[1:]))

@@ -116,7 +116,7 @@ def _models(spec, dev, cuda):
     from nvila_edge.bundle import Bundle
     from nvila_edge.modeling import quantized as Q
 
-    from .bench_timing import _config_tok, _torch_model
+    from .timing import _config_tok, _torch_model
 
     cfg, _ = _config_tok(spec)
     qdtype = torch.bfloat16 if cuda else torch.float32
@@ -163,8 +163,8 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
 
     from nvila_edge.runtime.backends.torch import TorchBackend
 
-    from . import bench_report as report
-    from .bench_timing import GPU, _backend_path, _config_tok, _prompt_ids, _time_tiles, _torch_llm, log
+    from . import report
+    from .timing import GPU, _backend_path, _config_tok, _prompt_ids, _time_tiles, _torch_llm, log
 
     dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.startswith("cuda")
@@ -229,4 +229,40 @@ def phase_quantized(spec: dict, quick: bool = False) -> dict:
     return res
 
 
-__all__ = ["phase_quantized", "quant_bytes", "random_quantized_tensors"]
+def phase_gpu(spec: dict, quick: bool = False) -> dict:
+    """Torch on one device (fp16 on cuda): transformers eager vs our torch backend (CUDA-graph decode)."""
+    import torch
+
+    from . import report
+    from .timing import GPU, _backend_path, _config_tok, _prompt_ids, _time_tiles, _torch_llm, _torch_model, log
+
+    from nvila_edge.runtime.backends.torch import TorchBackend
+
+    dev = spec["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    n = dict(GPU, vision_tiles=2, tokens=8, reps=1) if quick else GPU
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg, tok = _config_tok(spec)
+    dtype = torch.float16 if cuda else torch.float32
+    model = _torch_model(spec, device=dev, dtype=dtype)
+    res = {"counts": n, "device": dev, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+           "gpu_name": torch.cuda.get_device_name(0) if cuda else None}
+    log(f"  vision eager on {dev}")
+    with torch.inference_mode():
+        res["vision_ms"] = _time_tiles(lambda x: model.encode_tiles(torch.from_numpy(x).to(dev, dtype)),
+                                       cfg.vision.image_size, n["vision_tiles"], sync)
+    ids = _prompt_ids(cfg, n["prefill"])
+    log("  LLM transformers eager")
+    res["eager"] = _torch_llm(model.llm, ids, n["tokens"], n["reps"], sync)
+    path = _backend_path(TorchBackend(model, device=dev), cfg, tok, ids, n, sync, ttft_reps=2)
+    res.update(describe=path["describe"], backend=path["llm"], ttft_image=path["ttft_image"],
+               ttft_video=path["ttft_video"])
+    res["bytes_per_token"] = report.torch_llm_bytes(model.llm, cfg, n["prefill"] + n["tokens"] // 2)
+    if cuda:
+        res["bandwidth_gbs"] = report.gpu_bandwidth_gbs(dev)
+        res["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    res["peak_rss_mb"] = report.peak_rss_mb()
+    return res
+
+
+__all__ = ["phase_quantized", "phase_gpu", "quant_bytes", "random_quantized_tensors"]

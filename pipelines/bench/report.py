@@ -1,7 +1,6 @@
 """``nvila-edge bench`` support: machine facts (CPU/GPU, memory bandwidth, bytes a decode step reads), the
 baselines' artifacts (dynamic-INT8 vision, onnxruntime-genai's builder), the ratios vs the targets, and what
-is printed and written: the table, the docs section (replaced in place on a re-run) and a bar plot drawn
-with OpenCV (matplotlib is not a dependency)."""
+is printed and written: the table, the docs section (replaced in place on a re-run) and a matplotlib bar plot."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +51,17 @@ QUANT_TARGETS = [
 
 
 def machine_info(gpu_name: str | None = None) -> dict:
-    cpu, flags, mem = platform.processor() or platform.machine(), "", None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
-        flags = re.search(r"flags\s*:\s*(.*)", text).group(1).split()
-        mem = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
-    except (OSError, AttributeError):
-        pass
+    """CPU model and ISA flags (py-cpuinfo), memory (psutil), the versions the figures depend on."""
+    import cpuinfo
+    import psutil
+
+    info = cpuinfo.get_cpu_info()
+    flags = set(info.get("flags", ()))
     versions = package_versions(("torch", "transformers", "onnxruntime", "onnxruntime-genai", "openvino", "nncf",
-                                 "nvidia-modelopt", "numpy"))
+                                 "nvidia-modelopt", "llama-cpp-python", "numpy"))
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "mem_gb": round(mem, 1) if mem else None,
-            "gpu": gpu_name, "versions": versions}
+    return {"cpu": info.get("brand_raw") or platform.machine(), "cores": psutil.cpu_count(), "isa": isa,
+            "mem_gb": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu_name, "versions": versions}
 
 
 def decoder_bytes(path, io: dict, kv_positions: int) -> dict:
@@ -188,7 +186,7 @@ def evaluate(result: dict) -> tuple[dict, list[dict]]:
              "prefill_vs_eager": _div(_get(g, "eager", "prefill_s"), _get(g, "backend", "prefill_s")),
              "decode_ms_per_token": ours_ms, "decode_vs_tinychat": _div(TINYCHAT_MS, ours_ms),
              "bound_tok_s": bound, "decode_fraction_of_bound": _div(_get(g, "backend", "decode_tok_s"), bound)}
-        if "w4a16" in g:  # the quantized comparison (bench_gpu.py)
+        if "w4a16" in g:  # the quantized comparison (gpu.py)
 
             r.update(quant_ratios(g))
             return r, _targets(r, GPU_TARGETS + QUANT_TARGETS)
@@ -213,86 +211,128 @@ def _why(d) -> str | None:
     return None
 
 
-def llm_engines(result: dict) -> list[dict]:
-    """Every LLM engine of a CPU run (ours first): key, name, prefill_s, decode_tok_s, peak RSS MB, why not."""
-    o, t, gen, lc, ov, oo = (result.get(k) or {} for k in ("ort", "torch", "genai", "llamacpp", "openvino", "ours_openvino"))
-    rows = [{"key": "ours", "name": "ours: bundle via Runtime (ORT, AWQ int4 MatMulNBits)", "llm": o.get("llm"),
-             "rss": o.get("runtime_peak_rss_mb"), "why": _why(o) if not o.get("llm") else None},
-            {"key": "ours_openvino", "name": "ours: same bundle via Runtime, openvino backend", "llm": oo.get("llm"),
-             "rss": oo.get("runtime_peak_rss_mb"), "why": _why(oo) if not oo.get("llm") else None}]
-    rows.append({"key": "genai", "name": "onnxruntime-genai int4 (its builder, block 128)", "llm": gen.get("llm"),
-                 "rss": gen.get("peak_rss_mb"), "why": _why(gen)})
+@dataclass(frozen=True)
+class LLMTiming:
+    """One engine's LLM figures, as its phase measured them."""
+    prefill_s: float | None = None
+    decode_tok_s: float | None = None
+    tokens: int | None = None
+
+    @classmethod
+    def read(cls, d) -> "LLMTiming | None":
+        if not isinstance(d, dict) or not d.get("decode_tok_s"):
+            return None
+        return cls(d.get("prefill_s"), d.get("decode_tok_s"), d.get("tokens"))
+
+
+@dataclass(frozen=True)
+class LLMEngine:
+    """A row of the LLM table: ``llm`` is None when the engine did not run (``why`` says so)."""
+    key: str
+    name: str
+    llm: LLMTiming | None
+    rss: float | None = None
+    why: str | None = None
+
+
+@dataclass(frozen=True)
+class VisionEngine:
+    """A row of the vision table (``ms`` a tile, ``cos`` vs the fp32 tower)."""
+    key: str
+    name: str
+    ms: float | None
+    cos: float | None = None
+    rss: float | None = None
+    why: str | None = None
+
+
+def _llm_row(key: str, name: str, d, rss_key: str = "peak_rss_mb", sub: str = "llm") -> LLMEngine:
+    d = d if isinstance(d, dict) else {}
+    timing = LLMTiming.read(d.get(sub) if sub else d)
+    return LLMEngine(key, name, timing, d.get(rss_key), None if timing else (_why(d) or "not measured"))
+
+
+def llm_engines(result: dict) -> list[LLMEngine]:
+    """Every LLM engine of a CPU run, ours first."""
+    o, t, gen, lc, ov, oo, lo = (result.get(k) or {} for k in ("ort", "torch", "genai", "llamacpp", "openvino",
+                                                                "ours_openvino", "ours_llamacpp"))
+    rows = [_llm_row("ours", "ours: bundle via Runtime (ORT, AWQ int4 MatMulNBits)", o, "runtime_peak_rss_mb"),
+            _llm_row("ours_openvino", "ours: same bundle via Runtime, openvino backend", oo, "runtime_peak_rss_mb")]
+    if lo:
+        rows.append(_llm_row("ours_llamacpp", "ours (llama.cpp engine): bundle's GGUF via Runtime", lo,
+                             "runtime_peak_rss_mb"))
+    rows.append(_llm_row("genai", "onnxruntime-genai int4 (its builder, block 128)", gen))
     for q in ("Q4_0", "Q4_K_M"):
         d = (lc.get("quants") or {}).get(q) or ({} if lc.get("quants") else lc)
-        rows.append({"key": f"llamacpp_{q}", "name": f"llama.cpp {q} (llama-bench)", "llm": d if d.get("decode_tok_s") else None,
-                     "rss": d.get("peak_rss_mb"), "why": _why(d) if not d.get("decode_tok_s") else None})
+        rows.append(_llm_row(f"llamacpp_{q}", f"llama.cpp {q} (llama-bench)", d, sub=""))
     d = ov.get("llm") if "llm" in ov or "vision" in ov else ov
-    rows.append({"key": "openvino", "name": "OpenVINO INT4 (NNCF group 128, stateful)", "llm": (d or {}).get("llm"),
-                 "rss": (d or {}).get("engine_peak_rss_mb"), "why": _why(d) if not (d or {}).get("llm") else None})
+    rows.append(_llm_row("openvino", (d or {}).get("name") or "OpenVINO INT4 (NNCF group 128, stateful)", d,
+                         "engine_peak_rss_mb"))
     for dtype in ("float32", "bfloat16"):
-        rows.append({"key": f"torch_{dtype}", "name": f"transformers eager {dtype}", "llm": t.get(f"llm_{dtype}"),
-                     "rss": None, "why": _why(t) if not t.get(f"llm_{dtype}") else None})
+        rows.append(LLMEngine(f"torch_{dtype}", f"transformers eager {dtype}", LLMTiming.read(t.get(f"llm_{dtype}")),
+                              None, None if t.get(f"llm_{dtype}") else _why(t)))
     return rows
 
 
-def vision_engines(result: dict) -> list[dict]:
+def vision_engines(result: dict) -> list[VisionEngine]:
     o, t, ov, oo = (result.get(k) or {} for k in ("ort", "torch", "openvino", "ours_openvino"))
     d = ov.get("vision") if "llm" in ov or "vision" in ov else ov
     d = d or {}
     engine = _get(o, "describe", "vision") or {}
     on = "ORT" if engine.get("engine", "onnxruntime") == "onnxruntime" else \
         f"vision_engine=openvino, {engine.get('precision', '?')} outside the int8 matmuls"
-    rows = [{"key": "ours", "name": f"ours: {o.get('vision_int8_kind') or 'INT8'} ({on})", "ms": o.get("vision_int8_ms"),
-             "cos": o.get("vision_cosine_vs_fp32"), "why": _why(o) if not o.get("vision_int8_ms") else None}]
+    rows = [VisionEngine("ours", f"ours: {o.get('vision_int8_kind') or 'INT8'} ({on})", o.get("vision_int8_ms"),
+                         o.get("vision_cosine_vs_fp32"), o.get("peak_rss_mb"), _why(o) if not o.get("vision_int8_ms") else None)]
     if o.get("vision_int8_ort_ms"):
-        rows.append({"key": "ours_ort", "name": "ours: the same Q/DQ graph on ONNX Runtime (vision_engine=onnxruntime)",
-                     "ms": o.get("vision_int8_ort_ms"), "cos": None, "rss": None, "why": None})
+        rows.append(VisionEngine("ours_ort", "ours: the same Q/DQ graph on ONNX Runtime (vision_engine=onnxruntime)",
+                                 o.get("vision_int8_ort_ms")))
     return rows + [
-            {"key": "ours_openvino", "name": "ours: the same Q/DQ graph, openvino backend", "ms": oo.get("vision_int8_ms"),
-             "cos": oo.get("vision_cosine_vs_fp32"), "rss": None, "why": _why(oo) if not oo.get("vision_int8_ms") else None},
-            {"key": "openvino", "name": f"OpenVINO NNCF INT8 PTQ ({d.get('precision', '?')} elsewhere)", "ms": d.get("vision_int8_ms"),
-             "cos": d.get("cosine_vs_fp32"), "rss": d.get("peak_rss_mb"), "why": _why(d) if not d.get("vision_int8_ms") else None},
-            {"key": "ort_fp32", "name": "fp32 ONNX Runtime", "ms": o.get("vision_fp32_ms"), "cos": 1.0 if o.get("vision_fp32_ms") else None,
-             "why": None if o.get("vision_fp32_ms") else "not measured"},
-            {"key": "torch_fp32", "name": "transformers eager fp32", "ms": t.get("vision_ms"), "cos": None,
-             "why": _why(t) if not t.get("vision_ms") else None}]
+        VisionEngine("ours_openvino", "ours: the same Q/DQ graph, openvino backend", oo.get("vision_int8_ms"),
+                     oo.get("vision_cosine_vs_fp32"), None, _why(oo) if not oo.get("vision_int8_ms") else None),
+        VisionEngine("openvino", f"OpenVINO NNCF INT8 PTQ ({d.get('precision', '?')} elsewhere)", d.get("vision_int8_ms"),
+                     d.get("cosine_vs_fp32"), d.get("peak_rss_mb"), _why(d) if not d.get("vision_int8_ms") else None),
+        VisionEngine("ort_fp32", "fp32 ONNX Runtime", o.get("vision_fp32_ms"), 1.0 if o.get("vision_fp32_ms") else None,
+                     None, None if o.get("vision_fp32_ms") else "not measured"),
+        VisionEngine("torch_fp32", "transformers eager fp32", t.get("vision_ms"), None, None,
+                     _why(t) if not t.get("vision_ms") else None)]
 
 
-SHORT = {"ours": "ours (onnxruntime)", "ours_openvino": "ours (openvino backend)", "ours_ort": "ours, tower on ORT", "genai": "onnxruntime-genai int4",
+SHORT = {"ours": "ours (onnxruntime)", "ours_openvino": "ours (openvino backend)", "ours_llamacpp": "ours (llama.cpp engine)", "ours_ort": "ours, tower on ORT", "genai": "onnxruntime-genai int4",
          "llamacpp_Q4_0": "llama.cpp Q4_0", "llamacpp_Q4_K_M": "llama.cpp Q4_K_M", "openvino": "OpenVINO (NNCF)",
          "torch_float32": "transformers fp32", "torch_bfloat16": "transformers bf16", "ort_fp32": "fp32 ONNX Runtime",
          "torch_fp32": "transformers fp32"}  # plot labels
 
 
-OURS = ("ours", "ours_openvino", "ours_ort")
+OURS = ("ours", "ours_openvino", "ours_ort", "ours_llamacpp")
 
 
 def cpu_ratios(result: dict, ours: str = "ort") -> dict:
     """Ratios of our runtime (``ours``: its "ort" or "ours_openvino" run) against every other engine."""
     me = "ours" if ours == "ort" else ours
-    llm = {e["key"]: e for e in llm_engines(result)}
-    ours_tok = _get(llm[me], "llm", "decode_tok_s")
-    ours_p = _get(llm[me], "llm", "prefill_s")
+    llm = {e.key: e for e in llm_engines(result)}
+    tok = lambda k: llm[k].llm.decode_tok_s if k in llm and llm[k].llm else None  # noqa: E731
+    ours_tok = tok(me)
+    ours_p = llm[me].llm.prefill_s if llm[me].llm else None
     bw, total = result.get("bandwidth_gbs"), _get(result, "bytes_per_token", "total")
     bound = _div(bw * 1e9, total) if bw and total else None
-    peers = [e for k, e in llm.items() if k not in OURS and not k.startswith("torch") and e["llm"]]
-    named = [_get(llm[k], "llm", "decode_tok_s") for k in DECODE_PEERS if llm[k]["llm"]]
-    prefills = [e["llm"]["prefill_s"] for e in peers if e["llm"].get("prefill_s")]
+    peers = [e for k, e in llm.items() if k not in OURS and not k.startswith("torch") and e.llm]
+    named = [tok(k) for k in DECODE_PEERS if tok(k)]
+    prefills = [e.llm.prefill_s for e in peers if e.llm.prefill_s]
     gtotal = _get(result, "genai_bytes_per_token", "total")
     r = {"bound_tok_s": bound, "decode_fraction_of_bound": _div(ours_tok, bound),
-         "genai_fraction_of_bound": _div(_get(llm["genai"], "llm", "decode_tok_s"), _div(bw * 1e9, gtotal) if bw and gtotal else None),
+         "genai_fraction_of_bound": _div(tok("genai"), _div(bw * 1e9, gtotal) if bw and gtotal else None),
          "decode_vs_fastest_peer": _div(ours_tok, max(named)) if named else None,
          "prefill_vs_fastest_peer": _div(min(prefills), ours_p) if prefills else None}
     for k, e in llm.items():
-        if k != me and e["llm"]:
-            r[f"decode_vs_{k}"] = _div(ours_tok, e["llm"].get("decode_tok_s"))
-            r[f"prefill_vs_{k}"] = _div(e["llm"].get("prefill_s"), ours_p)
-    vis = {e["key"]: e for e in vision_engines(result)}
+        if k != me and e.llm:
+            r[f"decode_vs_{k}"] = _div(ours_tok, e.llm.decode_tok_s)
+            r[f"prefill_vs_{k}"] = _div(e.llm.prefill_s, ours_p)
+    vis = {e.key: e for e in vision_engines(result)}
     for k, e in vis.items():
         if k != me:
-            r[f"vision_vs_{k}"] = _div(e["ms"], vis[me]["ms"])
+            r[f"vision_vs_{k}"] = _div(e.ms, vis[me].ms) if me in vis else None
     r["vision_vs_fastest_int8_peer"] = r.get("vision_vs_openvino")
-    r["vision_cosine_vs_fp32"] = vis[me]["cos"]
+    r["vision_cosine_vs_fp32"] = vis[me].cos if me in vis else None
     r["ttft_image_vs_1500ms"] = _div(1500.0, _get(result, ours, "ttft_image", "ttft_ms"))
     rb = _get(result, ours, "runtime_bytes")
     rss = _get(result, ours, "runtime_peak_rss_mb")
@@ -348,17 +388,17 @@ def cpu_tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) per part: vision tile, LLM prefill + decode, ours end to end."""
     r = result.get("ratios") or cpu_ratios(result)
     n = result["counts"]["prefill"]
-    vis = [[e["name"], _fmt(e["ms"], 0), "(ours)" if e["key"] == "ours" else _x(r.get(f"vision_vs_{e['key']}")),
-            _fmt(e["cos"], 4), _fmt(e.get("rss") if e["key"] != "ours" else _get(result, "ort", "peak_rss_mb"), 0),
-            e["why"] or ""] for e in vision_engines(result)]
+    vis = [[e.name, _fmt(e.ms, 0), "(ours)" if e.key == "ours" else _x(r.get(f"vision_vs_{e.key}")),
+            _fmt(e.cos, 4), _fmt(e.rss, 0), e.why or ""] for e in vision_engines(result)]
     vis_head = ["engine (vision tower, 1 tile)", "ms / tile", "ours is faster by", "cosine vs fp32", "peak RSS (MB)", "note"]
     llm = []
     for e in llm_engines(result):
-        d, k = e["llm"] or {}, e["key"]
-        own = {"ours": r.get("decode_fraction_of_bound"), "genai": r.get("genai_fraction_of_bound")}.get(k)
-        llm.append([e["name"], _fmt(d.get("prefill_s"), 2), "(ours)" if k == "ours" else _x(r.get(f"prefill_vs_{k}")),
-                    _fmt(d.get("decode_tok_s"), 1), "(ours)" if k == "ours" else _x(r.get(f"decode_vs_{k}")),
-                    _pct(own), _fmt(e["rss"], 0), e["why"] or ""])
+        d, k = e.llm or LLMTiming(), e.key
+        own = {"ours": r.get("decode_fraction_of_bound"), "genai": r.get("genai_fraction_of_bound"),
+               "ours_llamacpp": r.get("llamacpp_engine_fraction_of_bound")}.get(k)
+        llm.append([e.name, _fmt(d.prefill_s, 2), "(ours)" if k == "ours" else _x(r.get(f"prefill_vs_{k}")),
+                    _fmt(d.decode_tok_s, 1), "(ours)" if k == "ours" else _x(r.get(f"decode_vs_{k}")),
+                    _pct(own), _fmt(e.rss, 0), e.why or ""])
     llm_head = ["engine (Qwen2 LLM)", f"prefill {n} tok (s)", "ours is faster by", "decode tok/s", "ours is faster by",
                 "of its bound", "peak RSS (MB)", "note"]
     o, oo = result.get("ort") or {}, result.get("ours_openvino") or {}
@@ -521,51 +561,47 @@ def _bars(result: dict) -> list[tuple[str, list[tuple[str, float | None]]]]:
                                                       ("transformers eager", _mul(_get(g, "eager", "prefill_s")))]),
                 ("vision ms / tile (lower is better)", [("torch eager", g.get("vision_ms"))])]
     llm, vis = llm_engines(result), vision_engines(result)
-    short = lambda e: SHORT[e["key"]]  # noqa: E731
-    return [("decode tok/s (higher is better)", [(short(e), _get(e, "llm", "decode_tok_s")) for e in llm]
+    short = lambda e: SHORT[e.key]  # noqa: E731
+    return [("decode tok/s (higher is better)", [(short(e), e.llm and e.llm.decode_tok_s) for e in llm]
              + [("bandwidth bound", result.get("ratios", {}).get("bound_tok_s"))]),
             (f"prefill {result['counts']['prefill']} tok, s (lower is better)",
-             [(short(e), _get(e, "llm", "prefill_s")) for e in llm]),
-            ("vision ms / tile (lower is better)", [(short(e), e["ms"]) for e in vis])]
+             [(short(e), e.llm and e.llm.prefill_s) for e in llm]),
+            ("vision ms / tile (lower is better)", [(short(e), e.ms) for e in vis])]
 
 
 def plot(result: dict, path) -> None:
-    """Horizontal bar panels (one per metric), drawn with OpenCV."""
-    import cv2
+    """Horizontal bar panels, one per metric (matplotlib, Agg: no display needed)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     panels = _bars(result)
-    W, bar_h, label_w = 900, 26, 250
-    H = 50 + sum(40 + bar_h * len(b) + 10 for _, b in panels)
-    img = np.full((H, W, 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.2 + sum(0.35 * len(b) + 0.6 for _, b in panels)),
+                             gridspec_kw={"height_ratios": [len(b) for _, b in panels]}, squeeze=False)
     where = result["machine"].get("gpu") or result["machine"].get("cpu", "")
-    title = f"nvila-edge bench: {result['target']} ({result['backend']}, {where}) {result['date']}"
-    cv2.putText(img, title, (10, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    colors = [(200, 120, 30), (60, 160, 60), (40, 110, 220), (60, 60, 200), (150, 150, 150)]  # BGR
-    y = 50
-    for name, bars in panels:
-        y += 28
-        cv2.putText(img, name, (10, y), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-        y += 12
-        top = max([v for _, v in bars if v] or [1.0])
-        for i, (label, v) in enumerate(bars):
-            cv2.putText(img, label, (10, y + 18), font, 0.45, (40, 40, 40), 1, cv2.LINE_AA)
-            if v:
-                x1 = label_w + int((W - label_w - 120) * v / top)
-                cv2.rectangle(img, (label_w, y + 3), (max(x1, label_w + 1), y + bar_h - 3), colors[i % len(colors)], -1)
-                cv2.putText(img, f"{v:,.2f}" if v < 10 else f"{v:,.0f}", (x1 + 6, y + 18), font, 0.45, (0, 0, 0), 1,
-                            cv2.LINE_AA)
-            else:
-                cv2.putText(img, "not measured", (label_w + 6, y + 18), font, 0.45, (120, 120, 120), 1, cv2.LINE_AA)
-            y += bar_h
-        y += 10
-    ok, png = cv2.imencode(".png", img)
-    if not ok:
-        raise OSError(f"could not encode the plot for {path}")
-    atomic_write_bytes(path, png.tobytes())
+    fig.suptitle(f"nvila-edge bench: {result['target']} ({result['backend']}, {where}) {result['date']}", fontsize=9)
+    for ax, (name, bars) in zip(axes[:, 0], panels):
+        labels = [label for label, _ in bars]
+        values = [v or 0.0 for _, v in bars]
+        ax.barh(labels, values, color=[f"C{i}" for i in range(len(bars))])
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+        for i, (_, v) in enumerate(bars):
+            ax.annotate("not measured" if not v else (f"{v:,.2f}" if v < 10 else f"{v:,.0f}"), (v or 0.0, i),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.margins(x=0.15)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-# ---- the quantized GPU comparison (bench_gpu.py measures it) ------------------------------------------------
+# ---- the quantized GPU comparison (gpu.py measures it) ----------------------------------------------------
 def quant_ratios(g: dict) -> dict:
     """The quantized-path ratios (None where a side is missing)."""
     q_ms = _div(1000, _get(g, "w4a16", "llm", "decode_tok_s"))
