@@ -53,12 +53,12 @@ def export_ir(cli: str, hf_dir: Path, out: Path, group: int, timeout_s: float = 
     log_path = out.with_name("optimum-export.log")
     with open(log_path, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
-    if rc != 0:
-        last = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()] or ["no output"]
-        raise RuntimeError(f"optimum-cli exited {rc}: {last[-1][:300]} (log: {log_path})")
     gone = [f for f in IR_FILES if not (tmp / f).is_file()]
-    if gone:
-        raise RuntimeError(f"optimum-cli left no {', '.join(gone)} (log: {log_path})")
+    if rc != 0 or gone:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()] or ["no output"]
+        what = f"exited {rc}: {last[-1][:300]}" if rc else f"left no {', '.join(gone)}"
+        raise RuntimeError(f"optimum-cli {what} (log: {log_path})")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

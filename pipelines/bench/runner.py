@@ -228,6 +228,7 @@ def _prepare_cpu(spec: dict) -> dict:
                     calib_tiles=built.get("artifacts", {}).get("calib_tiles"))
     tools = llamacpp.find_tools(spec["llama_cpp"])
     spec["llamacpp"], spec["openvino"] = "missing" not in tools, openvino_missing() is None
+    spec["openvino_genai"] = openvino_genai.missing(spec["optimum_cli"]) is None
     log("phase torch (fp32 exports for the peers; no timing)")
     t = run_child("torch", spec)
     done["torch"] = t.get("error") or sorted(t.get("artifacts", {}))
@@ -260,6 +261,7 @@ def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
     tools = llamacpp.find_tools(spec["llama_cpp"])
     spec["llamacpp"] = "missing" not in tools
     spec["openvino"] = openvino_missing() is None
+    spec["openvino_genai"] = openvino_genai.missing(spec["optimum_cli"]) is None
     log("phase torch (model, fp32 exports for the peers, eager baselines)")
     result["torch"] = run_child("torch", spec)
     spec.update(result["torch"].pop("artifacts", {}))
