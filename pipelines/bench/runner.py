@@ -8,8 +8,10 @@
 On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.pipelines.bench PHASE spec out``)
 so each reports its own peak RSS and the fp32 torch model's memory is gone before our runtime is timed:
 ``torch`` (model, torch eager vision + fp32/bf16 LLM, the exports the run needs, onnxruntime-genai's
-builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph), ``genai``
-(onnxruntime-genai's own loop on the same int4 LLM). Targets are printed as met / not met; a miss never
+builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph),
+``ours_llamacpp`` (the same with ``llm_engine="llamacpp"`` on the bundle's gguf target), ``genai``
+(onnxruntime-genai's own loop on the same int4 LLM), ``llamacpp``, the OpenVINO phases and ``openvino_genai``
+(OpenVINO's own LLM path, with ``--optimum-cli``). Targets are printed as met / not met; a miss never
 fails the command.
 """
 
