@@ -30,6 +30,8 @@ from nvila_edge.training.trainer import last_checkpoint, run_recipe
 DEMO_VERSION = "v8"
 EVAL_QUESTIONS = 200  # held-out image questions scored before / after quantization and on the bundle
 CALIBRATION_SAMPLES = 64  # bump when the data, recipe or preset change so old caches are not reused
+# bundle_parity runs, each cached in deploy.json under its key: (key, Runtime.load's llm_engine, printed name)
+PARITY_ENGINES = (("bundle", None, "ONNX Runtime"), ("bundle_llamacpp", "llamacpp", "llama.cpp engine"))
 
 
 def cache_root() -> Path:
@@ -156,7 +158,8 @@ def print_report(report: dict, out: TextIO = sys.stdout) -> None:
 
 def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO = sys.stdout,
                 verbose: bool = False) -> Path:
-    """Calibrate (W8A8 SmoothQuant vision, W4A16 AWQ LLM) and export the CPU bundle, both cached."""
+    """Calibrate (W8A8 SmoothQuant vision, W4A16 AWQ LLM) and export the CPU bundle (plus the gguf target where
+    llama.cpp is installed), all cached, and print the bundle's parity with the calibrated torch model per engine."""
     from nvila_edge.bundle import Bundle
     from nvila_edge.calibration import calibrate, is_calibrated
     from nvila_edge.errors import BundleError
@@ -179,20 +182,28 @@ def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO
             import shutil
 
             shutil.rmtree(bundle)
+    targets = bundle_targets()
     try:
-        Bundle.open(bundle)
+        missing = set(targets) - set(Bundle.open(bundle).targets)  # a cached cpu-only bundle gains the gguf target
     except BundleError:
-        print("[demo] exporting the CPU bundle (INT8 Q/DQ vision ONNX, int4 MatMulNBits decoder ONNX)", file=out, flush=True)
-        print(f"[demo] {export_bundle(cal, bundle, 'cpu', progress=progress)}", file=out, flush=True)
-        state.pop("bundle", None)
-    if "bundle" not in state:  # parity ladder's last rung on trained weights: calibrated torch vs the bundle on ORT
-        images = [r for r in held if not r.video][:EVAL_QUESTIONS]
-        state["bundle"] = bundle_parity(cal, bundle, images, progress=progress)
-        atomic_write_text(stamp, json.dumps(state, indent=2))
-    p = state["bundle"]
-    print(f"[demo] bundle (ONNX Runtime) vs calibrated torch on {p['prompts']} held-out questions: greedy tokens "
-          f"{100 * p['token_agreement']:.1f} % equal, answers {100 * p['answer_agreement']:.1f} % identical; "
-          f"bundle accuracy {100 * p['bundle_accuracy']:.1f} %", file=out, flush=True)
+        missing = set(targets)
+    if missing:
+        print("[demo] exporting the CPU bundle (INT8 Q/DQ vision ONNX, int4 MatMulNBits decoder ONNX"
+              f"{'; gguf target: Q4_0 / Q8_0 GGUF decoder for llama.cpp' if 'gguf' in targets else ''})", file=out, flush=True)
+        print(f"[demo] {export_bundle(cal, bundle, targets, progress=progress)}", file=out, flush=True)
+        for key, _, _ in PARITY_ENGINES:
+            state.pop(key, None)
+    images = [r for r in held if not r.video][:EVAL_QUESTIONS]
+    for key, engine, label in PARITY_ENGINES:  # parity ladder's last rung on trained weights: calibrated torch vs bundle
+        if engine == "llamacpp" and "gguf" not in targets:
+            continue
+        if key not in state:
+            state[key] = bundle_parity(cal, bundle, images, progress=progress, llm_engine=engine)
+            atomic_write_text(stamp, json.dumps(state, indent=2))
+        p = state[key]
+        print(f"[demo] bundle ({label}) vs calibrated torch on {p['prompts']} held-out questions: greedy tokens "
+              f"{100 * p['token_agreement']:.1f} % equal, answers {100 * p['answer_agreement']:.1f} % identical; "
+              f"bundle accuracy {100 * p['bundle_accuracy']:.1f} %", file=out, flush=True)
     fid = state.get("fidelity") or {}
     if fid.get("accuracy_before") is not None:
         print(f"[demo] quantization: held-out image accuracy {100 * fid['accuracy_before']:.1f} % (fp32) → "
@@ -201,8 +212,24 @@ def deploy_demo(root: Path, ckpt: Path, held, progress: bool = True, out: TextIO
     return bundle
 
 
-def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int = 8, progress: bool = True) -> dict:
-    """Greedy answers of the calibrated (fake-quant) torch model vs the exported bundle on ONNX Runtime."""
+def bundle_targets() -> list[str]:
+    """The demo's export targets: ``cpu``, plus ``gguf`` where gguf and llama-cpp-python are installed
+    (the ``[llamacpp]`` extra; the README's install does not carry it)."""
+    from nvila_edge.errors import BackendUnavailable
+    from nvila_edge.optional import require
+
+    try:
+        require("gguf", "llamacpp")
+        require("llama_cpp", "llamacpp")
+    except BackendUnavailable:
+        return ["cpu"]
+    return ["cpu", "gguf"]
+
+
+def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int = 8, progress: bool = True,
+                  llm_engine: str | None = None) -> dict:
+    """Greedy answers of the calibrated (fake-quant) torch model vs the exported bundle on ONNX Runtime
+    (``llm_engine="llamacpp"``: its LLM on llama.cpp from the gguf target)."""
     from tqdm.auto import tqdm
 
     from nvila_edge.calibration import load_calibrated
@@ -212,9 +239,9 @@ def bundle_parity(calibrated: Path, bundle: Path, records, max_new_tokens: int =
 
     model = load_calibrated(calibrated)
     processor = NVILAProcessor(model.config, model.tokenizer)
-    rt = Runtime.load(bundle, backend="onnxruntime")
+    rt = Runtime.load(bundle, backend="onnxruntime", llm_engine=llm_engine)
     same_tokens = total_tokens = same_answers = correct = 0
-    for r in tqdm(records, desc="bundle parity", disable=not progress):
+    for r in tqdm(records, desc=f"bundle parity ({llm_engine or 'onnxruntime'})", disable=not progress):
         images = [str(p) for p in r.images] or None
         ref = model.generate(**processor(r.question, images=images), max_new_tokens=max_new_tokens).token_ids
         got = rt.generate(r.question, images=images, max_new_tokens=max_new_tokens)

@@ -47,6 +47,11 @@ def test_demo_trains_caches_and_streams(tmp_path, monkeypatch, capsys):
     assert "calibrating with ModelOpt" in text and "greedy-token agreement" in text
     assert "exporting the CPU bundle" in text and "answering with the bundle on onnxruntime" in text
     assert "bundle (ONNX Runtime) vs calibrated torch on 4 held-out questions" in text
+    # with the [llamacpp] extra the bundle carries the gguf target and the llama.cpp engine gets its own line
+    llama = "gguf" in demo.bundle_targets()
+    assert ("bundle (llama.cpp engine) vs calibrated torch on 4 held-out questions" in text) == llama
+    deploy = json.loads((tmp_path / "cache" / "deploy.json").read_text())
+    assert ("bundle_llamacpp" in deploy) == llama and deploy["bundle"]["prompts"] == 4
     assert (tmp_path / "cache" / "bundle" / "manifest.json").is_file()
     # a second run reuses the cached model and report
     out2 = io.StringIO()

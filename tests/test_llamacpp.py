@@ -242,3 +242,24 @@ def test_a_killed_stream_frees_its_sequence(engines):
     # and it answers like a fresh engine afterwards
     p = dict(max_new_tokens=6)
     assert lc.generate("how many shapes", **p).token_ids == lc.generate("how many shapes", **p).token_ids
+
+
+@needs_llama
+def test_demo_bundle_parity_on_the_llamacpp_engine(bundle, tmp_path):
+    """The demo's parity line for llama.cpp (``bundle_parity(..., llm_engine="llamacpp")``) on the tiny bundle: the
+    calibrated torch model's greedy tokens vs the gguf target's. Untrained weights are the hard case (near-flat
+    logits); measured 2026-12-08: 32 of 32 tokens equal, 4 of 4 answers."""
+    from PIL import Image
+
+    from nvila_edge.pipelines.demo import bundle_parity
+    from nvila_edge.training.data import Record
+
+    records = []
+    for i in range(4):
+        f = tmp_path / f"{i}.png"
+        Image.fromarray(random_image(120 + 40 * i, 100, seed=20 + i)).save(f)
+        conv = [{"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": "red"}]
+        records.append(Record(id=str(i), conversations=conv, images=[f], video=None, source="test", line=i))
+    p = bundle_parity(bundle[0].parent / "cal", bundle[0], records, progress=False, llm_engine="llamacpp")
+    assert p["prompts"] == 4 and 0.0 <= p["token_agreement"] <= 1.0 and 0.0 <= p["bundle_accuracy"] <= 1.0
+    assert p["token_agreement"] >= 0.95 and p["answer_agreement"] >= 0.75  # the demo's bar is 99 % over 200 questions
