@@ -20,10 +20,18 @@ from nvila_edge.cli import main  # noqa: E402
 from nvila_edge.errors import ConfigError  # noqa: E402
 from nvila_edge.pipelines.bench import runner as bench  # noqa: E402
 from nvila_edge.pipelines.bench import llamacpp  # noqa: E402
+from nvila_edge.pipelines.bench import openvino_genai  # noqa: E402
 from nvila_edge.pipelines.bench import report  # noqa: E402
 from nvila_edge.pipelines.bench.runner import genai_available, openvino_missing, run_bench  # noqa: E402
 
 
+try:
+    import llama_cpp  # noqa: F401
+
+    NO_LLAMA = None
+except ImportError as e:
+    NO_LLAMA = f"llama-cpp-python is not installed (pip install 'nvila-edge[llamacpp]'): {e}"
+needs_llama = pytest.mark.skipif(NO_LLAMA is not None, reason=NO_LLAMA or "")
 USER_FILES = {"config.json": "my own config", "bundle/mine.txt": "keep me", "notes.txt": "hello"}
 
 
@@ -82,7 +90,7 @@ def test_every_metric_measured(quick_run):
         assert r["ort"]["describe"]["vision"] == {"engine": "onnxruntime"} and "vision_int8_ort_ms" not in r["ort"]
     for key in wanted:
         assert r["ratios"][key] > 0, key
-    assert [t["target"] for t in r["targets"]] == [label for label, _, _ in report.CPU_TARGETS]
+    assert [t["target"] for t in r["targets"]] == [label for label, _, _ in report.CPU_TARGETS + report.LLAMACPP_TARGETS]
     for t in r["targets"]:  # each verdict is the ratio against its threshold
         want = "skipped (not measured)" if t["ratio"] is None else ("met" if t["ratio"] >= t["needed"] else "not met")
         assert t["status"] == want, t
@@ -121,7 +129,8 @@ def test_docs_table_and_png(quick_run, tmp_path):
     r, out = quick_run
     md = (out / "docs" / "BENCH.md").read_text()
     assert "| engine (Qwen2 LLM) |" in md and "| engine (vision tower, 1 tile) |" in md and "decode tok/s" in md
-    for engine in ("ours: bundle via Runtime", "onnxruntime-genai", "llama.cpp Q4_0", "llama.cpp Q4_K_M", "OpenVINO INT4",
+    for engine in ("ours: bundle via Runtime", "ours (llama.cpp engine)", "OpenVINO GenAI (optimum-intel int4)",
+                   "llama.cpp engine (llm_engine=llamacpp)", "a 32-token answer", "onnxruntime-genai", "llama.cpp Q4_0", "llama.cpp Q4_K_M", "OpenVINO INT4",
                    "OpenVINO NNCF INT8", "transformers eager float32"):
         assert engine in md, engine
     assert "| target | needed | onnxruntime backend: ratio | status |" in md or "| target | ratio | needed | status |" in md
@@ -159,6 +168,119 @@ def test_missing_peers_are_rows(work, monkeypatch, tmp_path):
     rows = {line.split("  ")[0]: line for line in text.splitlines()}
     assert "not run: llama.cpp's llama-bench not found" in rows["llama.cpp Q4_0 (llama-bench)"]
     assert "not run: openvino and nncf not installed" in rows["OpenVINO INT4 (NNCF group 128, stateful)"]
+    # our llama.cpp engine and OpenVINO's own LLM path say why they did not run
+    assert r["ours_llamacpp"]["skipped"].startswith("missing: pip install nvila-edge[llamacpp]")
+    assert "not run: missing: pip install nvila-edge[llamacpp]" in rows["ours (llama.cpp engine): bundle's GGUF via Runtime"]
+    assert "needs --optimum-cli PATH" in rows["OpenVINO GenAI (optimum-intel int4)"]
+    assert "transformers<5.6" in r["openvino_genai"]["skipped"]
+    assert all(t["status"].startswith("skipped") for t in r["targets"] if t["target"].startswith("llama.cpp engine"))
+
+
+@needs_llama
+def test_llamacpp_engine_row(quick_run, work):
+    """The bundle the bench builds carries the gguf target; "ours (llama.cpp engine)" runs it through Runtime with
+    the same step-API helpers as the onnxruntime row, every figure finite and positive, its verdicts computed."""
+    from nvila_edge.bundle import Bundle
+
+    r, _ = quick_run
+    assert "gguf" in Bundle.open(work / "nvila-edge-bench-tiny-seed0" / "bundle").targets
+    lo = r["ours_llamacpp"]
+    assert lo["describe"]["llm"]["engine"] == "llamacpp"
+    for path in [("llm", "prefill_s"), ("llm", "decode_tok_s"), ("ttft_image", "ttft_ms"), ("ttft_video", "ttft_ms"),
+                 ("runtime_peak_rss_mb",), ("bytes_per_token", "weights"), ("bytes_per_token", "kv"),
+                 ("runtime_bytes", "weights"), ("runtime_bytes", "kv")]:
+        _positive(lo, *path)
+        assert np.isfinite(_at(lo, *path)), path
+    assert lo["llm"]["tokens"] == bench.QUICK["ort_tokens"] and lo["ttft_image"]["prompt_tokens"] == r["ort"]["ttft_image"]["prompt_tokens"]
+    for key in ("llamacpp_engine_fraction_of_bound", "llamacpp_engine_ttft_image_vs_2600ms",
+                "llamacpp_engine_rss_vs_1_3x_weights_kv", "llamacpp_engine_decode_vs_ours"):
+        assert r["ratios"][key] > 0, key
+    row = next(e for e in report.llm_engines(r) if e.key == "ours_llamacpp")
+    assert row.llm.decode_tok_s == lo["llm"]["decode_tok_s"] and row.why is None
+    assert report.fastest_engine(r)[0] in {name for _, name in report.ENGINES}
+
+
+def _at(d, *path):
+    for k in path:
+        d = d[k]
+    return d
+
+
+def _engine_result(ours_tok, ours_prefill, q4_tok, q4_prefill, ttft_ms, rss_mb) -> dict:
+    """A CPU result with only what issue 29's verdicts read (synthetic figures)."""
+    lo = {"llm": {"prefill_s": ours_prefill, "decode_tok_s": ours_tok, "tokens": 64},
+          "ttft_image": {"ttft_ms": ttft_ms, "tiles": 1, "prompt_tokens": 300},
+          "runtime_peak_rss_mb": rss_mb, "runtime_bytes": {"weights": 1000 * 2**20, "kv": 100 * 2**20, "kv_positions": 4096},
+          "bytes_per_token": {"weights": 900_000_000, "kv": 100_000_000, "total": 1_000_000_000}}
+    q4 = {"prefill_s": q4_prefill, "decode_tok_s": q4_tok, "tokens": 64}
+    return {"ours_llamacpp": lo, "llamacpp": {"quants": {"Q4_0": q4}}, "bandwidth_gbs": 30.0,
+            "ort": {"llm": {"prefill_s": 5.0, "decode_tok_s": 20.0}, "ttft_image": {"ttft_ms": 2000.0, "tiles": 1,
+                                                                                 "prompt_tokens": 300}},
+            "counts": {"prefill": 512}}
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_llamacpp_engine_verdicts(met):
+    """Each of issue 29's verdicts is its own ratio against its own threshold: figures just inside every threshold
+    are all met, just outside all not met (a verdict wired to the wrong ratio or threshold flips)."""
+    k = 1.01 if met else 0.99
+    # decode 0.95× Q4_0's; 90 % of the 30 tok/s bound (30 GB/s / 1 GB); prefill 1.1× Q4_0's; TTFT 2.6 s;
+    # RSS 1.3 × 1100 MB = 1430 MB
+    r = _engine_result(ours_tok=0.95 * 40.0 * k, ours_prefill=1.1 * 4.0 / k, q4_tok=40.0,
+                       q4_prefill=4.0, ttft_ms=2600.0 / k, rss_mb=1430.0 / k)
+    r["ours_llamacpp"]["bytes_per_token"]["total"] = int(30e9 * 0.9 / (0.95 * 40.0))  # bound = 38 tok/s / 0.9
+    ratios, targets = report.evaluate(r)
+    got = {t["target"]: t for t in targets}
+    want = {"llamacpp_engine_decode_vs_llamacpp_Q4_0": 0.95 * k,
+            "llamacpp_engine_fraction_of_bound": 0.9 * k,
+            "llamacpp_engine_prefill_vs_llamacpp_Q4_0": k / 1.1,
+            "llamacpp_engine_ttft_image_vs_2600ms": k,
+            "llamacpp_engine_rss_vs_1_3x_weights_kv": k}
+    for label, key, need in report.LLAMACPP_TARGETS:
+        t = got[label]
+        assert t["ratio"] == pytest.approx(want[key], abs=2e-3) and t["ratio"] == ratios[key], (label, t)
+        assert t["needed"] == need and t["status"] == ("met" if met else "not met"), (label, t)
+    assert report.LLAMACPP_TARGETS[2][2] == pytest.approx(1 / 1.1, abs=1e-3)
+    # the end-to-end figure names the fastest engine: TTFT + 31 tokens at its decode rate
+    assert report.answer_ms(r["ort"]) == pytest.approx(2000.0 + 31 * 1000 / 20.0, abs=0.1)
+    faster = r["ours_llamacpp"]["ttft_image"]["ttft_ms"] + 31 * 1000 / r["ours_llamacpp"]["llm"]["decode_tok_s"] < 3550
+    assert report.fastest_engine(r)[0] == ("llama.cpp engine (llm_engine=llamacpp)" if faster else
+                                           "onnxruntime backend (default)")
+    title = report.cpu_tables({**r, "ratios": ratios})[2][0]
+    assert f"fastest CPU engine for one image + a 32-token answer: {report.fastest_engine(r)[0]}" in title
+
+
+def test_openvino_genai_missing(tmp_path, monkeypatch):
+    """Without --optimum-cli, a non-executable one, or without openvino-genai, the peer's row says why."""
+    assert "needs --optimum-cli PATH" in openvino_genai.missing(None) and "transformers<5.6" in openvino_genai.missing(None)
+    assert "is not an executable" in openvino_genai.missing(str(tmp_path / "nope"))
+    cli = tmp_path / "optimum-cli"
+    cli.write_text("#!/bin/sh\nexit 0\n")
+    cli.chmod(0o755)
+    monkeypatch.setitem(sys.modules, "openvino_genai", None)
+    assert openvino_genai.missing(str(cli)) == f"openvino-genai is not installed (pip install {openvino_genai.GENAI_PIN})"
+    row = report.llm_engines({"openvino_genai": {"skipped": openvino_genai.missing(str(cli))}})
+    assert next(e for e in row if e.key == "openvino_genai").why == f"not run: {openvino_genai.missing(str(cli))}"
+    assert openvino_genai.group_size(1536) == 128 and openvino_genai.group_size(96) == 32
+
+
+def test_optimum_export_failure_leaves_no_ir(tmp_path):
+    """A failing optimum-cli is an error naming its last line; a good one's IR is moved in place whole."""
+    bad = tmp_path / "bad-cli"
+    bad.write_text('#!/bin/sh\nfor a; do last="$a"; done\nmkdir -p "$last"\n'
+                   "echo 'ImportError: transformers too new' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    out = tmp_path / "w" / "int4-g128"
+    out.parent.mkdir()
+    with pytest.raises(RuntimeError, match="optimum-cli exited 1: ImportError: transformers too new"):
+        openvino_genai.export_ir(str(bad), tmp_path, out, 128)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()  # the half-written folder is gone
+    good = tmp_path / "good-cli"
+    good.write_text('#!/bin/sh\nfor a; do last="$a"; done\nmkdir -p "$last"\n'
+                    'touch "$last/openvino_model.xml" "$last/openvino_model.bin"\n')
+    good.chmod(0o755)
+    assert openvino_genai.export_ir(str(good), tmp_path, out, 128) == out
+    assert sorted(p.name for p in out.iterdir()) == ["openvino_model.bin", "openvino_model.xml"]
 
 
 def _fake_llama_cpp(root: Path, bench_script: str, convert_ok: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """The bundle ``nvila-edge bench --preset`` measures: the random-weight model calibrated with the real recipes
 (ModelOpt W8A8 SmoothQuant vision, W4A16 AWQ LLM) on a few synthetic images and exported with the real ``cpu``
-target — the graphs a user's bundle ships, not a stand-in. The calibration tiles are kept beside it
+target (+ the ``gguf`` target when llama_cpp and gguf import: our llama.cpp engine's row) — the graphs a user's
+bundle ships, not a stand-in. The calibration tiles are kept beside it
 (``calib_tiles.npy``) so the OpenVINO peer's NNCF quantization sees the very same images.
 
 Runs as the bench's ``build`` phase (its own interpreter: the fp32 model, ModelOpt and the export leave with it).
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .timing import _config_tok, _torch_model, cached, log
+from .timing import _config_tok, _torch_model, cached, log, module_missing
 
 VISION_RECIPE, LLM_RECIPE = "w8a8-smoothquant", "w4a16-awq"
 NUM_IMAGES = 2  # calibration images, + 1 held out (the same for --quick: the cached bundle does not depend on it);
@@ -22,6 +23,17 @@ NUM_IMAGES = 2  # calibration images, + 1 held out (the same for --quick: the ca
 # (v2: vision weights stored transposed for their MatMul, 2026-12-07)
 BUNDLE_CACHE = "bundle-v2"
 PROMPTS = ("Describe the image.", "What is on the left?", "How many shapes are there?", "What color is the sky?")
+
+
+def llamacpp_missing() -> str | None:
+    """Why the llama.cpp engine cannot be benched here (None when llama_cpp and gguf import)."""
+    gone = [m for m in ("llama_cpp", "gguf") if module_missing(m)]
+    return f"missing: pip install nvila-edge[llamacpp] ({' and '.join(gone)} not importable)" if gone else None
+
+
+def bundle_targets() -> list[str]:
+    """The bundle's targets: cpu, + gguf (our llama.cpp engine's row) when llama_cpp and gguf import."""
+    return ["cpu"] if llamacpp_missing() else ["cpu", "gguf"]
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -73,14 +85,19 @@ def phase_build(spec: dict) -> dict:
         calibrate(model, work / "calibrated", vision=VISION_RECIPE, llm=LLM_RECIPE, data=items[:-1],
                   num_samples=len(items) - 1, heldout=[_processed(processor, items[-1])], num_heldout=1, processor=processor, progress=False)
 
+    targets = spec.get("bundle_targets") or bundle_targets()  # the parent decides (a test may hide llama_cpp)
+
     def bundle():
         gc.collect()
-        log("  exporting the cpu target")
-        export_bundle(work / "calibrated", work / "bundle", "cpu", progress=False)
+        for stale in (BUNDLE_CACHE, BUNDLE_CACHE + "-gguf"):  # the export replaces the bundle: no marker survives
+            (work / f"{stale}.done").unlink(missing_ok=True)
+        log(f"  exporting the {' + '.join(targets)} target{'s' if len(targets) > 1 else ''}")
+        export_bundle(work / "calibrated", work / "bundle", targets, progress=False)
 
     cached(work, "calibrated", calibrated)
-    cached(work, BUNDLE_CACHE, bundle)
+    if not (work / f"{BUNDLE_CACHE}-gguf.done").exists():  # a cached cpu + gguf bundle serves either run
+        cached(work, BUNDLE_CACHE + ("-gguf" if "gguf" in targets else ""), bundle)
     tiles = np.concatenate([_processed(processor, it).pixel_values for it in items[:NUM_IMAGES]]).astype(np.float32)
     np.save(work / "calib_tiles.npy", tiles)
     return {"artifacts": {"bundle": str(work / "bundle"), "calib_tiles": str(work / "calib_tiles.npy")},
-            "recipes": {"vision": VISION_RECIPE, "llm": LLM_RECIPE}, "calibration_images": NUM_IMAGES}
+            "targets": targets, "recipes": {"vision": VISION_RECIPE, "llm": LLM_RECIPE}, "calibration_images": NUM_IMAGES}

@@ -1,4 +1,4 @@
-"""Ours: the bundle through ``Runtime`` (on onnxruntime or openvino), timed the way a user runs it."""
+"""Ours: the bundle through ``Runtime`` (on onnxruntime or openvino; its LLM on llama.cpp), timed the way a user runs it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import report
 from .report import peak_rss_mb
 from .timing import _backend_llm, _config_tok, _prompt_ids, _time_tiles, _ttft, cosine, log
 
@@ -20,6 +21,18 @@ def _runtime_bytes(spec: dict, kv_positions: int) -> dict:
     files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")} | \
         {f.resolve() for f in folder.iterdir() if f.name.startswith("decoder")}
     return {"weights": sum(f.stat().st_size for f in files if f.is_file()), "kv": kv, "kv_positions": kv_positions}
+
+
+def _llm_and_ttft(rt, be, cfg, c: dict) -> dict:
+    """What every "ours" row measures on its LLM engine, the same way: prefill + greedy decode through the step
+    API, TTFT for one image and an 8-frame video through ``Runtime.generate``, then the process's peak RSS."""
+    log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
+    res = {"llm": _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])}
+    log("  TTFT image / 8-frame video")
+    res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
+    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
+    res["runtime_peak_rss_mb"] = peak_rss_mb()
+    return res
 
 
 def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
@@ -44,12 +57,7 @@ def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
     tower = (res["describe"].get("vision") or {}).get("engine", backend)  # what runs the vision graph
     log(f"  vision INT8 ({tower})")
     res["vision_int8_ms"] = _time_tiles(be.encode_tiles, size, c["vision_tiles"])
-    log(f"  LLM: prefill {c['prefill']}, decode {c['ort_tokens']} x {c['reps']}")
-    res["llm"] = _backend_llm(be, _prompt_ids(cfg, c["prefill"]), c["ort_tokens"], c["reps"])
-    log("  TTFT image / 8-frame video")
-    res["ttft_image"] = _ttft(rt, c["ttft_reps"], cfg, video=False)
-    res["ttft_video"] = _ttft(rt, 1, cfg, video=True)
-    res["runtime_peak_rss_mb"] = peak_rss_mb()  # before the fp32 comparison graph is loaded
+    res.update(_llm_and_ttft(rt, be, cfg, c))  # its peak RSS read before the fp32 comparison graph is loaded
     held = max(res["ttft_video"]["prompt_tokens"], c["prefill"] + c["ort_tokens"])
     res["runtime_bytes"] = _runtime_bytes(spec, be.capacity if backend == "onnxruntime" else held)
     if backend == "onnxruntime" and tower == "openvino":  # the same graph on ORT, for the record
@@ -66,4 +74,36 @@ def phase_ort(spec: dict, backend: str = "onnxruntime") -> dict:
         tile = np.load(spec["calib_tiles"])[:1] if spec.get("calib_tiles") else \
             np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         res["vision_cosine_vs_fp32"] = cosine(be.encode_tiles(tile), sess.run(None, {name: tile})[0])
+    return res
+
+
+def phase_ours_llamacpp(spec: dict) -> dict:
+    """Ours with the LLM on llama.cpp (``llm_engine="llamacpp"``: the bundle's gguf target) beside the same vision
+    tower as the onnxruntime row; timed by the same helpers (``_llm_and_ttft``). The runtime's bytes count the GGUF's
+    tensors but its token table (never read: the runtime feeds embeddings; mmapped, so not resident) and the f16 KV
+    llama.cpp allocates for its whole context; the decode bound reads the same tensors + the KV of the mean length."""
+    from nvila_edge.bundle import Bundle
+    from nvila_edge.runtime import Runtime
+    from nvila_edge.runtime.backends.llamacpp import LlamaCppBackend
+
+    cfg, tok = _config_tok(spec)
+    c = spec["counts"]
+    b = Bundle.open(spec["bundle"])
+    info, gguf = b.target("gguf")["io"]["llm"], b.file("llm", "gguf")
+    engine = "openvino" if spec.get("openvino") else "onnxruntime"  # the tower the onnxruntime row runs
+    if spec.get("vision_int8_kind", "").startswith("dynamic"):  # fp32 tower: the same INT8 variant as that row
+        be = LlamaCppBackend(cfg, spec["vision_int8"], spec["projector"], gguf, spec["embeddings"], info,
+                             threads=spec["threads"])
+        rt = Runtime(cfg, tok, be, limits=spec.get("limits"))
+    else:
+        rt = Runtime.load(spec["bundle"], threads=spec["threads"], vision_engine=engine, llm_engine="llamacpp")
+        be = rt.backend
+    res = {"describe": be.describe()}
+    res.update(_llm_and_ttft(rt, be, cfg, c))
+    ctx = c["prefill"] + c["ort_tokens"] // 2  # mean KV length while decoding, as the onnxruntime row's bound
+    res["bytes_per_token"] = report.gguf_bytes(gguf, info, ctx)
+    kv = report.gguf_bytes(gguf, info, be.llm.n_ctx)["kv"]
+    files = {Path(spec[k]).resolve() for k in ("vision_int8", "projector", "embeddings")}
+    res["runtime_bytes"] = {"weights": sum(f.stat().st_size for f in files) + res["bytes_per_token"]["weights"],
+                            "kv": kv, "kv_positions": be.llm.n_ctx}
     return res

@@ -8,8 +8,10 @@
 On CPU each heavy phase runs in its own interpreter (``python -m nvila_edge.pipelines.bench PHASE spec out``)
 so each reports its own peak RSS and the fp32 torch model's memory is gone before our runtime is timed:
 ``torch`` (model, torch eager vision + fp32/bf16 LLM, the exports the run needs, onnxruntime-genai's
-builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph), ``genai``
-(onnxruntime-genai's own loop on the same int4 LLM). Targets are printed as met / not met; a miss never
+builder), ``ort`` (our Runtime: vision, prefill, TTFT, decode, RSS; then the fp32 vision graph),
+``ours_llamacpp`` (the same with ``llm_engine="llamacpp"`` on the bundle's gguf target), ``genai``
+(onnxruntime-genai's own loop on the same int4 LLM), ``llamacpp``, the OpenVINO phases and ``openvino_genai``
+(OpenVINO's own LLM path, with ``--optimum-cli``). Targets are printed as met / not met; a miss never
 fails the command.
 """
 
@@ -28,7 +30,7 @@ from nvila_edge.io import atomic_write_text
 
 from . import report
 from .report import bandwidth_gbs, peak_rss_mb
-from . import llamacpp
+from . import build, llamacpp, openvino_genai
 from .timing import log, module_missing
 
 FULL = {"vision_tiles": 3, "torch_vision_tiles": 2, "prefill": 512, "ort_tokens": 64, "genai_tokens": 64,
@@ -55,6 +57,8 @@ def add_parser(sub) -> None:
                    "own inside it (default: a per-preset cache dir); nothing else there is touched")
     p.add_argument("--llama-cpp", metavar="PATH", help="llama.cpp's llama-bench binary, build folder or source tree "
                    "(llama-quantize beside it, convert_hf_to_gguf.py above it); default: llama-bench on PATH")
+    p.add_argument("--optimum-cli", metavar="PATH", help="a side venv's optimum-cli (optimum-intel cannot join this env): "
+                   "exports the LLM to int4 OpenVINO IR for the OpenVINO GenAI peer (openvino-genai's LLMPipeline)")
     p.add_argument("--prepare", action="store_true", help="only build and cache what the run needs (calibrated bundle, "
                    "exports, GGUFs, OpenVINO IR), time nothing: the timed run after it is short")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for --preset")
@@ -76,7 +80,7 @@ def bench_main(args) -> int:
     else:
         result = run_bench(bundle=args.bundle, preset=args.preset, backend=args.backend, device=args.device,
                            threads=args.threads, quick=args.quick, work_dir=args.work_dir, seed=args.seed,
-                           llama_cpp=args.llama_cpp, prepare=args.prepare)
+                           llama_cpp=args.llama_cpp, prepare=args.prepare, optimum_cli=args.optimum_cli)
     if result.get("prepared"):
         for k, v in result["prepared"].items():
             print(f"{k}: {v}")
@@ -156,6 +160,7 @@ def bundle_artifacts(path) -> dict:
         art.update(vision_int8=str(b.file("vision")), vision_int8_kind=f"bundle's ModelOpt {q} Q/DQ")
     else:
         art["vision_fp32"] = str(b.file("vision"))
+    art["has_gguf"] = "gguf" in b.targets
     if b.has("checkpoint", "torch"):
         art["checkpoint"] = str(b.file("checkpoint", "torch"))
     return art
@@ -177,7 +182,7 @@ def run_child(phase: str, spec: dict) -> dict:
 
 
 def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, threads=None, quick=False,
-              work_dir=None, seed=0, llama_cpp=None, prepare=False) -> dict:
+              work_dir=None, seed=0, llama_cpp=None, prepare=False, optimum_cli=None) -> dict:
     """Measure everything in one run; return the result (``report`` shows it)."""
     t0 = time.time()
     counts = QUICK if quick else FULL
@@ -185,7 +190,8 @@ def run_bench(*, bundle=None, preset=None, backend="onnxruntime", device=None, t
     work.mkdir(parents=True, exist_ok=True)
     spec = {"bundle": str(Path(bundle).resolve()) if bundle else None, "preset": preset, "seed": seed,
             "threads": threads, "work": str(work), "counts": counts, "device": device, "genai": genai_available(),
-            "llama_cpp": llama_cpp, "prepare": prepare}
+            "llama_cpp": llama_cpp, "prepare": prepare, "optimum_cli": optimum_cli,
+            "bundle_targets": build.bundle_targets(), "llamacpp_engine": build.llamacpp_missing()}
     spec.update(_prepare(spec))
     result = {"target": preset or Path(bundle).name, "preset": preset, "bundle": spec["bundle"], "backend": backend,
               "quick": quick, "seed": seed, "counts": counts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -224,6 +230,7 @@ def _prepare_cpu(spec: dict) -> dict:
                     calib_tiles=built.get("artifacts", {}).get("calib_tiles"))
     tools = llamacpp.find_tools(spec["llama_cpp"])
     spec["llamacpp"], spec["openvino"] = "missing" not in tools, openvino_missing() is None
+    spec["openvino_genai"] = openvino_genai.missing(spec["optimum_cli"]) is None
     log("phase torch (fp32 exports for the peers; no timing)")
     t = run_child("torch", spec)
     done["torch"] = t.get("error") or sorted(t.get("artifacts", {}))
@@ -238,6 +245,9 @@ def _prepare_cpu(spec: dict) -> dict:
         log("phase openvino_build")
         ov = run_child("openvino_build", spec)
         done["openvino"] = ov.get("error") or {k: v for k, v in ov.items() if k.startswith("ov-")}
+    done["ours_llamacpp"] = spec["llamacpp_engine"] or ("gguf target built" if spec.get("has_gguf") else "no gguf target")
+    og = _openvino_genai(spec)
+    done["openvino_genai"] = og.get("prepared") or og.get("skipped") or og.get("error")
     return done
 
 
@@ -253,12 +263,14 @@ def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
     tools = llamacpp.find_tools(spec["llama_cpp"])
     spec["llamacpp"] = "missing" not in tools
     spec["openvino"] = openvino_missing() is None
+    spec["openvino_genai"] = openvino_genai.missing(spec["optimum_cli"]) is None
     log("phase torch (model, fp32 exports for the peers, eager baselines)")
     result["torch"] = run_child("torch", spec)
     spec.update(result["torch"].pop("artifacts", {}))
     log("phase ort (ours: the bundle through Runtime)")
     ready = all(spec.get(k) for k in ("decoder", "vision_int8", "projector"))
     result["ort"] = run_child("ort", spec) if ready else {"error": "the engines could not be prepared (see the build phase)"}
+    result["ours_llamacpp"] = _ours_llamacpp(spec, ready)
     if not spec["openvino"]:
         result["ours_openvino"] = {"skipped": openvino_missing()}
     elif not ready or spec.get("vision_int8_kind", "").startswith("dynamic"):
@@ -281,6 +293,7 @@ def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
         log("phase llamacpp (convert_hf_to_gguf + llama-quantize Q4_0 / Q4_K_M, cached; llama-bench)")
         result["llamacpp"] = run_child("llamacpp", spec)
     result["openvino"] = _openvino(spec)
+    result["openvino_genai"] = _openvino_genai(spec)
     # measured last: Linux carries a parent's peak RSS into the children it starts (kept across exec)
     result["bandwidth_gbs"] = bandwidth_gbs(threads or os.cpu_count() or 2)
     log(f"memory bandwidth {result['bandwidth_gbs']:.1f} GB/s")
@@ -290,6 +303,29 @@ def _run_cpu(spec: dict, result: dict, counts: dict, threads) -> None:
         if spec.get("genai_dir"):
             result["genai_bytes_per_token"] = report.decoder_bytes(Path(spec["genai_dir"]) / "model.onnx",
                                                                    spec["decoder_io"], ctx)
+
+
+def _ours_llamacpp(spec: dict, ready: bool) -> dict:
+    """Ours with ``llm_engine="llamacpp"`` on the bundle's gguf target (built with the bundle when it can be)."""
+    if spec["llamacpp_engine"]:
+        return {"skipped": spec["llamacpp_engine"]}
+    if not ready:
+        return {"skipped": "the engines could not be prepared (see the build phase)"}
+    if not spec.get("has_gguf"):
+        return {"skipped": "the bundle has no gguf target (export it with `nvila-edge export CAL -o B --target cpu,gguf`)"}
+    log("phase ours_llamacpp (ours: the bundle's gguf target through Runtime, llm_engine=llamacpp)")
+    return run_child("ours_llamacpp", spec)
+
+
+def _openvino_genai(spec: dict) -> dict:
+    """OpenVINO's own LLM path: optimum-intel's int4 export (a side venv's optimum-cli) on openvino-genai."""
+    why = openvino_genai.missing(spec.get("optimum_cli"))
+    if why:
+        return {"skipped": why}
+    if not spec.get("hf_llm"):
+        return {"skipped": "no HF weights to export (the torch phase did not write them)"}
+    log("phase openvino_genai (optimum-cli export openvino int4, cached; openvino-genai LLMPipeline)")
+    return run_child("openvino_genai", spec)
 
 
 def _openvino(spec: dict) -> dict:
@@ -313,12 +349,13 @@ def _openvino(spec: dict) -> dict:
 
 
 def _phases() -> dict:
-    from . import build, genai, ours, transformers_peer, openvino as ov
+    from . import genai, ours, transformers_peer, openvino as ov
 
     return {"build": build.phase_build, "torch": transformers_peer.phase_torch, "ort": ours.phase_ort,
             "genai": genai.phase_genai, "ours_openvino": lambda spec: ours.phase_ort(spec, backend="openvino"),
             "llamacpp": llamacpp.phase_llamacpp, "openvino_build": ov.phase_openvino_build,
-            "openvino_vision": ov.phase_openvino_vision, "openvino_llm": ov.phase_openvino_llm}
+            "openvino_vision": ov.phase_openvino_vision, "openvino_llm": ov.phase_openvino_llm,
+            "ours_llamacpp": ours.phase_ours_llamacpp, "openvino_genai": openvino_genai.phase_openvino_genai}
 
 
 def _phase_main(argv: list[str]) -> int:

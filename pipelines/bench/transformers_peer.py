@@ -41,9 +41,9 @@ def phase_torch(spec: dict) -> dict:
         art.update(vision_int8=str(work / "vision_int8.onnx"), vision_int8_kind="dynamic INT8 (quantize_dynamic)")
     if model is None:
         return res
-    # the peers' inputs, from the same fp32 weights: an HF folder (llama.cpp's converter), an fp32 decoder ONNX
-    # (OpenVINO reads it, then NNCF compresses it)
-    if spec.get("llamacpp"):
+    # the peers' inputs, from the same fp32 weights: an HF folder (llama.cpp's converter, optimum-intel's export),
+    # an fp32 decoder ONNX (OpenVINO reads it, then NNCF compresses it)
+    if spec.get("llamacpp") or spec.get("openvino_genai"):
         cached(work, "hf_llm", lambda: _save_hf(model.llm, spec, work / "hf_llm"))
         art["hf_llm"] = str(work / "hf_llm")
     if spec.get("openvino"):
